@@ -1,0 +1,62 @@
+"""Runtime dispatch shared by every kernel family.
+
+A Triton kernel runs when every tensor it touches lives on a CUDA device, or on the CPU while Triton's
+interpreter is active (``TRITON_INTERPRET=1``), and has a dtype the kernels were written for. Anything else
+(CPU tensors without the interpreter, float64, ...) takes the family's naive PyTorch reference path: a
+wrong answer is never an option.
+
+``new_empty`` is the one allocator kernels use for their outputs. When poisoning is on (the test suite turns
+it on), fresh outputs are filled with NaN so that an element a kernel forgot to write fails every comparison.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_poison = os.environ.get("SLOTH_CORE_POISON", "0") == "1"
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def set_poison(enabled: bool) -> None:
+    """Turn NaN-poisoning of kernel outputs on or off (tests turn it on)."""
+    global _poison
+    _poison = bool(enabled)
+
+
+def poisoning() -> bool:
+    return _poison
+
+
+def triton_ok(*tensors: torch.Tensor | None) -> bool:
+    """Whether a Triton kernel may run on these tensors (``None`` entries are ignored)."""
+    interp = interpreting()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype not in KERNEL_DTYPES:
+            return False
+        if t.device.type == "cuda":
+            if interp:
+                return False
+        elif not (interp and t.device.type == "cpu"):
+            return False
+    return True
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN-filled when poisoning is on (floating dtypes only)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

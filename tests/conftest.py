@@ -1,0 +1,49 @@
+"""Test-suite setup.
+
+* On a machine without CUDA, kernels run under Triton's interpreter: ``TRITON_INTERPRET=1`` is set here,
+  before anything imports Triton or defines a ``@triton.jit`` function.
+* Kernel outputs are NaN-poisoned (``SLOTH_CORE_POISON=1``): an element a kernel forgets to write fails.
+* Hypothesis profiles: ``ci`` (few examples, the default), ``dev``, ``thorough`` (``HYPOTHESIS_PROFILE=thorough``).
+* ``@pytest.mark.cuda`` marks tests that need a CUDA GPU; they are skipped elsewhere.
+"""
+import os
+
+try:
+    import torch as _torch
+
+    _HAS_CUDA = _torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["SLOTH_CORE_POISON"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               derandomize=False, print_blob=True)
+settings.register_profile("ci", max_examples=6, **_common)
+settings.register_profile("dev", max_examples=20, **_common)
+settings.register_profile("thorough", max_examples=200, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+from sloth_core.kernels import _runtime  # noqa: E402
+
+_runtime.set_poison(True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """The device kernels are tested on: CUDA when present, else the CPU under the interpreter."""
+    return _torch.device("cuda" if _HAS_CUDA else "cpu")
