@@ -1,0 +1,25 @@
+"""sloth_core: verified Triton kernels swapped into Hugging Face causal LMs for faster, leaner LoRA/QLoRA.
+
+    import sloth_core
+    sloth_core.optimize(model)        # in place; returns the model
+    sloth_core.report(model)          # what was replaced / skipped and why
+    sloth_core.restore(model)         # back to the original forwards
+
+The package imports its kernels lazily (on first use of the API), so that ``TRITON_INTERPRET`` may still be set
+after ``import sloth_core`` and before the first call (Triton reads it when a kernel is defined).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = ("optimize", "restore", "report", "format_report", "is_optimized", "SlothCoreWarning")
+
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'sloth_core' has no attribute {name!r}")

@@ -1,0 +1,116 @@
+"""The public entry points: :func:`optimize`, :func:`restore`, :func:`report`."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable
+
+from torch import nn
+
+from . import binding
+from .registry.architecture import generic_architecture, lookup
+from .reporting import ReportRow, format_table, summary
+from .rewriter import rewrite
+
+STATE_ATTR = "_sloth_core_state"
+
+
+class SlothCoreWarning(UserWarning):
+    """Warnings from sloth_core (nothing matched, already optimized, ...)."""
+
+
+_OPTIONS = {
+    "verbose": False,     # print the report as a table
+    "verify": "auto",     # "auto": once per signature for declared architectures; "always": every module
+    "patterns": None,     # only these pattern names (default: all of the architecture's)
+    "exclude": (),        # pattern names to leave alone
+}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        base = get_base()
+        if isinstance(base, nn.Module):
+            return base
+    return model
+
+
+def model_type(model: nn.Module) -> str | None:
+    cfg = getattr(unwrap(model), "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"sloth_core.optimize() got unknown option(s) {unknown}; known: {sorted(_OPTIONS)}")
+    opts = {**_OPTIONS, **options}
+    if opts["verify"] not in ("auto", "always"):
+        raise ValueError(f"sloth_core.optimize(verify={opts['verify']!r}): expected 'auto' or 'always'")
+    for key in ("patterns", "exclude"):
+        v = opts[key]
+        if isinstance(v, str):
+            opts[key] = (v,)
+    return opts
+
+
+def optimize(model: nn.Module, **options: Any) -> nn.Module:
+    """Swap the modules of ``model`` that match its architecture's patterns for verified Triton kernels.
+
+    In place; returns the same object. Works on a ``PreTrainedModel`` and on a PEFT ``PeftModel`` (before or after
+    ``get_peft_model``), 16-bit or bitsandbytes-quantized. A second call changes nothing and says so.
+
+    Options: ``verbose`` (print the report), ``verify`` (``"auto"`` | ``"always"``), ``patterns`` (names to apply),
+    ``exclude`` (names to leave alone).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sloth_core.optimize(model): expected a torch.nn.Module, got {type(model).__name__}")
+    opts = _options(options)
+    base = unwrap(model)
+    state = base.__dict__.get(STATE_ATTR)
+    if state is not None:
+        warnings.warn(f"sloth_core.optimize: {type(base).__name__} is already optimized "
+                      f"({summary(state['rows'])}); nothing changed", SlothCoreWarning, stacklevel=2)
+        return model
+    mtype = model_type(model)
+    arch = lookup(mtype) or generic_architecture()
+    rows = rewrite(base, arch,
+                   only=set(opts["patterns"]) if opts["patterns"] is not None else None,
+                   exclude=set(opts["exclude"]),
+                   verify_every=opts["verify"] == "always")
+    base.__dict__[STATE_ATTR] = {"rows": rows, "architecture": arch.name, "model_type": mtype}
+    if not any(r.status == "replaced" for r in rows):
+        warnings.warn(f"sloth_core.optimize: nothing was replaced in {type(base).__name__} "
+                      f"(model_type={mtype!r}, architecture {arch.name!r}; {summary(rows)}); the model runs as before",
+                      SlothCoreWarning, stacklevel=2)
+    if opts["verbose"]:
+        print(f"sloth_core: {type(base).__name__} (model_type={mtype!r}, architecture {arch.name!r})")
+        print(format_table(rows))
+        print(summary(rows))
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Put every original forward back; outputs are then bit-identical to a never-optimized model."""
+    base = unwrap(model)
+    binding.uninstall_all(model)
+    if base is not model:
+        binding.uninstall_all(base)
+    base.__dict__.pop(STATE_ATTR, None)
+    return model
+
+
+def report(model: nn.Module) -> list[ReportRow]:
+    """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason."""
+    state = unwrap(model).__dict__.get(STATE_ATTR)
+    return list(state["rows"]) if state else []
+
+
+def is_optimized(model: nn.Module) -> bool:
+    return STATE_ATTR in unwrap(model).__dict__
+
+
+def format_report(model_or_rows: nn.Module | Iterable[ReportRow]) -> str:
+    rows = report(model_or_rows) if isinstance(model_or_rows, nn.Module) else list(model_or_rows)
+    return format_table(rows)

@@ -1,0 +1,85 @@
+"""Architectures: which patterns apply to which ``config.model_type``, with which parameters.
+
+An architecture file in ``sloth_core/architectures/`` is one call to :func:`register`. Model types with no
+declaration get :data:`GENERIC`, whose patterns resolve their parameters from the module itself and are verified on
+every module instance before anything is swapped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .pattern import PatternUse
+
+
+@dataclass(frozen=True)
+class HeadFacts:
+    """Facts about the causal-LM head the fused loss needs (config attribute names; ``None`` = not used)."""
+
+    softcap_attr: str | None = None
+    logit_scale_attr: str | None = None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    patterns: tuple[PatternUse, ...]
+    head: HeadFacts = field(default_factory=HeadFacts)
+    declared: bool = True
+    notes: str = ""
+
+    def pattern_names(self) -> list[str]:
+        return [p.name for p in self.patterns]
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    """Declare ``arch`` for each of its model types. Re-registering a model type under another name is an error."""
+    for mt in arch.model_types:
+        prev = _REGISTRY.get(mt)
+        if prev is not None and prev.name != arch.name:
+            raise ValueError(f"model_type {mt!r} is already declared by architecture {prev.name!r}")
+        _REGISTRY[mt] = arch
+    return arch
+
+
+def lookup(model_type: str | None) -> Architecture | None:
+    """The declared architecture of ``model_type``, or ``None``."""
+    _load_builtin()
+    return _REGISTRY.get(model_type or "")
+
+
+def declared_model_types() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from .. import architectures  # noqa: F401  (registers the built-in declarations on import)
+
+
+def generic_architecture(**_: Any) -> Architecture:
+    from .patterns import GENERIC_PATTERNS
+
+    return Architecture(name="generic", model_types=(), patterns=GENERIC_PATTERNS, declared=False)
+
+
+def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
+            head: HeadFacts | None = None, notes: str = "") -> Architecture:
+    """Register the usual decoder-only layout: RMSNorm (``norm``: ``"llama"`` or ``"gemma"`` casting, the latter
+    with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``), and RoPE through
+    ``apply_rotary_pos_emb``. Architectures that differ list their :class:`PatternUse` s in an
+    :class:`Architecture` and call :func:`register` themselves."""
+    from .patterns import GATED_MLP, RMS_NORM, ROPE
+
+    offset = {"llama": 0.0, "gemma": 1.0}[norm]
+    return register(Architecture(
+        name=name,
+        model_types=tuple(model_types),
+        patterns=(RMS_NORM.using(cast=norm, offset=offset), GATED_MLP.using(activation=activation), ROPE.using()),
+        head=head or HeadFacts(),
+        notes=notes,
+    ))

@@ -1,0 +1,37 @@
+"""Helpers shared by the patterns' verification probes."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The compute dtype and device of ``module``: its first floating parameter (bitsandbytes 4-bit weights are
+    uint8 storage; their ``compute_dtype``/quant state are consulted) or float32 on the CPU."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    for m in module.modules():
+        cd = getattr(m, "compute_dtype", None)
+        w = getattr(m, "weight", None)
+        if isinstance(cd, torch.dtype) and w is not None:
+            return cd, w.device
+        qs = getattr(w, "quant_state", None)
+        if qs is not None and getattr(qs, "dtype", None) is not None:
+            return qs.dtype, w.device
+    for p in module.parameters():
+        return torch.float32, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def randn(shape, dtype, device, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Normal noise drawn on the CPU from ``generator`` (reproducible), then moved; never zeros."""
+    t = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
+    return t.to(device=device, dtype=dtype)
+
+
+def row_scales(rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-row magnitudes spanning 1e-3..10 so that epsilon terms and large values are both exercised."""
+    exps = torch.linspace(-3.0, 1.0, rows)
+    jitter = torch.rand(rows, generator=generator) * 0.5
+    return (10.0 ** (exps + jitter)).unsqueeze(-1)

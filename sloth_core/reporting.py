@@ -1,0 +1,34 @@
+"""Report rows: what was replaced, and what matched structurally but was skipped, with the reason."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    module: str      # path inside the model (``named_modules`` name; "" is the root)
+    pattern: str
+    kernel: str
+    status: str      # "replaced" | "skipped"
+    detail: str = ""  # parameters used, or the reason for skipping
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def format_table(rows: list[ReportRow], max_detail: int = 100) -> str:
+    from tabulate import tabulate
+
+    if not rows:
+        return "(nothing matched)"
+    body = [(r.module or "<root>", r.pattern, r.kernel, r.status,
+             r.detail if len(r.detail) <= max_detail else r.detail[: max_detail - 3] + "...") for r in rows]
+    return tabulate(body, headers=("module", "pattern", "kernel", "status", "detail"), tablefmt="github")
+
+
+def summary(rows: list[ReportRow]) -> str:
+    counts: dict[tuple[str, str], int] = {}
+    for r in rows:
+        counts[(r.pattern, r.status)] = counts.get((r.pattern, r.status), 0) + 1
+    parts = [f"{p} {s}: {n}" for (p, s), n in sorted(counts.items())]
+    return "; ".join(parts) if parts else "nothing matched"

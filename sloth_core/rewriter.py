@@ -1,0 +1,75 @@
+"""The rewriter: walk a model, find what matches, verify it, bind the kernel-backed replacement.
+
+For each pattern of the architecture (declared, or GENERIC), for each module of ``named_modules()``:
+
+1. ``find``: the structural check; a ``Skip`` is reported with its reason.
+2. ``verify``: ``replacement == reference == original`` on a random probe in the module's dtype
+   (:mod:`sloth_core.verify`). Declared architectures verify once per signature (class, dtype, shape, params);
+   undeclared ones verify every instance. A module that does not verify stays untouched and is reported.
+3. ``install``: the replacement is bound on that instance only (:mod:`sloth_core.binding`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import binding
+from .registry.architecture import Architecture
+from .registry.pattern import Match, PatternUse, Skip
+from .reporting import ReportRow
+from .verify import verify
+
+
+def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache: dict | None,
+                 gen_seed: int) -> tuple[Match | None, str]:
+    pattern = use.pattern
+    reasons = []
+    for m in matches:
+        key = (pattern.name, m.signature)
+        if cache is not None and key in cache:
+            why = cache[key]
+        else:
+            gen = torch.Generator().manual_seed(gen_seed)
+            try:
+                probe = pattern.probe(module, m, gen)
+            except Exception as e:
+                why = f"could not build a probe: {type(e).__name__}: {e}"
+            else:
+                why = verify(original=pattern.original(module, m),
+                             replacement=pattern.bound(pattern.replacement(m), module),
+                             reference=pattern.bound(pattern.reference(m), module),
+                             probe=probe, seed=gen_seed)
+            if cache is not None:
+                cache[key] = why
+        if why is None:
+            return m, ""
+        reasons.append(f"[{m.describe()}] {why}" if len(matches) > 1 else why)
+    return None, "not verified: " + "; ".join(reasons)
+
+
+def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
+            exclude: set[str] | None = None, verify_every: bool = False, seed: int = 0) -> list[ReportRow]:
+    """Bind every verified match of ``arch``'s patterns inside ``model``; return the report rows."""
+    rows: list[ReportRow] = []
+    cache = None if (verify_every or not arch.declared) else {}
+    modules = list(model.named_modules())
+    for use in arch.patterns:
+        pattern = use.pattern
+        if (only is not None and pattern.name not in only) or (exclude and pattern.name in exclude):
+            continue
+        for path, module in modules:
+            if binding.is_bound(module, pattern.name):
+                continue
+            found = use.find(module)
+            if found is None:
+                continue
+            if isinstance(found, Skip):
+                rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", found.reason))
+                continue
+            match, why = _try_matches(module, use, found, cache, seed)
+            if match is None:
+                rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", why))
+                continue
+            binding.install(module, pattern.target, pattern.replacement(match), pattern.name, pattern.kernel)
+            rows.append(ReportRow(path, pattern.name, pattern.kernel, "replaced", match.describe()))
+    return rows

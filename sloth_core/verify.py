@@ -1,0 +1,92 @@
+"""Numeric verification: a swap is legal only when ``replacement == reference == original`` on a probe.
+
+The probe runs each of the three callables on fresh copies of the same random inputs, with the same RNG state
+(so dropout, if any, draws the same masks), and compares the outputs and the gradients of the inputs that require
+grad and of the pattern's parameters (``torch.autograd.grad``: nothing accumulates into ``.grad``) under the
+tolerance of the module's dtype (``sloth_core.tolerances``). The caller's RNG state is left as it was.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .registry.pattern import Probe
+from .tolerances import compare
+
+# Two computations in the same low precision may each be a couple of ulps from the exact value.
+_SCALE = 2.0
+
+
+def _fresh(inputs: Sequence) -> list:
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            y = x.detach().clone()
+            out.append(y.requires_grad_(x.requires_grad) if y.is_floating_point() else y)
+        else:
+            out.append(x)
+    return out
+
+
+def _flatten(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    raise TypeError(f"probe output of type {type(out).__name__} is not a tensor or tuple of tensors")
+
+
+def _run(fn: Callable, probe: Probe, grad_seed: int, rng_seed: int):
+    inputs = _fresh(probe.inputs)
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad] + list(probe.params)
+    with torch.random.fork_rng(devices=_cuda_devices(inputs)):
+        torch.manual_seed(rng_seed)
+        with torch.enable_grad():
+            outs = _flatten(fn(*inputs))
+            gen = torch.Generator().manual_seed(grad_seed)
+            grads_out = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
+            pairs = [(o, g) for o, g in zip(outs, grads_out) if o.requires_grad]
+            grads = []
+            if wrt and pairs:
+                grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+    return [o.detach() for o in outs], [None if g is None else g.detach() for g in grads]
+
+
+def _cuda_devices(inputs) -> list[int]:
+    return sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
+
+
+def _differ(what: str, a: list, b: list, dtype: torch.dtype) -> str | None:
+    if len(a) != len(b):
+        return f"{what}: {len(a)} tensors vs {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if (x is None) != (y is None):
+            return f"{what}[{i}]: one side has no gradient"
+        if x is None:
+            continue
+        if x.dtype != y.dtype:
+            return f"{what}[{i}]: dtype {x.dtype} vs {y.dtype}"
+        why = compare(x, y, dtype, scale=_SCALE)
+        if why is not None:
+            return f"{what}[{i}]: {why}"
+    return None
+
+
+def verify(original: Callable, replacement: Callable, reference: Callable, probe: Probe,
+           seed: int = 0) -> str | None:
+    """``None`` when the three agree on ``probe`` (outputs and gradients), else the reason they do not."""
+    try:
+        o_out, o_grad = _run(original, probe, seed + 1, seed + 2)
+    except Exception as e:  # the module cannot run the probe at all
+        return f"probe failed on the original module: {type(e).__name__}: {e}"
+    for name, fn in (("reference", reference), ("replacement", replacement)):
+        try:
+            out, grad = _run(fn, probe, seed + 1, seed + 2)
+        except Exception as e:
+            return f"probe failed on the {name}: {type(e).__name__}: {e}"
+        why = _differ("output", out, o_out, probe.dtype) or _differ("gradient", grad, o_grad, probe.dtype)
+        if why is not None:
+            verb = "does not compute the pattern's function" if name == "reference" else "kernel disagrees"
+            return f"{verb}: {name} vs original {why}"
+    return None

@@ -1,0 +1,125 @@
+"""Model-level parity: for every declared architecture, the optimized tiny model's logits, loss and every gradient
+match the unoptimized model, bare and LoRA-wrapped; restore() is bit-identical; a second optimize() is a no-op."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import sloth_core
+from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
+from sloth_core.tolerances import assert_close
+
+EXPECTED = {"rms_norm", "gated_mlp", "rope"}
+
+
+def _batch(vocab=128, b=2, s=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    return ids, labels
+
+
+def _step(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _assert_parity(ref_model, opt_model, dtype):
+    ids, labels = _batch()
+    logits0, loss0, grads0 = _step(ref_model, ids, labels)
+    logits1, loss1, grads1 = _step(opt_model, ids, labels)
+    assert_close("logits", logits1, logits0, dtype, scale=4)
+    assert_close("loss", loss1, loss0, dtype, scale=4)
+    assert grads0.keys() == grads1.keys() and grads0
+    for name in grads0:
+        assert_close(f"grad {name}", grads1[name], grads0[name], dtype, scale=8)
+
+
+def _replaced(model):
+    return {r.pattern for r in sloth_core.report(model) if r.status == "replaced"}
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_bare_model_parity_restore_and_idempotence(model_type):
+    ref = tiny_model(model_type)
+    model = copy.deepcopy(ref)
+    assert sloth_core.optimize(model) is model
+    assert _replaced(model) == EXPECTED
+    assert not [r for r in sloth_core.report(model) if r.status == "skipped"]
+    _assert_parity(ref, model, torch.float32)
+
+    with pytest.warns(sloth_core.SlothCoreWarning, match="already optimized"):
+        sloth_core.optimize(model)
+    assert len(sloth_core.report(model)) > 0
+
+    sloth_core.restore(model)
+    assert sloth_core.report(model) == []
+    ids, _ = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("when", ["before_peft", "after_peft"])
+def test_lora_model_parity(model_type, when):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    base = tiny_model(model_type)
+    ref = get_peft_model(copy.deepcopy(base), cfg)
+    # LoRA B starts at zero; give it values so the adapters change the function and receive real gradients.
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    if when == "before_peft":
+        model = get_peft_model(sloth_core.optimize(copy.deepcopy(base)), cfg)
+        model.load_state_dict(ref.state_dict())
+    else:
+        model = sloth_core.optimize(copy.deepcopy(ref))
+    assert _replaced(model) == EXPECTED
+    _assert_parity(ref, model, torch.float32)
+    lora_grads = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert lora_grads and all("lora_" in n for n in lora_grads)
+
+
+def test_bf16_llama_parity():
+    ref = tiny_model("llama", dtype=torch.bfloat16)
+    model = sloth_core.optimize(copy.deepcopy(ref))
+    assert _replaced(model) == EXPECTED
+    _assert_parity(ref, model, torch.bfloat16)
+
+
+def test_optimize_inside_no_grad_and_eval():
+    ref = tiny_model("qwen3").eval()
+    model = copy.deepcopy(ref)
+    with torch.no_grad():
+        sloth_core.optimize(model)
+    assert _replaced(model) == EXPECTED
+    _assert_parity(ref.train(), model.train(), torch.float32)
+
+
+def test_optimize_leaves_rng_state_alone():
+    model = tiny_model("llama")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    sloth_core.optimize(model)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_verbose_prints_table(capsys):
+    model = tiny_model("gemma2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sloth_core.optimize(model, verbose=True)
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp" in out and "gated_mlp" in out and "replaced" in out
+    assert "model.layers.1.pre_feedforward_layernorm" in out
