@@ -6,10 +6,11 @@ from torch import nn
 
 
 def module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """The compute dtype and device of ``module``: its first floating parameter (bitsandbytes 4-bit weights are
-    uint8 storage; their ``compute_dtype``/quant state are consulted) or float32 on the CPU."""
-    for p in module.parameters():
-        if p.is_floating_point():
+    """The compute dtype and device of ``module``: its first floating parameter that is not a LoRA adapter's
+    (PEFT keeps adapters in fp32 under a bf16 base; bitsandbytes 4-bit weights are uint8 storage, so their
+    ``compute_dtype``/quant state are consulted), or float32 on the CPU."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and "lora_" not in name:
             return p.dtype, p.device
     for m in module.modules():
         cd = getattr(m, "compute_dtype", None)
