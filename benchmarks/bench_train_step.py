@@ -9,7 +9,6 @@ per-step losses, tokens/s (median of warm steps) and peak memory.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys

@@ -7,6 +7,7 @@ without touching the kernels.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 _HEURISTICS: dict[str, Callable[..., dict[str, Any]]] = {}
@@ -33,3 +34,16 @@ def config_for(kernel: str, **key: Any) -> dict[str, Any]:
 
 def registered_kernels() -> list[str]:
     return sorted(_HEURISTICS)
+
+
+@contextlib.contextmanager
+def override(kernel: str, heuristic: Callable[..., dict[str, Any]] | None = None, **params: Any):
+    """Within the block, ``config_for(kernel, ...)`` answers ``heuristic(**key)`` (default: the registered one)
+    updated with ``params``; e.g. a tiny block size so tests exercise the multi-block path cheaply."""
+    registered = _HEURISTICS[kernel]
+    base = heuristic or registered
+    _HEURISTICS[kernel] = lambda **key: {**base(**key), **params}
+    try:
+        yield
+    finally:
+        _HEURISTICS[kernel] = registered

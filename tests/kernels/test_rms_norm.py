@@ -1,7 +1,6 @@
 """RMSNorm kernels against a float64 reference, HF's low-precision semantics and the transformers modules."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -9,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sloth_core.autotune import register_heuristic
+from sloth_core.autotune import override
 from sloth_core.kernels import rms_norm as rms_norm_module
-from sloth_core.kernels.rms_norm import rms_norm, rms_norm_heuristic, rms_norm_reference
+from sloth_core.kernels.rms_norm import rms_norm, rms_norm_reference
 from sloth_core.tolerances import assert_close, tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -25,7 +24,6 @@ profile = settings(suppress_health_check=[*settings.default.suppress_health_chec
 # --------------------------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
 def forced_config(block_n: int | None, block_m: int, rows_per_program: int):
     """Launch every rms_norm kernel with this config (``block_n=None``: one block as wide as the row)."""
 
@@ -33,11 +31,7 @@ def forced_config(block_n: int | None, block_m: int, rows_per_program: int):
         bn = block_n or rms_norm_module.next_power_of_2(n_cols)
         return dict(BLOCK_N=bn, BLOCK_M=block_m, ROWS_PER_PROGRAM=rows_per_program, num_warps=1)
 
-    register_heuristic("rms_norm")(heuristic)
-    try:
-        yield
-    finally:
-        register_heuristic("rms_norm")(rms_norm_heuristic)
+    return override("rms_norm", heuristic)
 
 
 def least_precise(*dtypes: torch.dtype) -> torch.dtype:

@@ -1,0 +1,179 @@
+"""Gated activation of gated MLPs: ``h = act(gate) * up``.
+
+HF's ``LlamaMLP`` / ``GemmaMLP`` compute ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; this family replaces
+the middle, elementwise part.
+
+Forward, with ``g = gate``, ``u = up``::
+
+    h = act(g) * u
+
+    silu(g)      = g * sigmoid(g)
+    gelu_tanh(g) = 0.5 * g * (1 + tanh(k * (g + c * g^3))),   k = sqrt(2 / pi),  c = 0.044715
+                   (torch ``gelu(approximate="tanh")``, HF ``ACT2FN["gelu_pytorch_tanh"]``)
+
+Backward, given ``dh = dL/dh``::
+
+    dg = dh * u * act'(g)
+    du = dh * act(g)
+
+    silu'(g)      = s * (1 + g * (1 - s)),   s = sigmoid(g)
+    gelu_tanh'(g) = 0.5 * (1 + t) + 0.5 * g * (1 - t^2) * k * (1 + 3 * c * g^2),   t = tanh(k * (g + c * g^3))
+
+The forward writes only ``h``; the backward recomputes ``act(g)`` from the saved ``gate`` and ``up`` (the
+activation is never stored). Kernels compute in float32 and round once on store; ``tanh(x)`` is written as
+``2 * sigmoid(2x) - 1`` (libdevice is unavailable under Triton's interpreter). The reference mirrors HF in the
+input dtype: the activation is rounded to the dtype, then multiplied by ``up``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from sloth_core.autotune import config_for, register_heuristic
+from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+_ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
+_GELU_C = tl.constexpr(0.044715)
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"gated_activation: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _check_shapes(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"gated_activation: gate has shape {tuple(gate.shape)} but up has shape "
+                         f"{tuple(up.shape)}; they must match")
+
+
+def _torch_activation(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(gate)
+    return F.gelu(gate, approximate="tanh")
+
+
+def gated_activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` exactly as HF computes it: the activation is rounded to the dtype, then multiplied."""
+    _check_activation(activation)
+    _check_shapes(gate, up)
+    return _torch_activation(gate, activation) * up
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _activation_and_derivative(g, ACT: tl.constexpr):
+    """``(act(g), act'(g))`` in float32; ``ACT`` indexes ``ACTIVATIONS``."""
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))
+    else:
+        t = _tanh(_SQRT_2_OVER_PI * (g + _GELU_C * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * g * g)
+    return a, da
+
+
+@triton.jit
+def _block_offsets(n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
+def _gated_activation_fwd_kernel(gate_ptr, up_ptr, h_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = _block_offsets(n, BLOCK)
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _activation_and_derivative(g, ACT)
+    tl.store(h_ptr + offs, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_activation_bwd_kernel(dh_ptr, gate_ptr, up_ptr, dg_ptr, du_ptr, n,
+                                 ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = _block_offsets(n, BLOCK)
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _activation_and_derivative(g, ACT)
+    tl.store(dg_ptr + offs, (dh * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + offs, (dh * a).to(du_ptr.dtype.element_ty), mask=mask)
+
+
+@register_heuristic("gated_activation")
+def gated_activation_heuristic(n: int, dtype: torch.dtype | None = None) -> dict:
+    """Elementwise: ``BLOCK`` elements a program. Under the interpreter, few large programs."""
+    if interpreting():
+        return {"BLOCK": min(next_power_of_2(n), 1 << 16), "num_warps": 1}
+    block = min(next_power_of_2(n), 2048)
+    return {"BLOCK": block, "num_warps": max(1, min(8, block // 256))}
+
+
+def _launch_config(n: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
+    cfg = config_for("gated_activation", n=n, dtype=dtype)
+    return (triton.cdiv(n, cfg["BLOCK"]),), cfg
+
+
+def _forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    h = new_empty(gate.shape, gate.dtype, gate.device)
+    n = gate.numel()
+    grid, cfg = _launch_config(n, gate.dtype)
+    _gated_activation_fwd_kernel[grid](gate, up, h, n, ACT=_ACTIVATION_IDS[activation], **cfg)
+    return h
+
+
+def _backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
+    dg = new_empty(gate.shape, gate.dtype, gate.device)
+    du = new_empty(up.shape, up.dtype, up.device)
+    n = gate.numel()
+    grid, cfg = _launch_config(n, gate.dtype)
+    _gated_activation_bwd_kernel[grid](dh, gate, up, dg, du, n, ACT=_ACTIVATION_IDS[activation], **cfg)
+    return dg, du
+
+
+class _GatedActivationFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        ctx.activation = activation
+        return _forward(gate, up, activation)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dg, du = _backward(dh.contiguous(), gate, up, ctx.activation)
+        return dg, du, None
+
+
+def _triton_handles(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    return triton_ok(gate, up) and gate.dtype == up.dtype and gate.device == up.device and gate.numel() > 0
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` (autograd-aware). ``gate`` and ``up``: same shape ``[..., N]``; ``activation`` in
+    ``ACTIVATIONS``. Runs the Triton kernels when possible, else :func:`gated_activation_reference`."""
+    _check_activation(activation)
+    _check_shapes(gate, up)
+    if not _triton_handles(gate, up):
+        return gated_activation_reference(gate, up, activation)
+    return _GatedActivationFunction.apply(gate, up, activation)
