@@ -1,6 +1,7 @@
 """The public entry points: :func:`optimize`, :func:`restore`, :func:`report`."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Iterable
 
@@ -23,6 +24,7 @@ _OPTIONS = {
     "verify": "auto",     # "auto": once per signature for declared architectures; "always": every module
     "patterns": None,     # only these pattern names (default: all of the architecture's)
     "exclude": (),        # pattern names to leave alone
+    "return_logits": False,  # with labels, the fused loss returns no logits unless this is True
 }
 
 
@@ -62,7 +64,8 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     ``get_peft_model``), 16-bit or bitsandbytes-quantized. A second call changes nothing and says so.
 
     Options: ``verbose`` (print the report), ``verify`` (``"auto"`` | ``"always"``), ``patterns`` (names to apply),
-    ``exclude`` (names to leave alone).
+    ``exclude`` (names to leave alone), ``return_logits`` (with labels, the fused causal-LM loss skips the logits
+    unless this is True).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sloth_core.optimize(model): expected a torch.nn.Module, got {type(model).__name__}")
@@ -75,6 +78,9 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
         return model
     mtype = model_type(model)
     arch = lookup(mtype) or generic_architecture()
+    if opts["return_logits"]:
+        arch = dataclasses.replace(arch, patterns=tuple(
+            u.with_params(return_logits=True) if u.name == "causal_lm_loss" else u for u in arch.patterns))
     rows = rewrite(base, arch,
                    only=set(opts["patterns"]) if opts["patterns"] is not None else None,
                    exclude=set(opts["exclude"]),

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from . import binding
+from .kernels._runtime import unsupported_reason
 from .registry.architecture import Architecture
 from .registry.pattern import Match, PatternUse, Skip
+from .registry.patterns._probe import module_dtype_device
 from .reporting import ReportRow
 from .verify import verify
 
@@ -35,7 +37,7 @@ def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache
             except Exception as e:
                 why = f"could not build a probe: {type(e).__name__}: {e}"
             else:
-                why = verify(original=pattern.original(module, m),
+                why = verify(original=pattern.adapted(pattern.original(module, m)),
                              replacement=pattern.bound(pattern.replacement(m), module),
                              reference=pattern.bound(pattern.reference(m), module),
                              probe=probe, seed=gen_seed)
@@ -63,6 +65,10 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             found = use.find(module)
             if found is None:
                 continue
+            if not isinstance(found, Skip):
+                dtype, device = module_dtype_device(module)
+                why = unsupported_reason(device, dtype)
+                found = found if why is None else Skip(why)
             if isinstance(found, Skip):
                 rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", found.reason))
                 continue

@@ -93,8 +93,8 @@ def _rows(model):
     return {(r.module, r.pattern): r for r in sloth_core.report(model)}
 
 
-def test_undeclared_model_swaps_only_what_verifies():
-    ref = Toy()
+def test_undeclared_model_swaps_only_what_verifies(device):
+    ref = Toy().to(device)
     model = sloth_core.optimize(copy.deepcopy(ref))
     rows = _rows(model)
     assert rows[("norm", "rms_norm")].status == "replaced" and "cast=llama" in rows[("norm", "rms_norm")].detail
@@ -107,7 +107,7 @@ def test_undeclared_model_swaps_only_what_verifies():
     assert rows[("swapped_mlp", "gated_mlp")].status == "skipped"
     assert rows[("attn", "rope")].status == "skipped"
     assert "fake_norm" not in _bound(model) and "swapped_mlp" not in _bound(model) and "attn" not in _bound(model)
-    x = torch.randn(3, 5, 24, requires_grad=True)
+    x = torch.randn(3, 5, 24, device=device, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     assert_close("output", model(x2), ref(x), torch.float32)
 
@@ -116,17 +116,17 @@ def _bound(model):
     return {n for n, m in model.named_modules() if "_sloth_core_bindings" in m.__dict__}
 
 
-def test_undeclared_hf_model_type_is_verified_and_swapped():
+def test_undeclared_hf_model_type_is_verified_and_swapped(device):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(device)
     model = sloth_core.optimize(copy.deepcopy(ref))
     state = {r.pattern: r.status for r in sloth_core.report(model)}
-    assert state == {"rms_norm": "replaced", "gated_mlp": "replaced", "rope": "replaced"}
-    ids = torch.randint(0, 64, (2, 5))
+    assert state == {"rms_norm": "replaced", "gated_mlp": "replaced", "rope": "replaced", "causal_lm_loss": "replaced"}
+    ids = torch.randint(0, 64, (2, 5), device=device)
     with torch.no_grad():
         assert_close("logits", model(ids).logits, ref(ids).logits, torch.float32, scale=4)
 
@@ -138,13 +138,13 @@ def test_nothing_matched_warns():
     assert sloth_core.report(model) == []
 
 
-def test_bindings_are_per_instance_and_global_free():
+def test_bindings_are_per_instance_and_global_free(device):
     from transformers.models.llama import modeling_llama
 
     fn_before = modeling_llama.apply_rotary_pos_emb
     forward_before = modeling_llama.LlamaAttention.forward
-    other = tiny_model("llama")
-    model = sloth_core.optimize(tiny_model("llama"))
+    other = tiny_model("llama", device=device)
+    model = sloth_core.optimize(tiny_model("llama", device=device))
     assert modeling_llama.apply_rotary_pos_emb is fn_before
     assert modeling_llama.LlamaAttention.forward is forward_before
     assert not _bound(other)
@@ -153,13 +153,13 @@ def test_bindings_are_per_instance_and_global_free():
     assert other.model.layers[0].self_attn.forward.__func__ is forward_before
 
 
-def test_deepcopy_of_bound_module_uses_its_own_weights():
-    model = sloth_core.optimize(tiny_model("llama"))
+def test_deepcopy_of_bound_module_uses_its_own_weights(device):
+    model = sloth_core.optimize(tiny_model("llama", device=device))
     norm = model.model.norm
     twin = copy.deepcopy(norm)
     with torch.no_grad():
         twin.weight.mul_(2.0)
-    x = torch.randn(2, 64)
+    x = torch.randn(2, 64, device=device)
     with torch.no_grad():
         assert_close("copy", twin(x), 2.0 * norm(x), torch.float32)
 
@@ -174,15 +174,15 @@ def test_options_are_checked():
         sloth_core.optimize("llama")
 
 
-def test_pattern_selection_and_verify_always():
-    model = sloth_core.optimize(tiny_model("mistral"), patterns=["rms_norm"], verify="always")
+def test_pattern_selection_and_verify_always(device):
+    model = sloth_core.optimize(tiny_model("mistral", device=device), patterns=["rms_norm"], verify="always")
     assert {r.pattern for r in sloth_core.report(model)} == {"rms_norm"}
-    model = sloth_core.optimize(tiny_model("mistral"), exclude="rope")
+    model = sloth_core.optimize(tiny_model("mistral", device=device), exclude="rope")
     assert "rope" not in {r.pattern for r in sloth_core.report(model)}
 
 
-def test_declared_activation_mismatch_is_skipped_not_swapped():
-    model = tiny_model("llama", hidden_act="relu")
+def test_declared_activation_mismatch_is_skipped_not_swapped(device):
+    model = tiny_model("llama", hidden_act="relu", device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sloth_core.optimize(model)
@@ -190,22 +190,22 @@ def test_declared_activation_mismatch_is_skipped_not_swapped():
     assert rows and all(r.status == "skipped" for r in rows)
 
 
-def test_a_wrong_kernel_is_caught_by_verification(monkeypatch):
+def test_a_wrong_kernel_is_caught_by_verification(monkeypatch, device):
     from sloth_core.kernels import gated_activation as ga
 
     kernel_forward = ga._forward
     monkeypatch.setattr(ga, "_forward", lambda gate, up, act: kernel_forward(gate, up, act) * 1.01)
-    model = tiny_model("llama")
+    model = tiny_model("llama", device=device)
     sloth_core.optimize(model)
     rows = [r for r in sloth_core.report(model) if r.pattern == "gated_mlp"]
     assert rows and all(r.status == "skipped" and "kernel disagrees" in r.detail for r in rows)
     assert {r.status for r in sloth_core.report(model) if r.pattern != "gated_mlp"} == {"replaced"}
 
 
-def test_restore_undoes_bindings_on_peft_copies():
+def test_restore_undoes_bindings_on_peft_copies(device):
     from peft import LoraConfig, get_peft_model
 
-    ref = tiny_model("gemma")
+    ref = tiny_model("gemma", device=device)
     model = sloth_core.optimize(copy.deepcopy(ref))
     cfg = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["norm"])
     model = get_peft_model(model, cfg)  # deep-copies model.model.norm (bound) into a ModulesToSaveWrapper

@@ -50,6 +50,18 @@ def triton_ok(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why no kernel can run for a module living on ``device`` in ``dtype`` (``None``: kernels can run)."""
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} has no kernel (float32, bfloat16, float16 do)"
+    if device.type == "cuda" and not interpreting():
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return (f"module on {device.type}: the Triton kernels need a CUDA device "
+            f"(or the CPU with TRITON_INTERPRET=1)")
+
+
 def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty`` for kernel outputs; NaN-filled when poisoning is on (floating dtypes only)."""
     out = torch.empty(shape, dtype=dtype, device=device)

@@ -14,6 +14,8 @@ plus a check):
   function its forward calls).
 * ``probe(module, match, generator)`` -- random inputs to establish ``replacement == reference == original``, and the
   parameters whose gradients must agree too.
+* ``adapt`` -- optional: turns each of the three callables into a function of the probe's inputs returning
+  tensors (e.g. keyword calls of a model forward, keeping only ``.loss``).
 * ``target`` -- where the replacement goes: ``"forward"`` (the module's own forward) or ``"global:<name>"`` (a
   function its forward looks up by global name, such as ``apply_rotary_pos_emb``).
 
@@ -75,10 +77,15 @@ class Pattern:
     probe: Callable[[nn.Module, Match, torch.Generator], Probe]
     target: str = "forward"
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    adapt: Callable[[Callable], Callable] | None = None
 
     def bound(self, fn: Callable, module: nn.Module) -> Callable:
         """``fn`` (from ``reference``/``replacement``) as a callable of the inputs alone."""
-        return types.MethodType(fn, module) if self.target == "forward" else fn
+        fn = types.MethodType(fn, module) if self.target == "forward" else fn
+        return self.adapted(fn)
+
+    def adapted(self, fn: Callable) -> Callable:
+        return fn if self.adapt is None else self.adapt(fn)
 
     def using(self, **params: Any) -> "PatternUse":
         unknown = set(params) - set(self.defaults)
@@ -98,6 +105,9 @@ class PatternUse:
     @property
     def name(self) -> str:
         return self.pattern.name
+
+    def with_params(self, **params: Any) -> "PatternUse":
+        return self.pattern.using(**{**self.params, **params})
 
     def find(self, module: nn.Module) -> list[Match] | Skip | None:
         res = self.pattern.find(module, self.params)

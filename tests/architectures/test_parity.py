@@ -10,15 +10,15 @@ import sloth_core
 from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
 from sloth_core.tolerances import assert_close
 
-EXPECTED = {"rms_norm", "gated_mlp", "rope"}
+EXPECTED = {"rms_norm", "gated_mlp", "rope", "causal_lm_loss"}
 
 
-def _batch(vocab=128, b=2, s=7, seed=1):
+def _batch(device, vocab=128, b=2, s=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (b, s), generator=g)
     labels = ids.clone()
     labels[0, :2] = -100
-    return ids, labels
+    return ids.to(device), labels.to(device)
 
 
 def _step(model, ids, labels):
@@ -26,11 +26,13 @@ def _step(model, ids, labels):
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # without labels the logits come back as before
+    return logits, out.loss.detach(), grads
 
 
 def _assert_parity(ref_model, opt_model, dtype):
-    ids, labels = _batch()
+    ids, labels = _batch(ref_model.device)
     logits0, loss0, grads0 = _step(ref_model, ids, labels)
     logits1, loss1, grads1 = _step(opt_model, ids, labels)
     assert_close("logits", logits1, logits0, dtype, scale=4)
@@ -45,8 +47,8 @@ def _replaced(model):
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_bare_model_parity_restore_and_idempotence(model_type):
-    ref = tiny_model(model_type)
+def test_bare_model_parity_restore_and_idempotence(model_type, device):
+    ref = tiny_model(model_type, device=device)
     model = copy.deepcopy(ref)
     assert sloth_core.optimize(model) is model
     assert _replaced(model) == EXPECTED
@@ -59,19 +61,19 @@ def test_bare_model_parity_restore_and_idempotence(model_type):
 
     sloth_core.restore(model)
     assert sloth_core.report(model) == []
-    ids, _ = _batch()
+    ids, _ = _batch(device)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 @pytest.mark.parametrize("when", ["before_peft", "after_peft"])
-def test_lora_model_parity(model_type, when):
+def test_lora_model_parity(model_type, when, device):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    base = tiny_model(model_type)
+    base = tiny_model(model_type, device=device)
     ref = get_peft_model(copy.deepcopy(base), cfg)
     # LoRA B starts at zero; give it values so the adapters change the function and receive real gradients.
     torch.manual_seed(3)
@@ -90,15 +92,15 @@ def test_lora_model_parity(model_type, when):
     assert lora_grads and all("lora_" in n for n in lora_grads)
 
 
-def test_bf16_llama_parity():
-    ref = tiny_model("llama", dtype=torch.bfloat16)
+def test_bf16_llama_parity(device):
+    ref = tiny_model("llama", dtype=torch.bfloat16, device=device)
     model = sloth_core.optimize(copy.deepcopy(ref))
     assert _replaced(model) == EXPECTED
     _assert_parity(ref, model, torch.bfloat16)
 
 
-def test_optimize_inside_no_grad_and_eval():
-    ref = tiny_model("qwen3").eval()
+def test_optimize_inside_no_grad_and_eval(device):
+    ref = tiny_model("qwen3", device=device).eval()
     model = copy.deepcopy(ref)
     with torch.no_grad():
         sloth_core.optimize(model)
@@ -106,8 +108,8 @@ def test_optimize_inside_no_grad_and_eval():
     _assert_parity(ref.train(), model.train(), torch.float32)
 
 
-def test_optimize_leaves_rng_state_alone():
-    model = tiny_model("llama")
+def test_optimize_leaves_rng_state_alone(device):
+    model = tiny_model("llama", device=device)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -115,11 +117,27 @@ def test_optimize_leaves_rng_state_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_verbose_prints_table(capsys):
-    model = tiny_model("gemma2")
+def test_verbose_prints_table(capsys, device):
+    model = tiny_model("gemma2", device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sloth_core.optimize(model, verbose=True)
     out = capsys.readouterr().out
     assert "model.layers.0.mlp" in out and "gated_mlp" in out and "replaced" in out
     assert "model.layers.1.pre_feedforward_layernorm" in out
+
+
+def test_modules_where_no_kernel_runs_are_skipped(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = tiny_model("llama")
+    with pytest.warns(sloth_core.SlothCoreWarning, match="nothing was replaced"):
+        sloth_core.optimize(model)
+    rows = sloth_core.report(model)
+    assert rows and all(r.status == "skipped" and "need a CUDA device" in r.detail for r in rows)
+
+
+def test_float64_model_is_skipped_with_reason(device):
+    model = tiny_model("llama", dtype=torch.float64, device=device)
+    with pytest.warns(sloth_core.SlothCoreWarning):
+        sloth_core.optimize(model)
+    assert all("float64 has no kernel" in r.detail for r in sloth_core.report(model))

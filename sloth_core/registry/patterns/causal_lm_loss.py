@@ -1,0 +1,155 @@
+"""Pattern ``causal_lm_loss``: a ``*ForCausalLM`` head computing its loss with the fused linear cross-entropy.
+
+When ``labels`` are given, the replacement forward runs the decoder, then
+``fused_linear_cross_entropy(h, W_lm_head, shifted labels)`` on the final hidden states -- the ``[tokens, vocab]``
+logits are never materialized -- with the architecture's final-logit soft-capping ``c * tanh(z / c)`` and the
+``num_items_in_batch`` divisor exactly as transformers' ``ForCausalLMLoss`` applies them (labels padded with
+``ignore_index`` and shifted left by one, or the ``shift_labels`` given). Logits are then not returned unless
+``optimize(..., return_logits=True)``. Without labels, and whenever the fused path cannot serve the call, the
+class's own forward runs unchanged:
+
+* ``logits_to_keep`` other than 0, a ``loss_function`` other than transformers' ``ForCausalLMLoss``;
+* an ``lm_head`` that is not a plain ``nn.Linear`` (a LoRA layer on ``lm_head``, a quantized head) or that has
+  hooks. PEFT's ``modules_to_save`` copy of ``lm_head`` is served: its weight receives gradients.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ...kernels.fused_linear_cross_entropy import (fused_linear_cross_entropy,
+                                                    fused_linear_cross_entropy_reference)
+from ..pattern import Match, Pattern, Probe, Skip
+from ._probe import module_dtype_device, randn
+
+# The transformers 5 causal-LM forward signature (positional order included) the replacement reproduces.
+_SIGNATURE = ("self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels",
+              "use_cache", "logits_to_keep")
+
+
+def head_linear(lm_head: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` that computes the logits (through PEFT's ``modules_to_save`` wrapper), or ``None``."""
+    if type(lm_head).__name__ == "ModulesToSaveWrapper":
+        if getattr(lm_head, "disable_adapters", False):
+            return head_linear(lm_head.original_module)
+        active = [a for a in getattr(lm_head, "active_adapters", []) if a in lm_head.modules_to_save]
+        return head_linear(lm_head.modules_to_save[active[0]]) if len(active) == 1 else None
+    if type(lm_head) is not nn.Linear:
+        return None
+    if lm_head._forward_hooks or lm_head._forward_pre_hooks or getattr(lm_head, "_hf_hook", None) is not None:
+        return None
+    return lm_head
+
+
+def _decoder(module: nn.Module) -> nn.Module | None:
+    return getattr(module, getattr(module, "base_model_prefix", "model") or "model", None)
+
+
+def _class_forward(module: nn.Module):
+    return type(module).forward
+
+
+def _loss_is_hf_causal(module: nn.Module) -> bool:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return getattr(module, "loss_function", None) is ForCausalLMLoss
+
+
+def find(module: nn.Module, params) -> Match | Skip | None:
+    if not type(module).__name__.endswith("ForCausalLM") or not isinstance(getattr(module, "lm_head", None),
+                                                                               nn.Module):
+        return None
+    if not isinstance(_decoder(module), nn.Module):
+        return Skip("no decoder under base_model_prefix")
+    fn = inspect.unwrap(_class_forward(module))
+    names = tuple(inspect.signature(fn).parameters)
+    if names[:len(_SIGNATURE)] != _SIGNATURE:
+        return Skip(f"forward signature {names[:len(_SIGNATURE)]} is not transformers' causal-LM signature")
+    if head_linear(module.lm_head) is None:
+        return Skip(f"lm_head is a {type(module.lm_head).__name__} (LoRA or quantized head): the fused loss cannot "
+                    f"serve it, the plain path stays")
+    if not _loss_is_hf_causal(module):
+        return Skip("loss_function is not transformers' ForCausalLMLoss")
+    cfg = module.config
+    softcap = getattr(cfg, params["softcap_attr"], None) if params["softcap_attr"] else None
+    scale = getattr(cfg, params["logit_scale_attr"], None) if params["logit_scale_attr"] else None
+    dtype, device = module_dtype_device(module.lm_head)
+    sig = (type(module), dtype, device, softcap, scale, params["return_logits"])
+    return Match({"softcap": softcap, "logit_scale": scale, "return_logits": params["return_logits"]}, sig)
+
+
+def _forward_with(loss_fn):
+    def make(m: Match):
+        softcap, scale, return_logits = m["softcap"], m["logit_scale"], m["return_logits"]
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+            head = head_linear(self.lm_head) if labels is not None else None
+            if head is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0) or \
+                    not _loss_is_hf_causal(self):
+                return _class_forward(self)(self, input_ids, attention_mask, position_ids, past_key_values,
+                                            inputs_embeds, labels, use_cache, logits_to_keep, **kwargs)
+            return_dict = kwargs.pop("return_dict", None)
+            if return_dict is None:
+                return_dict = getattr(self.config, "return_dict", True)
+            outputs = _decoder(self)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                     use_cache=use_cache, **kwargs)
+            hidden = outputs[0]
+            ignore_index = kwargs.get("ignore_index", -100)
+            shift_labels = kwargs.get("shift_labels")
+            if shift_labels is None:
+                shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            loss = loss_fn(hidden.reshape(-1, hidden.shape[-1]), head.weight,
+                           shift_labels.reshape(-1).to(hidden.device), head.bias, ignore_index=ignore_index,
+                           softcap=softcap, logit_scale=scale, num_items_in_batch=kwargs.get("num_items_in_batch"))
+            logits = None
+            if return_logits:
+                logits = self.lm_head(hidden)
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                         hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            return out if return_dict else out.to_tuple()
+
+        return forward
+
+    return make
+
+
+def _original(module: nn.Module, m: Match):
+    return module.forward
+
+
+def _adapt(fn):
+    return lambda embeds, labels: fn(inputs_embeds=embeds, labels=labels).loss
+
+
+def _probe(module: nn.Module, m: Match, gen: torch.Generator) -> Probe:
+    dtype, device = module_dtype_device(module.lm_head)
+    hidden = module.lm_head.in_features if isinstance(module.lm_head, nn.Linear) else module.config.hidden_size
+    vocab = head_linear(module.lm_head).out_features
+    embeds = randn((2, 6, hidden), dtype, device, gen)
+    labels = torch.randint(0, vocab, (2, 6), generator=gen)
+    labels[0, :2] = -100
+    weight = head_linear(module.lm_head).weight
+    return Probe(inputs=(embeds.requires_grad_(), labels.to(device)),
+                 params=(weight,) if weight.requires_grad else (), dtype=dtype)
+
+
+CAUSAL_LM_LOSS = Pattern(
+    name="causal_lm_loss",
+    kernel="triton:fused_linear_cross_entropy",
+    find=find,
+    reference=_forward_with(fused_linear_cross_entropy_reference),
+    replacement=_forward_with(fused_linear_cross_entropy),
+    original=_original,
+    probe=_probe,
+    adapt=_adapt,
+    defaults={"softcap_attr": "final_logit_softcapping", "logit_scale_attr": None, "return_logits": False},
+)
