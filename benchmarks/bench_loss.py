@@ -59,6 +59,17 @@ def sloth_fused(hidden, weight, labels, softcap):
     return fused_linear_cross_entropy(hidden, weight, labels, softcap=softcap)
 
 
+def sloth_fused_chunked(chunk_tokens: int):
+    """The fused op with a fixed token chunk (to chart the memory/time trade-off of the chunk size)."""
+    from sloth_core.autotune import override
+
+    def run(hidden, weight, labels, softcap):
+        with override("fused_linear_cross_entropy", chunk_tokens=chunk_tokens):
+            return sloth_fused(hidden, weight, labels, softcap)
+
+    return run
+
+
 def liger_method():
     """(fn, None) when Liger-Kernel is importable, else (None, reason)."""
     try:
@@ -234,9 +245,11 @@ def parse_args(argv=None):
                    help="lm_head frozen (LoRA: no weight gradient) or trainable")
     p.add_argument("--methods", nargs="+", choices=["hf_eager", "sloth_fused", "liger"],
                    default=["hf_eager", "sloth_fused", "liger"])
+    p.add_argument("--chunk-tokens", nargs="*", type=int, default=[],
+                   help="also run the fused op with these fixed token chunks (method sloth_fused_c<N>)")
     p.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of labels set to -100")
-    p.add_argument("--warmup-ms", type=int, default=100)
-    p.add_argument("--rep-ms", type=int, default=1000)
+    p.add_argument("--warmup-ms", type=int, default=50)
+    p.add_argument("--rep-ms", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default benchmarks/results/loss_<date>.json)")
@@ -258,22 +271,28 @@ def main(argv=None):
             methods.append((name, fn))
         else:
             methods.append((name, {"hf_eager": hf_eager, "sloth_fused": sloth_fused}[name]))
+    methods += [(f"sloth_fused_c{n}", sloth_fused_chunked(n)) for n in args.chunk_tokens]
     weight_modes = {"frozen": [False], "trainable": [True], "both": [False, True]}[args.weight]
     rows = []
+    out = args.out or Path(__file__).resolve().parent / "results" / \
+        f"loss_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = env_info()
     for model in args.models:
         for n_tokens in args.tokens:
             for train_weight in weight_modes:
-                rows.extend(run_case(model, n_tokens, train_weight, methods, args))
-                print(f"done: {model} tokens={n_tokens} lm_head={'trainable' if train_weight else 'frozen'}",
-                      file=sys.stderr, flush=True)
+                case_rows = run_case(model, n_tokens, train_weight, methods, args)
+                rows.extend(case_rows)
+                for r in case_rows:  # progress, and a partial record if the run is cut short
+                    print(f"{model} tokens={n_tokens} lm_head={r['lm_head']} {r['method']}: "
+                          f"{_fmt(r.get('time_ms'), '.2f')} ms, {_fmt(r.get('peak_extra_gib'), '.3f')} GiB",
+                          file=sys.stderr, flush=True)
+                out.write_text(json.dumps(dict(env=env, notes=notes, results=rows), indent=2))
     print_table(rows)
     goals = goal_lines(rows)
     for line in goals + notes:
         print(line)
-    out = args.out or Path(__file__).resolve().parent / "results" / \
-        f"loss_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env_info(), notes=notes, goals=goals, results=rows), indent=2))
+    out.write_text(json.dumps(dict(env=env, notes=notes, goals=goals, results=rows), indent=2))
     print(f"wrote {out}")
     return 0
 

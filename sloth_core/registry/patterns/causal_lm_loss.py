@@ -14,6 +14,7 @@ class's own forward runs unchanged:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -126,8 +127,37 @@ def _original(module: nn.Module, m: Match):
     return module.forward
 
 
+class _HiddenStatesDecoder(nn.Module):
+    """Stands in for the decoder during verification: ``inputs_embeds`` come back as the final hidden states, so
+    the probe compares the head alone (loss, and its gradient with respect to the hidden states) instead of a
+    32-layer bf16 network's rounding noise."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        return BaseModelOutputWithPast(last_hidden_state=inputs_embeds)
+
+
+@contextlib.contextmanager
+def _decoder_replaced_by_hidden_states(module: nn.Module):
+    name = getattr(module, "base_model_prefix", "model") or "model"
+    decoder = module._modules[name]
+    module._modules[name] = _HiddenStatesDecoder()
+    try:
+        yield
+    finally:
+        module._modules[name] = decoder
+
+
 def _adapt(fn):
-    return lambda embeds, labels: fn(inputs_embeds=embeds, labels=labels).loss
+    """Probe calls: ``(hidden_states, labels) -> loss`` through the head only (see :class:`_HiddenStatesDecoder`)."""
+    module = fn.__self__
+
+    def call(hidden_states, labels):
+        with _decoder_replaced_by_hidden_states(module):
+            return fn(inputs_embeds=hidden_states, labels=labels).loss
+
+    return call
 
 
 def _probe(module: nn.Module, m: Match, gen: torch.Generator) -> Probe:
