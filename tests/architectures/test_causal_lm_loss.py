@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sloth_core
-from sloth_core.tiny import tiny_model
+from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
 from sloth_core.tolerances import assert_close
 
 
@@ -41,7 +41,7 @@ def _replaced(model, pattern="causal_lm_loss"):
     return [r for r in sloth_core.report(model) if r.pattern == pattern and r.status == "replaced"]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_loss_without_logits_and_gradient_accumulation(model_type, device):
     ref = tiny_model(model_type, device=device)
     model = sloth_core.optimize(copy.deepcopy(ref))
