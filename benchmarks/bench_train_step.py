@@ -26,7 +26,7 @@ PRESETS = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(preset: str, layers: int | None):
+def build(preset: str, layers: int | None, quant: str = "none"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(PRESETS[preset])
@@ -36,7 +36,33 @@ def build(preset: str, layers: int | None):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if quant == "nf4":
+        quantize_nf4(model)
     return model
+
+
+def quantize_nf4(model, device="cuda") -> None:
+    """Replace the decoder's projections by bitsandbytes NF4 double-quant ``Linear4bit`` layers (bf16 compute), as
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True))`` would, without a save/load round trip of a random checkpoint."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGETS:
+                lin = getattr(parent, name, None)
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4")._quantize(device)
+                setattr(parent, name, q)
+                del lin
+    model.is_loaded_in_4bit = True  # as from_pretrained sets it: PEFT then wraps the layers with its bnb LoRA class
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_steps(model, ids, steps: int, lr: float = 1e-4):
@@ -67,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--quant", choices=("none", "nf4"), default="none", help="nf4: QLoRA on a bitsandbytes NF4 base")
+    ap.add_argument("--sloth-checkpointing", choices=("hf", "on", "offload"), default="hf",
+                    help="checkpointing in the sloth_core run: HF's (as the baseline), or optimize()'s on/offload")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -80,7 +109,7 @@ def main(argv=None) -> int:
 
     import sloth_core
 
-    model = build(args.preset, args.layers)
+    model = build(args.preset, args.layers, args.quant)
     model.train()
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -98,7 +127,8 @@ def main(argv=None) -> int:
             if n in lora0:
                 p.copy_(lora0[n])
     t = time.perf_counter()
-    sloth_core.optimize(model)
+    options = {} if args.sloth_checkpointing == "hf" else {"gradient_checkpointing": args.sloth_checkpointing}
+    sloth_core.optimize(model, **options)
     opt_s = time.perf_counter() - t
     replaced = sum(r.status == "replaced" for r in sloth_core.report(model))
     skipped = [r for r in sloth_core.report(model) if r.status == "skipped"]
@@ -121,7 +151,7 @@ def main(argv=None) -> int:
            "triton": triton.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
            "sloth_core": sloth_core.__version__, "command": " ".join(sys.argv),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(f"\n{args.preset} ({args.layers or 'all'} layers), bf16 LoRA r={args.rank} on {','.join(TARGETS)}, batch "
+    print(f"\n{args.preset} ({args.layers or 'all'} layers), {'QLoRA nf4' if args.quant == 'nf4' else 'bf16 LoRA'} r={args.rank} on {','.join(TARGETS)}, batch "
           f"{args.batch} x {args.seq}, checkpointing {'off' if args.no_checkpointing else 'on'}; {env['gpu']}")
     print(f"optimize(): {replaced} modules replaced, {len(skipped)} skipped, {opt_s:.2f} s")
     for r in skipped[:10]:
@@ -129,7 +159,8 @@ def main(argv=None) -> int:
     print(tabulate(rows, headers=("setup", "tokens/s", "speedup", "peak GiB", "memory", "first losses"),
                    tablefmt="github"))
     print(f"step-1 loss (same weights) relative difference: {d_first:.2e}; max over {args.steps} steps: {d_loss:.2e}")
-    out = args.out or os.path.join("benchmarks", "results", f"train_step_{args.preset}_{time.strftime('%Y%m%d')}.json")
+    out = args.out or os.path.join("benchmarks", "results",
+                                   f"train_step_{args.preset}_{args.quant}_{time.strftime('%Y%m%d')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"env": env, "args": vars(args), "results": results, "max_rel_loss_diff": d_loss,

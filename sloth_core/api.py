@@ -25,7 +25,9 @@ _OPTIONS = {
     "patterns": None,     # only these pattern names (default: all of the architecture's)
     "exclude": (),        # pattern names to leave alone
     "return_logits": False,  # with labels, the fused loss returns no logits unless this is True
+    "gradient_checkpointing": None,  # None: leave as is; False/"off", True/"on", "offload" (inputs to pinned CPU)
 }
+_CHECKPOINTING = {None: None, False: "off", True: "on", "off": "off", "on": "on", "offload": "offload"}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -50,6 +52,9 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     opts = {**_OPTIONS, **options}
     if opts["verify"] not in ("auto", "always"):
         raise ValueError(f"sloth_core.optimize(verify={opts['verify']!r}): expected 'auto' or 'always'")
+    if opts["gradient_checkpointing"] not in _CHECKPOINTING:
+        raise ValueError(f"sloth_core.optimize(gradient_checkpointing={opts['gradient_checkpointing']!r}): expected "
+                         f"None, False, True, 'on', 'off' or 'offload'")
     for key in ("patterns", "exclude"):
         v = opts[key]
         if isinstance(v, str):
@@ -61,21 +66,20 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     """Swap the modules of ``model`` that match its architecture's patterns for verified Triton kernels.
 
     In place; returns the same object. Works on a ``PreTrainedModel`` and on a PEFT ``PeftModel`` (before or after
-    ``get_peft_model``), 16-bit or bitsandbytes-quantized. A second call changes nothing and says so.
+    ``get_peft_model``), 16-bit or bitsandbytes-quantized. A second call binds only what is new (e.g. LoRA layers
+    PEFT added since); when there is nothing new it changes nothing and says so.
 
     Options: ``verbose`` (print the report), ``verify`` (``"auto"`` | ``"always"``), ``patterns`` (names to apply),
     ``exclude`` (names to leave alone), ``return_logits`` (with labels, the fused causal-LM loss skips the logits
-    unless this is True).
+    unless this is True), ``gradient_checkpointing`` (``None`` leaves the model's as is; ``"on"``/``True``,
+    ``"offload"`` (saved layer inputs go to pinned CPU memory), ``"off"``/``False``; ours checkpoints in eval mode
+    too, unlike HF's).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sloth_core.optimize(model): expected a torch.nn.Module, got {type(model).__name__}")
     opts = _options(options)
     base = unwrap(model)
     state = base.__dict__.get(STATE_ATTR)
-    if state is not None:
-        warnings.warn(f"sloth_core.optimize: {type(base).__name__} is already optimized "
-                      f"({summary(state['rows'])}); nothing changed", SlothCoreWarning, stacklevel=2)
-        return model
     mtype = model_type(model)
     arch = lookup(mtype) or generic_architecture()
     if opts["return_logits"]:
@@ -85,6 +89,15 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                    only=set(opts["patterns"]) if opts["patterns"] is not None else None,
                    exclude=set(opts["exclude"]),
                    verify_every=opts["verify"] == "always")
+    changed = _apply_checkpointing(model, _CHECKPOINTING[opts["gradient_checkpointing"]], rows)
+    if state is not None:
+        seen = {(r.module, r.pattern) for r in state["rows"]}
+        new = [r for r in rows if (r.module, r.pattern) not in seen]
+        state["rows"].extend(new)
+        if not any(r.status == "replaced" for r in new) and not changed:
+            warnings.warn(f"sloth_core.optimize: {type(base).__name__} is already optimized "
+                          f"({summary(state['rows'])}); nothing changed", SlothCoreWarning, stacklevel=2)
+        return model
     base.__dict__[STATE_ATTR] = {"rows": rows, "architecture": arch.name, "model_type": mtype}
     if not any(r.status == "replaced" for r in rows):
         warnings.warn(f"sloth_core.optimize: nothing was replaced in {type(base).__name__} "
@@ -95,6 +108,22 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
         print(format_table(rows))
         print(summary(rows))
     return model
+
+
+def _apply_checkpointing(model: nn.Module, mode: str | None, rows: list[ReportRow]) -> bool:
+    """Set our decoder-layer checkpointing to ``mode`` (None: leave it), adding report rows; whether anything
+    changed."""
+    if mode is None:
+        return False
+    from .checkpointing import checkpointed_layers, disable_checkpointing, enable_checkpointing
+
+    before = checkpointed_layers(model)
+    if mode == "off":
+        disable_checkpointing(model)
+        return bool(before)
+    for path in enable_checkpointing(model, mode):
+        rows.append(ReportRow(path, "checkpointing", f"torch:checkpoint({mode})", "replaced", f"mode={mode}"))
+    return True
 
 
 def restore(model: nn.Module) -> nn.Module:

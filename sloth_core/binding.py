@@ -21,7 +21,33 @@ from typing import Any, Callable
 from torch import nn
 
 RECORD_ATTR = "_sloth_core_bindings"
-_MISSING = object()
+
+
+class _Missing:
+    """Marks "the instance had no such attribute". A singleton that survives copy, deepcopy and pickling, so the
+    records of a deep-copied module (PEFT's ``modules_to_save``) still undo correctly."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (_Missing, ())
+
+    def __repr__(self):
+        return "<missing>"
+
+
+MISSING = _MISSING = _Missing()
 
 
 @dataclass
@@ -49,6 +75,11 @@ def is_bound(module: nn.Module, pattern: str) -> bool:
 def _push(module: nn.Module, rec: BindingRecord, value: Any) -> None:
     module.__dict__.setdefault(RECORD_ATTR, []).append(rec)
     module.__dict__[rec.attr] = value
+
+
+def install_attr(module: nn.Module, attr: str, value: Any, pattern: str, kernel: str) -> None:
+    """Set a plain instance attribute, recorded so that :func:`uninstall` puts the previous value back."""
+    _push(module, BindingRecord(pattern, kernel, attr, module.__dict__.get(attr, _MISSING)), value)
 
 
 def install_forward(module: nn.Module, replacement: Callable, pattern: str, kernel: str) -> None:

@@ -211,3 +211,12 @@ def test_restore_undoes_bindings_on_peft_copies(device):
     model = get_peft_model(model, cfg)  # deep-copies model.model.norm (bound) into a ModulesToSaveWrapper
     sloth_core.restore(model)
     assert not _bound(model)
+
+
+def test_restore_after_deepcopy_of_optimized_model(device):
+    model = copy.deepcopy(sloth_core.optimize(tiny_model("llama", device=device)))
+    sloth_core.restore(model)
+    assert not _bound(model)
+    ids = torch.randint(0, 128, (1, 4), device=device)
+    with torch.no_grad():
+        model(ids)  # forwards are the class's again (not a stale sentinel)

@@ -141,3 +141,18 @@ def test_float64_model_is_skipped_with_reason(device):
     with pytest.warns(sloth_core.SlothCoreWarning):
         sloth_core.optimize(model)
     assert all("float64 has no kernel" in r.detail for r in sloth_core.report(model))
+
+
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_gradient_checkpointing_option(mode, device):
+    ref = tiny_model("gemma3_text", device=device)
+    model = sloth_core.optimize(copy.deepcopy(ref).eval(), gradient_checkpointing=mode)  # eval mode: still ours
+    rows = [r for r in sloth_core.report(model) if r.pattern == "checkpointing"]
+    assert {r.module for r in rows} == {"model.layers.0", "model.layers.1"}
+    _assert_parity(ref.eval(), model, torch.float32)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        sloth_core.optimize(model, gradient_checkpointing="sometimes")
+    sloth_core.restore(model)
+    ids, _ = _batch(device)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)

@@ -1,0 +1,537 @@
+"""Gradient checkpointing of decoder layers, optionally offloading the kept layer inputs to pinned host memory.
+
+    from sloth_core.checkpointing import enable_checkpointing, disable_checkpointing, checkpointed_layers
+    enable_checkpointing(model, "on")        # or "offload"; returns the paths of the wrapped layers
+    disable_checkpointing(model)             # back to the original forwards, bit-identical
+
+What is wrapped: every ``transformers.modeling_layers.GradientCheckpointingLayer`` instance (the decoder layers of
+transformers 5.x), or, for models without one, the children of a ``ModuleList`` named ``layers`` or ``h``. A layer
+inside an already-wrapped layer is left alone (no nested checkpoints). Only the instance's ``forward`` is replaced
+(through :mod:`sloth_core.binding`, pattern name ``"checkpointing"``), so ``sloth_core.restore`` undoes it too.
+
+When: a wrapped layer checkpoints every call that builds a graph -- ``torch.is_grad_enabled()`` and some tensor input
+or some parameter of the layer requires grad -- in ``train()`` *and* ``eval()`` mode (Hugging Face's own
+checkpointing only acts in training mode, and ``from_pretrained`` returns an eval-mode model). Other calls
+(``no_grad``, inference, fully frozen layers) run the layer as is.
+
+How, mode ``"on"``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward keeps no activation
+of the layer, only its input ``hidden_states`` (the other arguments -- masks, ``position_embeddings``, ... -- are
+shared by all layers); the backward reruns the layer with the CPU and device RNG states of the forward (dropout
+masks are the same) and under the forward's autocast state. Non-reentrant checkpointing gives parameters their
+gradients even when the layer input does not require grad (LoRA without ``enable_input_require_grads``).
+
+Mode ``"offload"``: the same, and the one tensor the checkpoint keeps -- the layer input -- is moved to host memory.
+The checkpoint saves its positional inputs through the ambient ``saved_tensors_hooks``; the wrapper puts a pair of
+hooks around the checkpoint call that catch exactly the layer input:
+
+* pack (forward): a pinned host buffer from a pool (keyed by device, dtype and a size bucket, so steps reuse the same
+  buffers) receives the input on a side CUDA stream (``non_blocking``). The side stream first waits for the compute
+  stream (the input is complete), and ``record_stream`` keeps the caching allocator from handing the input's memory
+  to anyone else before the copy has read it. The device tensor is then no longer referenced by the graph.
+* unpack (start of the layer's recompute, in the backward): the input is copied back on the side stream into a fresh
+  device tensor and the compute stream waits on that copy's event. At that moment the copy-back of the *previous*
+  layer's input is started too (prefetch), so it overlaps this layer's recompute and backward.
+* A pinned buffer returns to the pool when the graph that holds it is freed. All copies into and out of the pool's
+  buffers of one device run on that device's single side stream, so a reused buffer is never written before the
+  copies that read it earlier have run.
+
+Inputs that are not on a CUDA device (or not contiguous) stay where they are: ``"offload"`` then behaves as ``"on"``.
+For the CPU test suite ``_OFFLOAD_CPU_INPUTS = True`` makes CPU inputs take the whole offload path with plain
+(unpinned) host buffers and synchronous copies.
+
+KV caches: a layer whose class does not declare ``_can_checkpoint_with_cache`` gets ``past_key_values`` /
+``layer_past`` = ``None`` and ``use_cache=False`` on checkpointed calls (what Hugging Face's checkpointing does: the
+recompute would write the cache a second time). The loss and gradients are unchanged; the returned cache stays empty.
+
+Hugging Face's checkpointing: wrapped layers get ``gradient_checkpointing`` set to a falsy marker (restored by
+:func:`disable_checkpointing`, unless it was changed meanwhile), so ``GradientCheckpointingLayer.__call__`` does not
+checkpoint a second time. If it is turned back on afterwards (``model.gradient_checkpointing_enable()``), the
+wrapper sees that Hugging Face already checkpoints the call (training mode) and runs the layer as is.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+import types
+import warnings
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import binding
+
+PATTERN = "checkpointing"
+KERNEL = "torch.utils.checkpoint"
+MODES = ("off", "on", "offload")
+STATE_ATTR = "_sloth_core_checkpointing"
+HF_FLAG = "gradient_checkpointing"
+_FORWARD_ATTRS = ("forward", "_old_forward")
+_FALLBACK_CONTAINERS = ("layers", "h")
+_CACHE_KWARGS = ("past_key_values", "layer_past")
+
+# Test hook: route CPU layer inputs through the offload path too (plain host buffers, synchronous copies).
+_OFFLOAD_CPU_INPUTS = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Counters (tests and benchmarks read them)
+
+
+@dataclasses.dataclass
+class CheckpointingStats:
+    checkpointed_calls: int = 0  # layer calls run under a checkpoint
+    offloaded: int = 0           # layer inputs copied to host memory
+    offloaded_bytes: int = 0
+    pinned: int = 0              # of those, into pinned memory
+    kept_on_device: int = 0      # "offload" calls whose input stayed on its device
+    restored: int = 0            # copies back to the device (one per recompute)
+    prefetched: int = 0          # of those, started before the layer's recompute
+    host_allocations: int = 0    # host buffers allocated (pool misses)
+
+
+STATS = CheckpointingStats()
+
+
+def checkpointing_stats() -> CheckpointingStats:
+    """A snapshot of the counters."""
+    return dataclasses.replace(STATS)
+
+
+def reset_checkpointing_stats() -> None:
+    for f in dataclasses.fields(STATS):
+        setattr(STATS, f.name, 0)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    from .api import SlothCoreWarning  # lazy: api imports the rewriter and kernels
+
+    warnings.warn(message, SlothCoreWarning, stacklevel=stacklevel)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def enable_checkpointing(model: nn.Module, mode: str = "on") -> list[str]:
+    """Checkpoint the decoder layers of ``model`` (a transformers model or a PEFT model around one).
+
+    ``mode``: ``"on"`` (keep each layer's input on its device), ``"offload"`` (keep it in pinned host memory) or
+    ``"off"`` (same as :func:`disable_checkpointing`). In place. Calling it again changes the mode of the layers
+    already wrapped; it never wraps twice. Returns the paths (``model.named_modules()`` names) of the wrapped
+    layers.
+    """
+    if mode not in MODES:
+        raise ValueError(f"enable_checkpointing(mode={mode!r}): expected one of {MODES}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"enable_checkpointing(model): expected a torch.nn.Module, got {type(model).__name__}")
+    if mode == "off":
+        disable_checkpointing(model)
+        return []
+    layers = _decoder_layers(model)
+    if not layers:
+        _warn_once(f"no-layers:{type(model).__name__}",
+                   f"enable_checkpointing: found no decoder layers in {type(model).__name__} (no "
+                   f"GradientCheckpointingLayer, no ModuleList named {' / '.join(_FALLBACK_CONTAINERS)}); "
+                   f"nothing is checkpointed")
+    for _, layer in layers:
+        state = layer.__dict__.get(STATE_ATTR)
+        if isinstance(state, _LayerState) and binding.is_bound(layer, PATTERN):
+            state.mode = mode
+            _suspend_hf_checkpointing(layer)
+        else:
+            _install(layer, mode)
+    return [path for path, _ in layers]
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_checkpointing` on every layer of ``model``: the layers' ``forward`` (and Hugging Face's
+    ``gradient_checkpointing`` flag) are what they were before; other sloth_core replacements stay."""
+    todo = []
+    for path, module in model.named_modules():
+        recs = binding.records(module)
+        ours = [r for r in recs if r.pattern == PATTERN]
+        if not ours:
+            continue
+        for rec in ours:
+            i = next(k for k, r in enumerate(recs) if r is rec)
+            later = [r.pattern for r in recs[i + 1:] if r.pattern != PATTERN and r.attr == rec.attr]
+            if later:
+                raise RuntimeError(f"disable_checkpointing: {path or type(module).__name__}.{rec.attr} was replaced "
+                                   f"again after checkpointing was enabled (by {later[0]!r}); "
+                                   f"sloth_core.restore(model) undoes both")
+        todo.append((module, ours))
+    for module, ours in todo:
+        for rec in reversed(ours):
+            _undo(module, rec)
+        recs = module.__dict__[binding.RECORD_ATTR]
+        recs[:] = [r for r in recs if r.pattern != PATTERN]
+        if not recs:
+            del module.__dict__[binding.RECORD_ATTR]
+
+
+def checkpointed_layers(model: nn.Module) -> list[str]:
+    """Paths of the layers of ``model`` that :func:`enable_checkpointing` wrapped."""
+    return [path for path, m in model.named_modules()
+            if binding.is_bound(m, PATTERN) and isinstance(m.__dict__.get(STATE_ATTR), _LayerState)]
+
+
+def clear_host_pool() -> None:
+    """Drop the pooled host buffers (they are reused across steps otherwise)."""
+    _POOL.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which layers
+
+
+@functools.cache
+def _gradient_checkpointing_layer_class():
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers < 4.52
+        return None
+    return GradientCheckpointingLayer
+
+
+def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    gcl = _gradient_checkpointing_layer_class()
+    named = list(model.named_modules())
+    found = [(p, m) for p, m in named if gcl is not None and isinstance(m, gcl)]
+    if not found:
+        found = [(f"{p}.{name}" if p else name, child) for p, m in named
+                 if isinstance(m, nn.ModuleList) and p.rsplit(".", 1)[-1] in _FALLBACK_CONTAINERS
+                 for name, child in m.named_children()]
+    outer: list[tuple[str, nn.Module]] = []
+    for path, module in found:  # pre-order: a nested layer follows its enclosing one
+        if outer and (outer[-1][0] == "" or path.startswith(outer[-1][0] + ".")):
+            continue
+        outer.append((path, module))
+    return outer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Installing / undoing
+
+
+@dataclasses.dataclass
+class _LayerState:
+    mode: str
+
+
+class _Suspended:
+    """Stands in for a wrapped layer's Hugging Face ``gradient_checkpointing`` flag: falsy, so
+    ``GradientCheckpointingLayer.__call__`` does not checkpoint on top of the wrapper. One instance, kept by
+    ``copy``/``deepcopy``/pickle, so :func:`disable_checkpointing` recognises it on copies."""
+
+    _instance: "_Suspended | None" = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "<gradient_checkpointing suspended by sloth_core.checkpointing>"
+
+    def __reduce__(self):
+        return (_Suspended, ())
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_SUSPENDED = _Suspended()
+
+
+def _is_missing(previous: Any) -> bool:
+    return previous is binding.MISSING
+
+
+def _push(module: nn.Module, attr: str, value: Any) -> None:
+    binding.install_attr(module, attr, value, PATTERN, KERNEL)
+
+
+def _install(layer: nn.Module, mode: str) -> None:
+    _push(layer, STATE_ATTR, _LayerState(mode))
+    _suspend_hf_checkpointing(layer)
+    binding.install_forward(layer, _checkpointed_forward, PATTERN, KERNEL)
+
+
+def _suspend_hf_checkpointing(layer: nn.Module) -> None:
+    if any(r.pattern == PATTERN and r.attr == HF_FLAG for r in binding.records(layer)):
+        layer.__dict__[HF_FLAG] = _SUSPENDED
+    elif hasattr(layer, HF_FLAG):
+        _push(layer, HF_FLAG, _SUSPENDED)
+
+
+def _undo(module: nn.Module, rec: binding.BindingRecord) -> None:
+    if rec.attr == HF_FLAG and module.__dict__.get(rec.attr) is not _SUSPENDED:
+        return  # set again since (e.g. gradient_checkpointing_enable()): leave the user's value
+    if _is_missing(rec.previous):
+        module.__dict__.pop(rec.attr, None)
+    else:
+        module.__dict__[rec.attr] = rec.previous
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The wrapper
+
+
+def _inner_forward(layer: nn.Module) -> Callable:
+    """The forward the wrapper replaced (looked up on the instance, so a deep copy calls its own)."""
+    for rec in reversed(binding.records(layer)):
+        if rec.pattern == PATTERN and rec.attr in _FORWARD_ATTRS:
+            if callable(rec.previous) and not _is_missing(rec.previous):
+                return rec.previous
+            break
+    return types.MethodType(type(layer).forward, layer)
+
+
+def _hf_checkpoints_this_call(layer: nn.Module) -> bool:
+    gcl = _gradient_checkpointing_layer_class()
+    return gcl is not None and isinstance(layer, gcl) and bool(getattr(layer, HF_FLAG, False)) and layer.training
+
+
+def _requires_grad(obj: Any, depth: int = 2) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if depth > 0:
+        if isinstance(obj, (tuple, list)):
+            return any(_requires_grad(o, depth - 1) for o in obj)
+        if isinstance(obj, dict):
+            return any(_requires_grad(o, depth - 1) for o in obj.values())
+    return False
+
+
+def _builds_graph(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+    return torch.is_grad_enabled() and (_requires_grad(args) or _requires_grad(kwargs)
+                                        or any(p.requires_grad for p in layer.parameters()))
+
+
+def _without_cache(layer: nn.Module, kwargs: dict) -> dict:
+    if getattr(layer, "_can_checkpoint_with_cache", False):
+        return kwargs
+    out = dict(kwargs)
+    dropped = [k for k in _CACHE_KWARGS if out.get(k) is not None]
+    for k in dropped:
+        out[k] = None
+    if out.get("use_cache"):
+        out["use_cache"] = False
+    if dropped:
+        _warn_once("cache", f"sloth_core checkpointing: {type(layer).__name__} runs checkpointed calls without "
+                            f"its KV cache ({', '.join(dropped)}=None, use_cache=False), as Hugging Face's "
+                            f"checkpointing does; the loss and gradients are unchanged")
+    return out
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    inner = _inner_forward(self)
+    state = self.__dict__.get(STATE_ATTR)
+    if not isinstance(state, _LayerState) or _hf_checkpoints_this_call(self) or \
+            not _builds_graph(self, args, kwargs):
+        return inner(*args, **kwargs)
+    kwargs = _without_cache(self, kwargs)
+    if args and isinstance(args[0], torch.Tensor):
+        hidden, rest = args[0], args[1:]
+
+        def run(h):
+            return inner(h, *rest, **kwargs)
+    elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        hidden = kwargs["hidden_states"]
+        others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        def run(h):
+            return inner(*args, hidden_states=h, **others)
+    else:
+        return inner(*args, **kwargs)
+    STATS.checkpointed_calls += 1
+    hooks = _offloading(hidden) if state.mode == "offload" else contextlib.nullcontext()
+    with hooks:
+        # The input goes in positionally: the checkpoint keeps it (through the ambient saved-tensor hooks, which
+        # is where offloading catches it) and infers from it whose RNG state to preserve.
+        return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Offloading the kept input
+
+
+def _offload_target(x: torch.Tensor) -> str | None:
+    if not x.is_contiguous():
+        return None
+    if x.is_cuda:
+        return "pinned"
+    if x.device.type == "cpu" and _OFFLOAD_CPU_INPUTS:
+        return "host"
+    return None
+
+
+@contextlib.contextmanager
+def _offloading(hidden: torch.Tensor):
+    target = _offload_target(hidden)
+    if target is None:
+        STATS.kept_on_device += 1
+        yield
+        return
+    catcher = _InputCatcher(hidden, target)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(catcher.pack, catcher.unpack):
+            yield
+    finally:
+        caught = catcher.caught
+        catcher.hidden = None  # the hooks live as long as the graph: they must not keep the input alive
+    if not caught:
+        STATS.kept_on_device += 1
+        _warn_once("not-caught", "sloth_core checkpointing: torch.utils.checkpoint did not save the layer input "
+                                 "through saved-tensor hooks; \"offload\" keeps it on the device (as \"on\")")
+
+
+class _InputCatcher:
+    """The saved-tensor hooks around one checkpoint call: the layer input goes to host memory, anything else
+    passes through."""
+
+    def __init__(self, hidden: torch.Tensor, target: str):
+        self.hidden: torch.Tensor | None = hidden
+        self.target = target
+        self.caught = False
+
+    def _is_input(self, x: torch.Tensor) -> bool:
+        h = self.hidden
+        return h is not None and (x is h or (x.data_ptr() == h.data_ptr() and x.shape == h.shape
+                                             and x.dtype == h.dtype and x.device == h.device))
+
+    def pack(self, x: torch.Tensor) -> Any:
+        if not self._is_input(x):
+            return x
+        self.hidden = None
+        self.caught = True
+        return _HostCopy(x, pinned=self.target == "pinned")
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        return packed.restore() if isinstance(packed, _HostCopy) else packed
+
+
+def _capacity(numel: int) -> int:
+    """Pool size bucket: ``numel`` rounded up to 4 significant bits (at most 1/8 wasted)."""
+    if numel <= 1024:
+        return 1024
+    shift = numel.bit_length() - 4
+    return -(-numel >> shift) << shift
+
+
+class _HostPool:
+    """Free host buffers by (device they serve, dtype, capacity, pinned)."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def acquire(self, numel: int, dtype: torch.dtype, device: torch.device, pinned: bool):
+        key = (str(device), dtype, _capacity(numel), pinned)
+        free = self._free.get(key)
+        if free:
+            try:
+                return key, free.pop()
+            except IndexError:  # emptied meanwhile by another thread
+                pass
+        STATS.host_allocations += 1
+        return key, torch.empty(key[2], dtype=dtype, pin_memory=pinned)
+
+    def release(self, key: tuple, buf: torch.Tensor) -> None:
+        self._free.setdefault(key, []).append(buf)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+_POOL = _HostPool()
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+_CHAIN = threading.local()  # the last _HostCopy made by this thread's forward
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
+    return stream
+
+
+class _HostCopy:
+    """A layer input held in a pooled host buffer between its layer's forward and its recompute."""
+
+    def __init__(self, x: torch.Tensor, pinned: bool):
+        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        key, buf = _POOL.acquire(x.numel(), x.dtype, x.device, pinned)
+        weakref.finalize(self, _POOL.release, key, buf)
+        self.host = buf[: x.numel()].view(x.shape)
+        self._ahead: tuple[torch.Tensor, Any] | None = None  # a copy back started before it was asked for
+        self.restores = 0
+        if x.is_cuda:
+            side = _side_stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
+            with torch.cuda.stream(side):
+                self.host.copy_(x, non_blocking=True)
+            x.record_stream(side)  # its memory is not reused before the copy has read it
+        else:
+            self.host.copy_(x)
+        STATS.offloaded += 1
+        STATS.offloaded_bytes += x.numel() * x.element_size()
+        STATS.pinned += int(pinned)
+        last = getattr(_CHAIN, "last", None)
+        last = last() if last is not None else None
+        self._previous = (weakref.ref(last) if last is not None and last.device == self.device
+                          and last.restores == 0 else None)
+        _CHAIN.last = weakref.ref(self)
+
+    def prefetch(self) -> None:
+        """Start copying the input back to its device (no-op when already started)."""
+        if self._ahead is not None:
+            return
+        y = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.device.type != "cuda":
+            y.copy_(self.host)
+            self._ahead = (y, None)
+            return
+        side = _side_stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))  # y's memory may have just been freed there
+        with torch.cuda.stream(side):
+            y.copy_(self.host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        y.record_stream(side)  # safe to free even if never waited on
+        self._ahead = (y, done)
+
+    def restore(self) -> torch.Tensor:
+        """The input on its device, for the recompute; starts the copy back of the previous layer's input."""
+        early = self._ahead is not None
+        self.prefetch()
+        y, done = self._ahead
+        self._ahead = None
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        self.restores += 1
+        STATS.restored += 1
+        STATS.prefetched += int(early)
+        previous = self._previous() if self._previous is not None else None
+        self._previous = None
+        if previous is not None and previous.restores == 0:
+            previous.prefetch()
+        return y
