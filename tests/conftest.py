@@ -18,6 +18,9 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SLOTH_CORE_POISON"] = "1"
+# Kernel tests force their launch parameters; no tuning on first use or cached winners behind their back
+# (tests/autotune/ sets its own cache and mode).
+os.environ.setdefault("SLOTH_CORE_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sloth_core.autotune import config_for, register_heuristic
+from sloth_core.autotune import config_for, register_heuristic, register_space
+from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
 from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -264,6 +265,63 @@ def ce_backward(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
 
 def _broadcast_stride(row_weight: torch.Tensor) -> int:
     return 0 if row_weight.numel() == 1 else row_weight.stride(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tuning space
+# ---------------------------------------------------------------------------------------------------------
+# Tuning key: the exact vocabulary, the rows rounded up to a power of 2 (capped at 2^27 logits), the dtype.
+# Candidates: column chunks of 1K-16K, 2-32 columns a thread, one row a program. Timed: the three kernels a
+# step may run -- the forward, the backward from the row stats, and the forward writing the gradient (the
+# fused linear cross-entropy's) -- with about 10% of the labels ignored.
+
+
+def _tuning_key(*, n_rows: int, n_cols: int, dtype: torch.dtype) -> dict:
+    return dict(n_cols=n_cols, n_rows=rows_bucket(n_rows, n_cols), dtype=dtype_name(dtype))
+
+
+def _tuning_example(bucket: dict) -> dict:
+    return dict(bucket, dtype=dtype_from_name(bucket["dtype"]))
+
+
+def _tuning_candidates(bucket: dict):
+    for block_v in (1024, 2048, 4096, 8192, 16384):
+        if block_v > max(1024, next_power_of_2(bucket["n_cols"])):
+            break
+        for num_warps in warps_for(block_v, (4, 8, 16, 32), min_per_thread=2, max_per_thread=32):
+            yield dict(BLOCK_V=block_v, ROWS_PER_PROGRAM=1, num_warps=num_warps)
+
+
+def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
+    n_rows, n_cols = bucket["n_rows"], bucket["n_cols"]
+    logits = (2.0 * torch.randn(n_rows, n_cols, device=device, generator=gen)).to(dtype_from_name(bucket["dtype"]))
+    labels = torch.randint(0, n_cols, (n_rows,), device=device, generator=gen)
+    labels[torch.rand(n_rows, device=device, generator=gen) < 0.1] = -100
+    row_weight = torch.full((1,), 1.0 / n_rows, dtype=torch.float32, device=device)
+    return dict(logits=logits, labels=labels, row_weight=row_weight)
+
+
+def _tuning_run(inputs: dict):
+    logits, labels, w = inputs["logits"], inputs["labels"], inputs["row_weight"]
+    n_rows, opts = logits.shape[0], LossOptions()
+    outs = []
+    for fused in (False, True):
+        loss = new_empty((n_rows,), torch.float32, logits.device)
+        stats = new_empty((n_rows, 2), torch.float32, logits.device)
+        grad = new_empty(logits.shape, logits.dtype, logits.device) if fused else None
+        ce_forward(logits, labels, opts, loss, stats, grad_out=grad, row_weight=w if fused else None)
+        outs += [loss, stats, grad if fused else ce_backward(logits, labels, stats, w, opts)]
+    return outs
+
+
+register_space(
+    "cross_entropy",
+    params=dict(BLOCK_V=tuple(1 << i for i in range(17)), ROWS_PER_PROGRAM=range(1, 1 << 20),
+                num_warps=(1, 2, 4, 8, 16, 32)),
+    key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
+    make_inputs=_tuning_inputs, run=_tuning_run,
+    worth_tuning=lambda bucket: bucket["n_rows"] * bucket["n_cols"] >= 1 << 22,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sloth_core.autotune import config_for, register_heuristic
+from sloth_core.autotune import config_for, register_heuristic, register_space
+from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket
 from sloth_core.kernels._runtime import new_empty, triton_ok
 from sloth_core.kernels.cross_entropy import (
     LossOptions,
@@ -128,6 +129,57 @@ def _chunked_pass(hidden, weight, bias, labels, opts: LossOptions, row_weight: t
     if grad_b is not None:
         grad_b = grad_b.to(bias.dtype)
     return loss_rows, grad_h, grad_w, grad_b
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tuning space
+# ---------------------------------------------------------------------------------------------------------
+# Tuning key: tokens rounded up to a power of 2 (capped at 16384), the exact vocabulary and hidden size, the
+# dtype. Candidates: token chunks of 256-8192 rows whose logits stay within CHUNK_BYTES_BUDGET (tuning trades
+# speed within the memory budget, never beyond it). Timed: the pass of a LoRA step (frozen lm_head: loss and
+# the gradient of the hidden states).
+
+
+def _tuning_key(*, n_tokens: int, vocab: int, hidden: int, dtype: torch.dtype) -> dict:
+    return dict(n_tokens=rows_bucket(n_tokens, 1, 1 << 14), vocab=vocab, hidden=hidden, dtype=dtype_name(dtype))
+
+
+def _tuning_example(bucket: dict) -> dict:
+    return dict(bucket, dtype=dtype_from_name(bucket["dtype"]))
+
+
+def _tuning_candidates(bucket: dict):
+    elem = torch.finfo(dtype_from_name(bucket["dtype"])).bits // 8
+    for chunk in (256, 512, 1024, 2048, 4096, 8192):
+        if chunk <= bucket["n_tokens"] and chunk * bucket["vocab"] * elem <= CHUNK_BYTES_BUDGET:
+            yield dict(chunk_tokens=chunk)
+
+
+def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
+    n_tokens, vocab, n_hidden = bucket["n_tokens"], bucket["vocab"], bucket["hidden"]
+    dtype = dtype_from_name(bucket["dtype"])
+    hidden = torch.randn(n_tokens, n_hidden, device=device, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, n_hidden, device=device, generator=gen) / n_hidden ** 0.5).to(dtype)
+    labels = torch.randint(0, vocab, (n_tokens,), device=device, generator=gen)
+    labels[torch.rand(n_tokens, device=device, generator=gen) < 0.05] = -100
+    valid = max(1, int((labels != -100).sum()))
+    row_weight = torch.full((1,), 1.0 / valid, dtype=torch.float32, device=device)
+    return dict(hidden=hidden, weight=weight, labels=labels, row_weight=row_weight)
+
+
+def _tuning_run(inputs: dict):
+    loss_rows, grad_h, _, _ = _chunked_pass(inputs["hidden"], inputs["weight"], None, inputs["labels"],
+                                            LossOptions(), inputs["row_weight"], (True, False, False))
+    return loss_rows, grad_h
+
+
+register_space(
+    "fused_linear_cross_entropy",
+    params=dict(chunk_tokens=range(1, 1 << 24)),
+    key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
+    make_inputs=_tuning_inputs, run=_tuning_run,
+    worth_tuning=lambda bucket: bucket["n_tokens"] >= 512 and bucket["n_tokens"] * bucket["vocab"] >= 1 << 22,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------

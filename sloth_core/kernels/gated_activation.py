@@ -33,7 +33,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sloth_core.autotune import config_for, register_heuristic
+from sloth_core.autotune import config_for, register_heuristic, register_space
+from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
 from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -177,3 +178,44 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     if not _triton_handles(gate, up):
         return gated_activation_reference(gate, up, activation)
     return _GatedActivationFunction.apply(gate, up, activation)
+
+
+# --------------------------------------------------------------------------------------------- tuning space
+# Tuning key: the element count rounded up to a power of 2 (capped at 2^27), the dtype. Candidates: blocks of
+# 512-8192 elements, 4-32 elements a thread. Timed: the forward and the backward (one launch key).
+
+
+def _tuning_key(*, n: int, dtype: torch.dtype | None = None) -> dict:
+    return dict(n=rows_bucket(n), dtype=dtype_name(dtype))
+
+
+def _tuning_example(bucket: dict) -> dict:
+    return dict(n=bucket["n"], dtype=dtype_from_name(bucket["dtype"]))
+
+
+def _tuning_candidates(bucket: dict):
+    for block in (512, 1024, 2048, 4096, 8192):
+        if block > max(512, next_power_of_2(bucket["n"])):
+            break
+        for num_warps in warps_for(block, (1, 2, 4, 8, 16), min_per_thread=4, max_per_thread=32):
+            yield dict(BLOCK=block, num_warps=num_warps)
+
+
+def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
+    dtype = dtype_from_name(bucket["dtype"])
+    gate, up, dh = (torch.randn(bucket["n"], device=device, generator=gen).to(dtype) for _ in range(3))
+    return dict(gate=gate, up=up, dh=dh)
+
+
+def _tuning_run(inputs: dict):
+    gate, up = inputs["gate"], inputs["up"]
+    return (_forward(gate, up, "silu"), *_backward(inputs["dh"], gate, up, "silu"))
+
+
+register_space(
+    "gated_activation",
+    params=dict(BLOCK=tuple(1 << i for i in range(17)), num_warps=(1, 2, 4, 8, 16, 32)),
+    key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
+    make_inputs=_tuning_inputs, run=_tuning_run,
+    worth_tuning=lambda bucket: bucket["n"] >= 1 << 20,
+)

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_core.autotune import config_for, register_heuristic
+from sloth_core.autotune import config_for, register_heuristic, register_space
+from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
 from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
 
 CASTS = ("llama", "gemma")
@@ -383,3 +384,68 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     if x.numel() == 0 or not triton_ok(x, weight):
         return rms_norm_reference(x, weight, eps, offset, cast)
     return _RMSNormFunction.apply(x, weight, float(eps), float(offset), cast == "gemma")
+
+
+# --------------------------------------------------------------------------------------------- tuning space
+# Tuning key: the exact width, the rows rounded up to a power of 2, whether the backward reduces dw, the dtype.
+# Candidates: one column block as wide as the row (two halves as well at the widest block), tiles of 1K-16K
+# elements, 2-64 elements a thread; a dw backward also tries grids of 1, 2 and 4 programs an SM.
+
+
+def _current_num_sms() -> int:
+    return _num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 132
+
+
+def _tuning_key(*, n_rows: int, n_cols: int, dtype: torch.dtype, dw_reduction: bool = False, **_) -> dict:
+    return dict(n_cols=n_cols, n_rows=rows_bucket(n_rows, n_cols), dw=int(dw_reduction), dtype=dtype_name(dtype))
+
+
+def _tuning_example(bucket: dict) -> dict:
+    return dict(n_rows=bucket["n_rows"], n_cols=bucket["n_cols"], dtype=dtype_from_name(bucket["dtype"]),
+                dw_reduction=bool(bucket["dw"]), interpret=False, num_sms=_current_num_sms())
+
+
+def _tuning_candidates(bucket: dict):
+    n_rows, n_cols, num_sms = bucket["n_rows"], bucket["n_cols"], _current_num_sms()
+    widest = min(next_power_of_2(n_cols), MAX_BLOCK_N)
+    for block_n in (widest, widest // 2) if widest == MAX_BLOCK_N else (widest,):
+        for block_m in (1, 2, 4, 8, 16, 32, 64):
+            tile = block_m * block_n
+            if not 1024 <= tile <= 16384 or block_m > next_power_of_2(n_rows):
+                continue
+            n_tiles = triton.cdiv(n_rows, block_m)
+            grids = (num_sms, 2 * num_sms, 4 * num_sms) if bucket["dw"] else (n_tiles,)
+            for programs in grids:
+                rows = block_m * next_power_of_2(triton.cdiv(n_tiles, min(n_tiles, programs)))
+                for num_warps in warps_for(tile, (1, 2, 4, 8, 16), min_per_thread=2, max_per_thread=64):
+                    yield dict(BLOCK_N=block_n, BLOCK_M=block_m, ROWS_PER_PROGRAM=rows, num_warps=num_warps)
+
+
+def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
+    n_rows, n_cols, dtype = bucket["n_rows"], bucket["n_cols"], dtype_from_name(bucket["dtype"])
+    x = torch.randn(n_rows, n_cols, device=device, generator=gen).to(dtype)
+    weight = (1.0 + 0.1 * torch.randn(n_cols, device=device, generator=gen)).to(dtype)
+    dy = torch.randn(n_rows, n_cols, device=device, generator=gen).to(dtype)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+    return dict(x=x, weight=weight, dy=dy, rstd=rstd, dw=bool(bucket["dw"]))
+
+
+def _tuning_run(inputs: dict):
+    """dw bucket: the backward computing dx and dw. Otherwise what a LoRA step runs: forward, then the backward
+    computing dx only (both use the same launch key)."""
+    x, weight, dy = inputs["x"], inputs["weight"], inputs["dy"]
+    if inputs["dw"]:
+        return _backward(dy, x, weight, inputs["rstd"], 0.0, False, need_dx=True, need_dw=True)
+    out, _, rstd = _forward(x, weight, 1e-6, 0.0, False)
+    dx, _ = _backward(dy, x, weight, rstd, 0.0, False, need_dx=True, need_dw=False)
+    return out, rstd, dx
+
+
+register_space(
+    "rms_norm",
+    params=dict(BLOCK_N=tuple(1 << i for i in range(17)), BLOCK_M=(1, 2, 4, 8, 16, 32, 64),
+                ROWS_PER_PROGRAM=range(1, 1 << 31), num_warps=(1, 2, 4, 8, 16, 32)),
+    key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
+    make_inputs=_tuning_inputs, run=_tuning_run,
+    worth_tuning=lambda bucket: bucket["n_rows"] * bucket["n_cols"] >= 1 << 20,
+)

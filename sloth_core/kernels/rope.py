@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_core.autotune import config_for, register_heuristic
+from sloth_core.autotune import config_for, register_heuristic, register_space
+from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
 from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
 
 # --------------------------------------------------------------------------------------------- reference
@@ -184,6 +185,66 @@ class _RopeFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         dq, dk = _rope_launch(dq_embed, dk_embed, cos, sin, ctx.unsqueeze_dim, ctx.input_dtypes, backward=True)
         return dq, dk, None, None, None
+
+
+# --------------------------------------------------------------------------------------------- tuning space
+# Tuning key: tokens rounded up to a power of 2, the exact head count and half head dim, the dtype.
+# Candidates: 1, 2 or 4 tokens by all heads or half of them (BLOCK_HALF always covers the half head dim),
+# blocks of 512-16K pairs, 4-32 pairs a thread. Timed: forward and backward on HF's transposed [B, H, S, D]
+# views, with grouped-query attention (a quarter as many k heads) when the head count allows.
+
+
+def _tuning_key(*, n_tokens: int, n_heads: int, half: int, dtype: torch.dtype | None = None) -> dict:
+    return dict(n_tokens=rows_bucket(n_tokens, 4 * n_heads * half), n_heads=n_heads, half=half,
+                dtype=dtype_name(dtype))
+
+
+def _tuning_example(bucket: dict) -> dict:
+    return dict(bucket, dtype=dtype_from_name(bucket["dtype"]))
+
+
+def _tuning_candidates(bucket: dict):
+    block_half, heads = next_power_of_2(bucket["half"]), next_power_of_2(bucket["n_heads"])
+    for block_h in dict.fromkeys((heads, max(1, heads // 2))):
+        for block_t in (1, 2, 4):
+            pairs = block_t * block_h * block_half
+            if block_t > next_power_of_2(bucket["n_tokens"]) or not 512 <= pairs <= 16384:
+                continue
+            for num_warps in warps_for(pairs, (2, 4, 8, 16), min_per_thread=4, max_per_thread=32):
+                yield dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps)
+
+
+def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
+    seq, n_q, half = bucket["n_tokens"], bucket["n_heads"], bucket["half"]
+    n_k = n_q // 4 if n_q % 4 == 0 else n_q
+    dtype = dtype_from_name(bucket["dtype"])
+
+    def heads(n):  # HF: proj(x).view(B, S, H, D).transpose(1, 2)
+        return torch.randn(1, seq, n, 2 * half, device=device, generator=gen).to(dtype).transpose(1, 2)
+
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(half, device=device, dtype=torch.float32) / half))
+    angles = torch.arange(seq, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)[None]
+    return dict(q=heads(n_q), k=heads(n_k), cos=angles.cos().to(dtype), sin=angles.sin().to(dtype),
+                dq=heads(n_q).contiguous(), dk=heads(n_k).contiguous())
+
+
+def _tuning_run(inputs: dict):
+    q, k, cos, sin = inputs["q"], inputs["k"], inputs["cos"], inputs["sin"]
+    dtypes = (q.dtype, k.dtype)
+    q_embed, k_embed = _rope_launch(q, k, cos, sin, 1, dtypes, backward=False)
+    dq, dk = _rope_launch(inputs["dq"], inputs["dk"], cos, sin, 1, dtypes, backward=True)
+    return q_embed, k_embed, dq, dk
+
+
+register_space(
+    "rope",
+    params=dict(BLOCK_T=tuple(1 << i for i in range(17)), BLOCK_H=tuple(1 << i for i in range(11)),
+                BLOCK_HALF=tuple(1 << i for i in range(13)), num_warps=(1, 2, 4, 8, 16, 32)),
+    key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
+    make_inputs=_tuning_inputs, run=_tuning_run,
+    worth_tuning=lambda bucket: bucket["n_tokens"] * bucket["n_heads"] * bucket["half"] >= 1 << 18,
+)
 
 
 # --------------------------------------------------------------------------------------------- dispatch

@@ -1,5 +1,4 @@
 """Cross-entropy kernel vs the float64 HF reference (forward and backward)."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -10,10 +9,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sloth_core.autotune import register_heuristic
+from sloth_core.autotune import override
 from sloth_core.kernels.cross_entropy import (
     cross_entropy,
-    cross_entropy_heuristic,
     cross_entropy_reference,
     transform_logits_reference,
 )
@@ -26,14 +24,9 @@ profile = settings(suppress_health_check=[*settings.default.suppress_health_chec
                                           HealthCheck.function_scoped_fixture])
 
 
-@contextlib.contextmanager
 def forced_launch(**overrides):
     """Override launch parameters of the "cross_entropy" heuristic (e.g. a tiny BLOCK_V) for a block."""
-    register_heuristic("cross_entropy")(lambda **key: {**cross_entropy_heuristic(**key), **overrides})
-    try:
-        yield
-    finally:
-        register_heuristic("cross_entropy")(cross_entropy_heuristic)
+    return override("cross_entropy", **overrides)
 
 
 def make_labels(n_tokens, vocab, ignore, gen, device, ignore_index=-100):

@@ -6,11 +6,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sloth_core.autotune import register_heuristic
-from sloth_core.kernels.cross_entropy import cross_entropy_heuristic, transform_logits_reference
+from sloth_core.autotune import override
+from sloth_core.kernels.cross_entropy import transform_logits_reference
 from sloth_core.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
-    fused_linear_cross_entropy_heuristic,
     fused_linear_cross_entropy_reference,
 )
 from sloth_core.tolerances import assert_close
@@ -26,15 +25,9 @@ profile = settings(suppress_health_check=[*settings.default.suppress_health_chec
 @contextlib.contextmanager
 def forced_launch(chunk_tokens=None, **ce_overrides):
     """Force the token chunk of the fused op and launch parameters of the cross-entropy kernel."""
-    if chunk_tokens is not None:
-        register_heuristic("fused_linear_cross_entropy")(
-            lambda **key: {**fused_linear_cross_entropy_heuristic(**key), "chunk_tokens": chunk_tokens})
-    register_heuristic("cross_entropy")(lambda **key: {**cross_entropy_heuristic(**key), **ce_overrides})
-    try:
+    chunk = {} if chunk_tokens is None else {"chunk_tokens": chunk_tokens}
+    with override("fused_linear_cross_entropy", **chunk), override("cross_entropy", **ce_overrides):
         yield
-    finally:
-        register_heuristic("fused_linear_cross_entropy")(fused_linear_cross_entropy_heuristic)
-        register_heuristic("cross_entropy")(cross_entropy_heuristic)
 
 
 def make_inputs(n_tokens, n_hidden, vocab, dtype, with_bias, ignore, gen, device, softcap=None, logit_scale=None):
