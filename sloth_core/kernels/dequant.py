@@ -1,0 +1,414 @@
+"""Dequantization of bitsandbytes 4-bit weights (NF4 / FP4, plain or double-quantized absmax).
+
+Storage (``bitsandbytes.nn.Params4bit`` + ``bitsandbytes.functional.QuantState``), for a weight of ``n`` elements
+in row-major order, ``blocksize`` ``B`` and ``nb = ceil(n / B)`` blocks:
+
+* ``packed``: ``ceil(n / 2)`` uint8 bytes; byte ``j`` holds element ``2j`` in its HIGH nibble and element
+  ``2j + 1`` in its LOW nibble (``q[2j] = packed[j] >> 4``, ``q[2j+1] = packed[j] & 0xF``);
+* ``absmax[b]`` (float32), the scale of block ``b`` (elements ``b*B .. b*B + B - 1``); when nested
+  (``compress_statistics=True``) it is stored as uint8 codes ``absmax_q`` of an 8-bit blockwise quantization of
+  ``absmax - offset`` with ``state2 = (absmax2, code2, blocksize2)``.
+
+Forward (every operation rounded to float32 separately, exactly bitsandbytes' order, no fused multiply-add)::
+
+    absmax[b] = fp32(fp32(code2[absmax_q[b]] * absmax2[b // blocksize2]) + offset)   (nested)
+    w[i]      = cast_dtype(fp32(table[q[i]] * absmax[i // B]))                      (round to nearest even)
+
+``table`` is bitsandbytes' 16-entry code book of ``quant_type``: NF4's normal-quantile values, or FP4's
+``sign * {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12`` (code ``0b1000`` is ``-0.0`` as in bitsandbytes' CUDA kernel,
+``lut[0] * -1.0f``; ``QuantState.code`` holds ``+0.0`` there, but bitsandbytes' 4-bit dequantization never reads
+``QuantState.code``, and its CPU paths disagree among themselves on that sign).
+
+Blocks are indexed over the FLAT element index (``i // B``), as bitsandbytes' CUDA kernel and its generic torch
+path do. (bitsandbytes 0.50's CPU AVX-512 kernel indexes blocks per row: it is wrong when the last dim is not a
+multiple of the blocksize; real ``Linear4bit`` weights never hit that.)
+
+Backward: none. The codes are integers; in QLoRA the dequantized weight is a constant of the LoRA autograd
+(``dX = dY @ W`` re-dequantizes ``W``), so this family has no gradient and no ``autograd.Function``.
+
+Results are BIT-IDENTICAL to ``bitsandbytes.functional.dequantize_4bit`` (0.50). On the GPU the kernel rounds
+float32 to bf16/fp16 itself (``cvt.rn``). Under Triton's interpreter a float32 -> bf16 cast truncates instead of
+rounding, so there (only) a bf16 result is produced in float32 by the kernel and rounded by torch.
+
+Output buffers: :func:`dequantize_weight` writes into a per-(device, dtype, numel) workspace so that dequantizing
+every layer of a model reuses the same memory; its result is only valid until the next :func:`dequantize_weight`
+of a weight with the same number of elements, dtype and device (the LoRA autograd consumes it immediately).
+Callers that keep the weight pass their own ``out=`` to :func:`dequantize_4bit`.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from sloth_core.autotune import config_for, register_heuristic
+from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, poisoning, triton_ok
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+        1.0)
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)  # codes 0b000..0b111, sign in bit 0b1000
+
+_INT32_LIMIT = 2 ** 31 - 1
+
+
+# --------------------------------------------------------------------------------------------- code tables
+
+
+def _build_table(quant_type: str) -> torch.Tensor:
+    if quant_type == "nf4":
+        return torch.tensor(_NF4, dtype=torch.float32)
+    mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32) / 12.0  # float32 division, as bitsandbytes
+    return torch.cat([mags, -mags])  # -(+0.0) = -0.0 for code 0b1000
+
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' 16-entry float32 code book of ``quant_type`` on ``device`` (cached)."""
+    _check_quant_type(quant_type)
+    key = (quant_type, torch.device(device))
+    if key not in _TABLES:
+        _TABLES[key] = _build_table(quant_type).to(key[1])
+    return _TABLES[key]
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _check_quant_type(quant_type) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"dequantize_4bit: quant_state.quant_type is {quant_type!r}; expected one of {QUANT_TYPES}")
+
+
+def _check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"dequantize_4bit: {name} must be a tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"dequantize_4bit: {name} is on {t.device} but weight_data is on {device}")
+
+
+def _num_elements(quant_state) -> int:
+    if getattr(quant_state, "shape", None) is None:
+        raise ValueError("dequantize_4bit: quant_state.shape is missing")
+    return math.prod(quant_state.shape)
+
+
+def _check_inputs(weight_data, quant_state) -> None:
+    if not isinstance(weight_data, torch.Tensor):
+        raise ValueError(f"dequantize_4bit: weight_data must be a tensor, got {type(weight_data).__name__}")
+    if quant_state is None:
+        raise ValueError("dequantize_4bit: quant_state is missing (None); pass the weight's "
+                         "bitsandbytes QuantState (Params4bit.quant_state)")
+    if weight_data.dtype != torch.uint8:
+        raise ValueError(f"dequantize_4bit: weight_data must be uint8 (packed 4-bit codes), got {weight_data.dtype}"
+                         " (a Params4bit with another quant_storage: pass data.view(torch.uint8))")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("dequantize_4bit: weight_data is in bitsandbytes' CPU inference packing "
+                         "(packing_format_for_cpu); undo it with "
+                         "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse first")
+    _check_quant_type(getattr(quant_state, "quant_type", None))
+    if quant_state.blocksize not in BLOCKSIZES:
+        raise ValueError(f"dequantize_4bit: quant_state.blocksize is {quant_state.blocksize}; "
+                         f"expected one of {BLOCKSIZES}")
+    n = _num_elements(quant_state)
+    if weight_data.numel() != (n + 1) // 2:
+        raise ValueError(f"dequantize_4bit: weight_data has {weight_data.numel()} bytes but quant_state.shape "
+                         f"{tuple(quant_state.shape)} needs {(n + 1) // 2} (two 4-bit codes a byte)")
+    blocks = triton.cdiv(n, quant_state.blocksize)
+    device = weight_data.device
+    _check_same_device("quant_state.absmax", quant_state.absmax, device)
+    if quant_state.absmax.numel() < blocks:
+        raise ValueError(f"dequantize_4bit: quant_state.absmax has {quant_state.absmax.numel()} entries, "
+                         f"{blocks} blocks need one each")
+    if quant_state.nested:
+        _check_nested(quant_state, blocks, device)
+
+
+def _check_nested(quant_state, blocks: int, device: torch.device) -> None:
+    s2 = quant_state.state2
+    if s2 is None or quant_state.offset is None:
+        raise ValueError("dequantize_4bit: nested quant_state without state2/offset")
+    if quant_state.absmax.dtype != torch.uint8:
+        raise ValueError(f"dequantize_4bit: nested quant_state.absmax must be uint8 codes, "
+                         f"got {quant_state.absmax.dtype}")
+    _check_same_device("quant_state.state2.absmax", s2.absmax, device)
+    _check_same_device("quant_state.state2.code", s2.code, device)
+    if isinstance(quant_state.offset, torch.Tensor):
+        _check_same_device("quant_state.offset", quant_state.offset, device)
+    if s2.absmax.numel() < triton.cdiv(blocks, s2.blocksize) or s2.code.numel() < 256:
+        raise ValueError("dequantize_4bit: quant_state.state2 is too small for quant_state.absmax")
+
+
+def _resolve_out(quant_state, out: torch.Tensor | None, dtype: torch.dtype | None, device) -> torch.dtype:
+    dtype = dtype or (out.dtype if out is not None else quant_state.dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dequantize_4bit: output dtype must be a floating dtype, got {dtype}")
+    if out is not None:
+        if out.dtype != dtype:
+            raise ValueError(f"dequantize_4bit: out has dtype {out.dtype} but dtype={dtype} was asked for")
+        if tuple(out.shape) != tuple(quant_state.shape):
+            raise ValueError(f"dequantize_4bit: out has shape {tuple(out.shape)}, expected quant_state.shape "
+                             f"{tuple(quant_state.shape)}")
+        if out.device != device:
+            raise ValueError(f"dequantize_4bit: out is on {out.device} but weight_data is on {device}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def _offset_tensor(quant_state, device: torch.device) -> torch.Tensor:
+    offset = quant_state.offset
+    if isinstance(offset, torch.Tensor):
+        return offset
+    return torch.tensor(float(offset), dtype=torch.float32, device=device)
+
+
+def effective_absmax(quant_state) -> torch.Tensor:
+    """The float32 per-block scales; for a nested state exactly bitsandbytes' ``dequantize_blockwise(absmax_q,
+    state2) + offset`` (the product rounded to ``state2.dtype``, the offset added in place, then float32)."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    s2 = quant_state.state2
+    q = quant_state.absmax.reshape(-1)
+    scale_idx = torch.arange(q.numel(), device=q.device) // s2.blocksize
+    absmax = (s2.code.float()[q.long()] * s2.absmax.float().reshape(-1)[scale_idx]).to(s2.dtype or torch.float32)
+    absmax += _offset_tensor(quant_state, q.device)
+    return absmax.float()
+
+
+def dequantize_4bit_reference(weight_data: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """bitsandbytes' ``dequantize_4bit(weight_data, quant_state)`` in plain torch, bit for bit: float32
+    ``table[q] * absmax[block]``, rounded once to ``dtype`` (default ``quant_state.dtype``). Returns shape
+    ``quant_state.shape`` (bitsandbytes transposes its result when handed a ``[1, k]`` packed tensor; this does
+    not)."""
+    _check_inputs(weight_data, quant_state)
+    dtype = _resolve_out(quant_state, None, dtype, weight_data.device)
+    n, bs = _num_elements(quant_state), quant_state.blocksize
+    packed = weight_data.reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[:n]
+    values = code_table(quant_state.quant_type, weight_data.device)[codes.long()]
+    blocks = triton.cdiv(n, bs)
+    values = torch.nn.functional.pad(values, (0, blocks * bs - n)).view(blocks, bs)
+    scaled = (values * effective_absmax(quant_state)[:blocks, None]).reshape(-1)[:n]
+    return scaled.to(dtype).reshape(quant_state.shape)
+
+
+# --------------------------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk_mask,
+                  NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, EVEN: tl.constexpr):
+    """float32 scale of each quantization block ``blk``; nested: ``code2[q] * absmax2[blk // B2] + offset``
+    (two roundings: the kernel is compiled without FMA contraction)."""
+    if NESTED:
+        if EVEN:
+            q = tl.load(absmax_ptr + blk)
+            s2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2)
+        else:
+            q = tl.load(absmax_ptr + blk, mask=blk_mask, other=0)
+            s2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=blk_mask, other=0.0)
+        scale = tl.load(code2_ptr + q.to(tl.int32)) * s2
+        scale = scale + tl.load(offset_ptr)
+    elif EVEN:
+        scale = tl.load(absmax_ptr + blk)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=blk_mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _dequant_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
+                         n_elements, n_bytes, n_blocks,
+                         HALF_BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, NESTED: tl.constexpr,
+                         BLOCKSIZE2: tl.constexpr, EVEN: tl.constexpr, INT64: tl.constexpr):
+    """A program dequantizes ``BLOCKS_PER_PROGRAM`` whole quantization blocks: a contiguous
+    ``[BLOCKS_PER_PROGRAM, HALF_BLOCK]`` tile of packed bytes -> ``[BLOCKS_PER_PROGRAM, 2 * HALF_BLOCK]`` outputs.
+    The nibbles are split along a trailing axis of 2 (already in output order: the reshape to the output tile
+    moves no data) and looked up in the 16-entry table (64 bytes: every lane of a gather hits one L1 line)."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    blk = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    blk_mask = blk < n_blocks
+    scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk_mask, NESTED, BLOCKSIZE2, EVEN)
+
+    byte = blk[:, None] * HALF_BLOCK + tl.arange(0, HALF_BLOCK)[None, :]
+    if EVEN:
+        packed = tl.load(packed_ptr + byte)
+    else:
+        packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0)
+    shift = 4 - 4 * tl.arange(0, 2)  # output 2j: high nibble of byte j; 2j + 1: low nibble
+    codes = (packed.to(tl.int32)[:, :, None] >> shift[None, None, :]) & 0xF
+    values = tl.load(table_ptr + codes) * scale[:, None, None]
+    values = tl.reshape(values, (BLOCKS_PER_PROGRAM, 2 * HALF_BLOCK)).to(out_ptr.dtype.element_ty)
+
+    elem = blk[:, None] * (2 * HALF_BLOCK) + tl.arange(0, 2 * HALF_BLOCK)[None, :]
+    if EVEN:
+        tl.store(out_ptr + elem, values)
+    else:
+        tl.store(out_ptr + elem, values, mask=elem < n_elements)
+
+
+@register_heuristic("dequantize_4bit")
+def dequantize_4bit_heuristic(blocksize: int, n_elements: int, dtype: torch.dtype | None = None) -> dict:
+    """``TILE_BYTES`` packed bytes a program (rounded up to whole quantization blocks), ``num_warps``.
+
+    GPU: 2 KiB of packed bytes (4096 outputs) and 4 warps: 16 bytes loaded and 32 values stored a thread, enough
+    programs (>= 4096 for a 4096 x 4096 weight) to fill an H100/H200. Interpreter: few, large programs."""
+    if interpreting():
+        return {"TILE_BYTES": 1 << 16, "num_warps": 1}
+    return {"TILE_BYTES": 2048, "num_warps": 4}
+
+
+def _launch_config(quant_state, n: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
+    cfg = dict(config_for("dequantize_4bit", blocksize=quant_state.blocksize, n_elements=n, dtype=dtype))
+    half = quant_state.blocksize // 2
+    blocks = triton.cdiv(n, quant_state.blocksize)
+    per_program = min(max(1, next_power_of_2(cfg.pop("TILE_BYTES")) // half), next_power_of_2(blocks))
+    even = n == blocks * quant_state.blocksize and blocks % per_program == 0
+    cfg.update(HALF_BLOCK=half, BLOCKS_PER_PROGRAM=per_program, EVEN=even,
+               INT64=(blocks + per_program) * quant_state.blocksize > _INT32_LIMIT)
+    return (triton.cdiv(blocks, per_program),), cfg
+
+
+def _scale_operands(quant_state, device: torch.device):
+    """``(absmax, absmax2, code2, offset, NESTED, BLOCKSIZE2)`` for the kernel; a nested state whose second level
+    is not float32 gets its scales computed by torch (one small tensor) and runs as non-nested."""
+    s2 = quant_state.state2 if quant_state.nested else None
+    if s2 is not None and (s2.dtype in (None, torch.float32)) and s2.absmax.dtype == torch.float32 \
+            and s2.code.dtype == torch.float32:
+        offset = _offset_tensor(quant_state, device).reshape(1)
+        if offset.dtype != torch.float32:
+            offset = offset.float()
+        return (quant_state.absmax.contiguous(), s2.absmax.contiguous(), s2.code.contiguous(), offset, True,
+                s2.blocksize)
+    absmax = effective_absmax(quant_state).contiguous()
+    return absmax, absmax, absmax, absmax, False, 1
+
+
+def _launch(weight_data: torch.Tensor, quant_state, out: torch.Tensor) -> None:
+    n = out.numel()
+    grid, cfg = _launch_config(quant_state, n, out.dtype)
+    absmax, absmax2, code2, offset, nested, bs2 = _scale_operands(quant_state, out.device)
+    table = code_table(quant_state.quant_type, out.device)
+    _dequant_4bit_kernel[grid](weight_data.reshape(-1), absmax, absmax2, code2, offset, table, out,
+                               n, weight_data.numel(), triton.cdiv(n, quant_state.blocksize),
+                               NESTED=nested, BLOCKSIZE2=bs2, enable_fp_fusion=False, **cfg)
+
+
+def _kernel_into(weight_data: torch.Tensor, quant_state, out: torch.Tensor) -> None:
+    """Run the kernel into contiguous ``out``; under the interpreter bf16 goes through float32 + torch rounding."""
+    if interpreting() and out.dtype == torch.bfloat16:
+        tmp = new_empty(out.shape, torch.float32, out.device)
+        _launch(weight_data, quant_state, tmp)
+        out.copy_(tmp)
+    else:
+        _launch(weight_data, quant_state, out)
+
+
+def dequantize_4bit(weight_data: torch.Tensor, quant_state, out: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize a bitsandbytes 4-bit weight; bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
+
+    ``weight_data``: the packed uint8 ``Params4bit`` data (any shape with ``ceil(n/2)`` bytes); ``quant_state``:
+    its ``QuantState``. Returns a tensor of ``quant_state.shape`` in ``dtype`` (default ``out.dtype`` when ``out``
+    is given, else ``quant_state.dtype``), written into ``out`` when given (a fresh tensor otherwise). Runs the
+    Triton kernel when possible, else :func:`dequantize_4bit_reference` (e.g. float64, or CPU without the
+    interpreter)."""
+    _check_inputs(weight_data, quant_state)
+    dtype = _resolve_out(quant_state, out, dtype, weight_data.device)
+    target = out if out is not None else new_empty(tuple(quant_state.shape), dtype, weight_data.device)
+    if target.numel() == 0:
+        return target
+    if not (triton_ok(target) and dtype in OUT_DTYPES):
+        target.copy_(dequantize_4bit_reference(weight_data, quant_state, dtype))
+        return target
+    dense = target if target.is_contiguous() else new_empty(target.shape, dtype, target.device)
+    _kernel_into(weight_data.contiguous(), quant_state, dense)
+    if dense is not target:
+        target.copy_(dense)
+    return target
+
+
+# --------------------------------------------------------------------------------------------- workspace
+
+
+class _Workspace:
+    """A few reusable output buffers keyed by ``(device, dtype, numel)``, least recently used evicted first."""
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self._buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (torch.device(device), dtype, numel)
+        buf = self._buffers.pop(key, None)
+        if buf is None:
+            buf = new_empty((numel,), dtype, device)
+        elif poisoning() and buf.is_floating_point():
+            buf.fill_(float("nan"))  # an element the kernel forgets to write must not keep an old value
+        self._buffers[key] = buf
+        while len(self._buffers) > self.max_entries:
+            self._buffers.popitem(last=False)
+        return buf.view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+_WORKSPACE = _Workspace()
+
+
+def clear_workspace() -> None:
+    """Free the buffers :func:`dequantize_weight` reuses."""
+    _WORKSPACE.clear()
+
+
+def workspace_nbytes() -> int:
+    """Bytes held by :func:`dequantize_weight`'s reusable buffers."""
+    return _WORKSPACE.nbytes()
+
+
+def _param_and_state(module_or_param):
+    if isinstance(module_or_param, torch.nn.Module):
+        param = getattr(module_or_param, "weight", None)
+        state = getattr(param, "quant_state", None) or getattr(module_or_param, "quant_state", None)
+    else:
+        param, state = module_or_param, getattr(module_or_param, "quant_state", None)
+    if not isinstance(param, torch.Tensor) or state is None:
+        raise ValueError(f"dequantize_weight: {type(module_or_param).__name__} is not a bitsandbytes 4-bit weight "
+                         "(expected a Linear4bit module or a quantized Params4bit with a quant_state)")
+    return param, state
+
+
+def dequantize_weight(module_or_param, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dequantized weight of a ``bitsandbytes.nn.Linear4bit`` (or of its ``Params4bit``), shape
+    ``quant_state.shape``, in ``dtype`` (default ``quant_state.dtype``).
+
+    The result lives in a REUSED workspace buffer: it is only valid until the next ``dequantize_weight`` of a
+    weight with the same number of elements, dtype and device (a model's same-sized layers share one buffer).
+    Use it immediately, or call :func:`dequantize_4bit` with your own ``out=``."""
+    param, state = _param_and_state(module_or_param)
+    data = param.data
+    if data.dtype != torch.uint8 and data.dtype == getattr(param, "quant_storage", None):
+        data = data.view(torch.uint8)  # bitsandbytes' quant_storage (e.g. bf16 for FSDP) holds the same bytes
+    _check_inputs(data, state)
+    dtype = dtype or state.dtype
+    out = _WORKSPACE.get(tuple(state.shape), dtype, data.device)
+    return dequantize_4bit(data, state, out=out, dtype=dtype)
