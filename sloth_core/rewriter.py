@@ -59,8 +59,9 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
         pattern = use.pattern
         if (only is not None and pattern.name not in only) or (exclude and pattern.name in exclude):
             continue
+        blockers = [pattern.name] + [u.name for u in arch.patterns if pattern.name in u.pattern.supersedes]
         for path, module in modules:
-            if binding.is_bound(module, pattern.name):
+            if any(binding.is_bound(module, name) for name in blockers):
                 continue
             found = use.find(module)
             if found is None:

@@ -71,16 +71,18 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
             head: HeadFacts | None = None, notes: str = "") -> Architecture:
     """Register the usual decoder-only layout: RMSNorm (``norm``: ``"llama"`` or ``"gemma"`` casting, the latter
     with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``), RoPE through
-    ``apply_rotary_pos_emb``, and the causal-LM head's fused loss with the ``head`` facts. Architectures that
+    ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs) as fused functions, and the causal-LM head's
+    fused loss with the ``head`` facts. Architectures that
     differ list their :class:`PatternUse` s in an :class:`Architecture` and call :func:`register` themselves."""
-    from .patterns import CAUSAL_LM_LOSS, GATED_MLP, RMS_NORM, ROPE
+    from .patterns import CAUSAL_LM_LOSS, GATED_MLP, LORA_LINEAR, LORA_MLP, RMS_NORM, ROPE
 
     offset = {"llama": 0.0, "gemma": 1.0}[norm]
     head = head or HeadFacts()
     return register(Architecture(
         name=name,
         model_types=tuple(model_types),
-        patterns=(RMS_NORM.using(cast=norm, offset=offset), GATED_MLP.using(activation=activation), ROPE.using(),
+        patterns=(RMS_NORM.using(cast=norm, offset=offset), LORA_MLP.using(activation=activation),
+                  GATED_MLP.using(activation=activation), LORA_LINEAR.using(), ROPE.using(),
                   CAUSAL_LM_LOSS.using(softcap_attr=head.softcap_attr, logit_scale_attr=head.logit_scale_attr)),
         head=head,
         notes=notes,

@@ -78,6 +78,7 @@ class Pattern:
     target: str = "forward"
     defaults: Mapping[str, Any] = field(default_factory=dict)
     adapt: Callable[[Callable], Callable] | None = None
+    supersedes: tuple[str, ...] = ()  # patterns that leave a module alone once this one is bound on it
 
     def bound(self, fn: Callable, module: nn.Module) -> Callable:
         """``fn`` (from ``reference``/``replacement``) as a callable of the inputs alone."""

@@ -15,7 +15,10 @@ bnb = pytest.importorskip("bitsandbytes")
 @pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(path)
+    # intermediate 128: a multiple of the 64-element quantization block. bitsandbytes 0.50.2's own CPU 4-bit matmul
+    # scales blocks per row and is wrong when a row is not a whole number of blocks (96 was); sloth_core's verification
+    # then (rightly) refuses to swap the fused MLP, since it no longer agrees with the module it replaces.
+    tiny_model("llama", dtype=torch.bfloat16, intermediate_size=128).save_pretrained(path)
     return path
 
 
@@ -49,9 +52,10 @@ def test_qlora_model_parity(saved_llama, device):
     ref = _lora(_load_4bit(saved_llama, device))
     model = sloth_core.optimize(_lora(_load_4bit(saved_llama, device)))
     assert type(model.get_base_model().model.layers[0].mlp.gate_proj.base_layer).__name__ == "Linear4bit"
-    assert {r.pattern for r in sloth_core.report(model) if r.status == "replaced"} == {"rms_norm", "gated_mlp", "rope",
-                                                                                       "causal_lm_loss"}
-    assert not [r for r in sloth_core.report(model) if r.status == "skipped"]
+    skipped = [(r.module, r.pattern, r.detail) for r in sloth_core.report(model) if r.status == "skipped"]
+    assert not skipped
+    assert {r.pattern for r in sloth_core.report(model) if r.status == "replaced"} == {
+        "rms_norm", "lora_mlp", "lora_linear", "rope", "causal_lm_loss"}
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
     losses, grads = [], []
     for m in (ref, model):

@@ -85,7 +85,7 @@ def _original(module: nn.Module, m: Match):
     return module.forward
 
 
-def _probe(module: nn.Module, m: Match, gen: torch.Generator) -> Probe:
+def probe(module: nn.Module, m: Match, gen: torch.Generator) -> Probe:
     dtype, device = module_dtype_device(module)
     x = randn((2, 3, m["hidden"]), dtype, device, gen)
     return Probe(inputs=(x.requires_grad_(),), dtype=dtype)
@@ -98,6 +98,6 @@ GATED_MLP = Pattern(
     reference=_forward_with(gated_activation_reference),
     replacement=_forward_with(gated_activation),
     original=_original,
-    probe=_probe,
+    probe=probe,
     defaults={"activation": "auto"},
 )

@@ -1,0 +1,529 @@
+"""LoRA linear layers and LoRA gated MLPs as single autograd functions (PEFT ``lora.Linear`` / ``lora.Linear4bit``).
+
+A PEFT LoRA layer with base ``W`` [out, in] (``nn.Linear``, or a bitsandbytes ``Linear4bit`` dequantized on use),
+optional frozen bias ``b``, adapter ``A`` [r, in], ``B`` [out, r] and ``s = scaling[adapter]`` (``alpha / r``, or
+``alpha / sqrt(r)`` for rsLoRA), with ``lora_dropout = 0``, computes (``x``: [T, in], rows = tokens)::
+
+    y = x W^T + b + s * (x A^T) B^T
+
+Forward (:func:`lora_linear`)::
+
+    xa = x A^T                                   [T, r]    saved for dB
+    y  = addmm(b, x, W^T);  y += s * xa B^T      (torch.addmm with alpha: one rounding of y)
+
+Backward, given ``dy`` [T, out]::
+
+    dyB = dy B                                   [T, r]
+    dx  = dy W + s * dyB A                       (W dequantized again; the LoRA term added by addmm with alpha)
+    dA  = s * dyB^T x                            [r, in]
+    dB  = s * dy^T xa                            [out, r]
+
+The frozen base gets no gradient. Saved for backward: ``x``, ``xa`` (and the parameters ``A``, ``B``, and a
+reference to the base layer). The dequantized ``W`` of a 4-bit base is never kept from forward to backward: it is
+dequantized once in the forward and once in the backward (each use), into the dequantizer's reused buffer.
+Gradients are computed only for the inputs that require them (``dx`` if ``x`` does, ``dA``/``dB`` if the
+adapter does).
+
+Gated MLP (:func:`lora_mlp`), ``h = down(act(gate(x)) * up(x))`` with every projection a LoRA linear::
+
+    xa_g = x A_g^T,  g = x W_g^T + s_g xa_g B_g^T           [T, I]
+    xa_u = x A_u^T,  u = x W_u^T + s_u xa_u B_u^T           [T, I]
+    m    = act(g) * u                                     [T, I]   (gated_activation kernel; not saved)
+    ma   = m A_d^T,  h = m W_d^T + s_d ma B_d^T             [T, H]
+
+Backward, given ``dh`` [T, H] (``act'`` and the gated pieces as in :mod:`sloth_core.kernels.gated_activation`)::
+
+    dyB_d = dh B_d;              dB_d = s_d dh^T ma;       dm = dh W_d + s_d dyB_d A_d
+    m     = act(g) * u           (recomputed from the saved g, u)   dA_d = s_d dyB_d^T m
+    dg    = dm * u * act'(g);    du = dm * act(g)           (one kernel; dg overwrites dm, du overwrites m)
+    dyB_g = dg B_g;  dA_g = s_g dyB_g^T x;  dB_g = s_g dg^T xa_g
+    dyB_u = du B_u;  dA_u = s_u dyB_u^T x;  dB_u = s_u du^T xa_u
+    dx    = dg W_g + s_g dyB_g A_g + du W_u + s_u dyB_u A_u
+
+Saved: ``x``, ``g``, ``u`` ([T, I] each; needed for the activation's gradient anyway) and the [T, r] LoRA
+intermediates ``xa_g``, ``xa_u``, ``ma``; ``m`` is recomputed instead of stored. The backward holds at most two
+[T, I] temporaries (``dm``/``dg`` and ``m``/``du``).
+
+Precision: the LoRA branch runs in the base (compute) dtype, not in fp32 as PEFT does. PEFT keeps the adapter in
+fp32 when the base is bf16/fp16 (``autocast_adapter_dtype=True``) and computes ``x.float() A^T`` and
+``(.) B^T`` in fp32 and adds that to the rounded base output before rounding once more. Here ``A`` and ``B`` are
+rounded to the compute dtype (``r * (in + out)`` elements, negligible), ``xa`` is rounded once, and the LoRA term
+is accumulated into the base output in fp32 by the GEMM epilogue (one final rounding). With ``u`` the unit roundoff
+of the dtype (bf16: 2^-8, fp16: 2^-11) the output differs from PEFT's by at most ~3u relative *of the LoRA
+delta* ``s x A^T B^T`` (rounding of A, B and xa), plus one rounding of ``y`` that PEFT does too — i.e. within the
+tolerance of the base dtype, which the result is returned in anyway. ``dA``/``dB`` come out in the adapter dtype
+(fp32): on CUDA the GEMMs take bf16/fp16 operands and write fp32 (``torch.mm(..., out_dtype=float32)``, fp32
+accumulation), so they differ from PEFT's fp32 gradients only by the roundings of ``B`` and ``dyB`` (~2u
+relative); ``dx = dy W`` gets ``s dyB A`` added in place by addmm (two roundings of dx, as PEFT's sum of the
+base and LoRA gradients has), plus the roundings of ``B``, ``dyB`` and ``A`` on the LoRA term. Doing the
+branch in fp32 instead would cost fp32 copies of ``x`` [T, in] (forward and backward) and ``dy`` [T, out], an fp32
+[T, out] LoRA output and fp32 (non-tensor-core) GEMMs: about three times the memory traffic of the bf16 branch,
+for accuracy the bf16 output cannot show. The one place PEFT's fp32 branch is visibly more accurate: all these
+errors are relative to the magnitudes of the terms summed, so a gradient whose terms cancel (e.g. dA of a single
+token with r = 1, one dot product times x) has a large error relative to itself (PEFT's has too, smaller); the
+tests measure such errors against the terms' magnitude. (With fp16 a LoRA intermediate beyond 65504 would
+overflow where PEFT's fp32 would not.) When the base is fp32 everything is fp32, as in PEFT.
+
+Dtypes follow the modules: ``nn.Linear`` computes in its weight dtype (the autocast dtype under autocast);
+``Linear4bit`` casts ``x`` to its ``compute_dtype`` (as bitsandbytes picks it) and returns ``x``'s dtype. The
+functions run with autocast off inside.
+
+Dispatch: the fused functions run when the tensors are on a device Triton can run on (``triton_ok``: the 4-bit
+dequantizer and the gated-activation kernel are Triton) in a kernel dtype, the base is frozen, and the dtypes are
+consistent; otherwise (float64, CPU without the interpreter, a trainable base, ...) the references, which compute
+exactly what PEFT does, run instead. :func:`lora_spec` reads a PEFT LoRA layer into a :class:`LoRASpec`, or says
+why it is not supported.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sloth_core.kernels import gated_activation as _ga
+from sloth_core.kernels._runtime import KERNEL_DTYPES, new_empty, triton_ok
+
+
+class LoRASpec(NamedTuple):
+    """One LoRA linear: the frozen base layer, ``A`` [r, in], ``B`` [out, r] and the scale ``s``."""
+
+    base_layer: nn.Module
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+# --------------------------------------------------------------------------------------------- base layers
+
+
+@functools.lru_cache(maxsize=None)
+def _bnb_classes() -> tuple[type, ...]:
+    """``(Linear4bit, Linear8bitLt)`` of bitsandbytes, or ``()`` when it is not installed."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # bitsandbytes missing or unusable on this machine
+        return ()
+    return bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
+
+
+def _is_4bit(layer: nn.Module) -> bool:
+    classes = _bnb_classes()
+    return bool(classes) and isinstance(layer, classes[0])
+
+
+def _is_8bit(layer: nn.Module) -> bool:
+    classes = _bnb_classes()
+    return bool(classes) and isinstance(layer, classes[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_dequantizer():
+    """``sloth_core.kernels.dequant.dequantize_weight`` when that module is importable, else ``None``."""
+    try:
+        from sloth_core.kernels.dequant import dequantize_weight
+    except ImportError:
+        return None
+    return dequantize_weight
+
+
+def _quant_state(layer: nn.Module):
+    """The weight's bitsandbytes ``QuantState`` (the module keeps a copy when the parameter lost it, e.g. FSDP)."""
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
+
+
+def base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base weight [out, in]: ``layer.weight`` of an ``nn.Linear``; for a bitsandbytes ``Linear4bit`` the
+    dequantized weight (Triton dequantizer when available, else ``bitsandbytes.functional.dequantize_4bit``).
+
+    A dequantized weight may live in a buffer the next dequantization reuses: use it at once, never keep it."""
+    if not _is_4bit(base_layer):
+        return base_layer.weight
+    dequantize = _triton_dequantizer()
+    if dequantize is not None:
+        return dequantize(base_layer)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(base_layer.weight.data, _quant_state(base_layer))
+
+
+def _layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of the base layer."""
+    return int(layer.out_features), int(layer.in_features)
+
+
+def _compute_dtype_4bit(layer: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``Linear4bit.forward`` computes in for an input of ``x_dtype`` (without setting it as a side
+    effect: bitsandbytes fixes ``compute_dtype`` to the first input's dtype when that is fp32 or bf16)."""
+    if not getattr(layer, "compute_type_is_set", True) and x_dtype in (torch.float32, torch.bfloat16):
+        return x_dtype
+    return getattr(layer, "compute_dtype", None) or x_dtype
+
+
+def _dtypes(layer: nn.Module, x_dtype: torch.dtype, device_type: str) -> tuple[torch.dtype, torch.dtype] | None:
+    """``(compute dtype, output dtype)`` of the LoRA layer on an input of ``x_dtype``, or ``None`` when PEFT
+    would not run it (``nn.Linear`` with mismatched dtypes: the reference raises PEFT's error)."""
+    autocast = torch.is_autocast_enabled(device_type)
+    if _is_4bit(layer):
+        compute = _compute_dtype_4bit(layer, x_dtype)
+        out = torch.promote_types(x_dtype, torch.get_autocast_dtype(device_type)) if autocast else x_dtype
+        return compute, out
+    if autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+        return dtype, dtype
+    return (x_dtype, x_dtype) if layer.weight.dtype == x_dtype else None
+
+
+def _frozen_base_reason(layer: nn.Module) -> str | None:
+    for name in ("weight", "bias"):
+        p = getattr(layer, name, None)
+        if isinstance(p, torch.Tensor) and p.requires_grad:
+            return f"the base layer's {name} is trainable (only a frozen base is supported)"
+    return None
+
+
+def _base_reason(layer: nn.Module) -> str | None:
+    """Why the fused path cannot use this base layer (``None``: it can)."""
+    if _is_8bit(layer):
+        return "8-bit bitsandbytes base layer (Linear8bitLt) is not supported"
+    if _is_4bit(layer):
+        qs = _quant_state(layer)
+        if qs is None:
+            return "the 4-bit base layer has no quantization state (not quantized yet)"
+        if getattr(qs, "packing_format_for_cpu", False):
+            return "the 4-bit weight is repacked for bitsandbytes' CPU inference kernel"
+    elif type(layer) is not nn.Linear:
+        return (f"base layer {type(layer).__name__} is not supported "
+                "(torch.nn.Linear and bitsandbytes Linear4bit are)")
+    if layer.weight.device.type == "meta":
+        return "the base weight is on the meta device (offloaded)"
+    return _frozen_base_reason(layer)
+
+
+# --------------------------------------------------------------------------------------------- references
+
+
+def lora_linear_reference(x: torch.Tensor, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` / ``lora.Linear4bit.forward`` for one adapter, dropout 0, in their dtypes."""
+    result = base_layer(x)
+    if _is_4bit(base_layer):  # peft/tuners/lora/bnb.py: the LoRA term is cast to the result dtype, then added
+        result = result.clone()
+        convert = not torch.is_autocast_enabled()
+        x_lora = x.to(A.dtype) if convert else x
+        lora = F.linear(F.linear(x_lora, A), B) * scale
+        return result + (lora.to(result.dtype) if convert else lora)
+    result_dtype = result.dtype  # peft/tuners/lora/layer.py: added (type promotion), then cast back
+    lora = F.linear(F.linear(x.to(A.dtype), A), B) * scale
+    return (result + lora).to(result_dtype)
+
+
+def lora_mlp_reference(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec,
+                       activation: str) -> torch.Tensor:
+    """HF's gated MLP ``down(act(gate(x)) * up(x))`` with PEFT LoRA projections."""
+    g = lora_linear_reference(x, *gate)
+    u = lora_linear_reference(x, *up)
+    return lora_linear_reference(_ga.gated_activation_reference(g, u, activation), *down)
+
+
+# --------------------------------------------------------------------------------------------- GEMM pieces
+
+
+_NO_OUT_DTYPE_MM: set[str] = set()  # device types where torch.mm(..., out_dtype=) turned out unavailable
+
+
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` written in ``dtype`` (fp32 accumulation). Mixed dtypes: cuBLAS' fp32 output of fp16/bf16 GEMMs
+    (``out_dtype``) on CUDA; elsewhere the operands are upcast (exact products)."""
+    if a.dtype == dtype:
+        return torch.mm(a, b)
+    if a.device.type == "cuda" and "cuda" not in _NO_OUT_DTYPE_MM and dtype == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _NO_OUT_DTYPE_MM.add("cuda")
+    return torch.mm(a.to(dtype), b.to(dtype))
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * (a @ b)`` in ``dtype`` with a single rounding."""
+    if a.dtype == dtype:  # beta=0: the (possibly NaN-poisoned) destination is ignored
+        return new_empty((a.shape[0], b.shape[1]), dtype, a.device).addmm_(a, b, beta=0, alpha=scale)
+    return _mm_to(a, b, dtype).mul_(scale)
+
+
+def _base_bias(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    bias = getattr(layer, "bias", None)
+    return None if bias is None else bias.to(dtype)
+
+
+def _project(x: torch.Tensor, spec: LoRASpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of one LoRA linear on 2-D ``x`` in the compute dtype: ``(y, xa)``."""
+    layer, A, B, scale = spec
+    dtype = x.dtype
+    bias = _base_bias(layer, dtype)
+    w = base_weight(layer).to(dtype)
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    del w  # a dequantized weight is used once, never kept
+    xa = torch.mm(x, A.to(dtype).t())
+    y.addmm_(xa, B.to(dtype).t(), alpha=scale)
+    return y, xa
+
+
+def _input_grad(dy: torch.Tensor, dyB: torch.Tensor, spec: LoRASpec,
+                accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    """``dy W + s * dyB A`` (added to ``accumulate`` in place when given)."""
+    layer, A, _, scale = spec
+    w = base_weight(layer).to(dy.dtype)
+    dx = torch.mm(dy, w) if accumulate is None else accumulate.addmm_(dy, w)
+    del w
+    return dx.addmm_(dyB, A.to(dy.dtype), alpha=scale)
+
+
+def _project_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, spec: LoRASpec,
+                      needs: tuple[bool, bool, bool], accumulate: torch.Tensor | None = None):
+    """``(dx, dA, dB)`` of one LoRA linear (``None`` where ``needs`` says the gradient is not wanted)."""
+    need_dx, need_dA, need_dB = needs
+    _, A, B, scale = spec
+    dyB = torch.mm(dy, B.to(dy.dtype)) if need_dx or need_dA else None
+    dA = _scaled_mm(dyB.t(), x, scale, A.dtype) if need_dA else None
+    dB = _scaled_mm(dy.t(), xa, scale, B.dtype) if need_dB else None
+    dx = _input_grad(dy, dyB, spec, accumulate) if need_dx else accumulate
+    return dx, dA, dB
+
+
+def _gated_backward_in_place(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, du: torch.Tensor,
+                             activation: str) -> None:
+    """The gated-activation backward kernel writing ``dg`` over ``dm`` and ``du`` into ``du`` (all contiguous,
+    same shape): each element of ``dm`` is read before it is overwritten, by the same program."""
+    n = g.numel()
+    grid, cfg = _ga._launch_config(n, g.dtype)
+    _ga._gated_activation_bwd_kernel[grid](dm, g, u, dm, du, n, ACT=_ga._ACTIVATION_IDS[activation], **cfg)
+
+
+def _no_autocast(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------- autograd
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """One LoRA linear on 2-D ``x`` in the compute dtype; the base layer and scale ride along as constants."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, base_layer, scale):
+        y, xa = _project(x, LoRASpec(base_layer, A, B, scale))
+        ctx.save_for_backward(x, xa, A, B)
+        ctx.base_layer, ctx.scale = base_layer, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, A, B = ctx.saved_tensors
+        with _no_autocast(dy.device.type):
+            dx, dA, dB = _project_backward(dy, x, xa, LoRASpec(ctx.base_layer, A, B, ctx.scale),
+                                           tuple(ctx.needs_input_grad[:3]))
+        return dx, dA, dB, None, None
+
+
+class _LoRAMLPFunction(torch.autograd.Function):
+    """``down(act(gate(x)) * up(x))`` on 2-D ``x``; ``layers`` = the three base layers, ``scales`` their s."""
+
+    @staticmethod
+    def forward(ctx, x, A_g, B_g, A_u, B_u, A_d, B_d, layers, scales, activation):
+        gate, up, down = _specs(layers, (A_g, A_u, A_d), (B_g, B_u, B_d), scales)
+        g, xa_g = _project(x, gate)
+        u, xa_u = _project(x, up)
+        h, ma = _project(_ga._forward(g, u, activation), down)
+        ctx.save_for_backward(x, g, u, xa_g, xa_u, ma, A_g, B_g, A_u, B_u, A_d, B_d)
+        ctx.layers, ctx.scales, ctx.activation = layers, scales, activation
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, g, u, xa_g, xa_u, ma, A_g, B_g, A_u, B_u, A_d, B_d = ctx.saved_tensors
+        gate, up, down = _specs(ctx.layers, (A_g, A_u, A_d), (B_g, B_u, B_d), ctx.scales)
+        need = ctx.needs_input_grad
+        with _no_autocast(dh.device.type):
+            dA_d, dB_d, dg, du = _down_and_gated_backward(dh, g, u, ma, down, ctx.activation, need[5], need[6])
+            dx, dA_g, dB_g = _project_backward(dg, x, xa_g, gate, (need[0], need[1], need[2]))
+            dx, dA_u, dB_u = _project_backward(du, x, xa_u, up, (need[0], need[3], need[4]), accumulate=dx)
+        return dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d, None, None, None
+
+
+def _specs(layers, As, Bs, scales) -> tuple[LoRASpec, ...]:
+    return tuple(LoRASpec(*parts) for parts in zip(layers, As, Bs, scales))
+
+
+def _down_and_gated_backward(dh, g, u, ma, down: LoRASpec, activation: str, need_dA: bool, need_dB: bool):
+    """Through the down projection and the gated activation: ``(dA_d, dB_d, dg, du)``."""
+    _, A_d, B_d, scale = down
+    dyB = torch.mm(dh, B_d.to(dh.dtype))
+    dB = _scaled_mm(dh.t(), ma, scale, B_d.dtype) if need_dB else None
+    dm = _input_grad(dh, dyB, down)
+    if need_dA:
+        buf = _ga._forward(g, u, activation)  # m = act(g) * u, recomputed; du is written over it afterwards
+        dA = _scaled_mm(dyB.t(), buf, scale, A_d.dtype)
+    else:
+        buf, dA = new_empty(g.shape, g.dtype, g.device), None
+    _gated_backward_in_place(dm, g, u, buf, activation)
+    return dA, dB, dm, buf
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def _check_spec(name: str, spec: LoRASpec, in_features: int | None = None) -> None:
+    layer, A, B, _ = spec
+    out_f, in_f = _layer_dims(layer)
+    if A.dim() != 2 or A.shape[1] != in_f:
+        raise ValueError(f"{name}.A: expected shape (r, {in_f}), got {tuple(A.shape)}")
+    if B.dim() != 2 or B.shape != (out_f, A.shape[0]):
+        raise ValueError(f"{name}.B: expected shape ({out_f}, {A.shape[0]}), got {tuple(B.shape)}")
+    if in_features is not None and in_features != in_f:
+        raise ValueError(f"{name}: the input has {in_features} features but the base layer takes {in_f}")
+
+
+def _fused_dtypes(x: torch.Tensor, spec: LoRASpec, x_dtype: torch.dtype | None = None):
+    """``(compute, output)`` dtypes when the fused path can run this LoRA linear, else ``None``."""
+    layer, A, B, _ = spec
+    if not triton_ok(x, A, B) or _base_reason(layer) is not None:
+        return None
+    if not (A.device == B.device == layer.weight.device == x.device):
+        return None
+    dtypes = _dtypes(layer, x_dtype or x.dtype, x.device.type)
+    if dtypes is None or dtypes[0] not in KERNEL_DTYPES:
+        return None
+    return dtypes
+
+
+def lora_linear(x: torch.Tensor, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``base_layer(x) + scale * (x A^T) B^T`` as PEFT's LoRA layer computes it, in one autograd function.
+
+    ``x`` [..., in]; ``base_layer`` ``nn.Linear`` or bitsandbytes ``Linear4bit`` (frozen); ``A`` [r, in];
+    ``B`` [out, r]. Falls back to :func:`lora_linear_reference` when the fused path cannot run."""
+    spec = LoRASpec(base_layer, A, B, float(scale))
+    _check_spec("lora", spec, x.shape[-1])
+    dtypes = _fused_dtypes(x, spec)
+    if dtypes is None or x.numel() == 0:
+        return lora_linear_reference(x, *spec)
+    compute, out = dtypes
+    x2 = x.reshape(-1, x.shape[-1]).to(compute)
+    with _no_autocast(x.device.type):
+        y = _LoRALinearFunction.apply(x2, A, B, base_layer, spec.scale)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(out)
+
+
+def _mlp_dtypes(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec):
+    """``(compute, output)`` dtypes when the fused MLP can run: gate and up compute and return one dtype that the
+    down projection computes in; ``None`` otherwise."""
+    first = _fused_dtypes(x, gate)
+    if first is None or _fused_dtypes(x, up) != first or first[0] != first[1]:
+        return None
+    last = _fused_dtypes(x, down, x_dtype=first[1])
+    if last is None or last[0] != first[0]:
+        return None
+    return first[0], last[1]
+
+
+def lora_mlp(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activation: str) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with PEFT LoRA projections, in one autograd function.
+
+    ``x`` [..., H]; ``gate``/``up``: LoRA linears H -> I, ``down``: I -> H (:class:`LoRASpec` each);
+    ``activation`` in ``gated_activation.ACTIVATIONS``. Falls back to :func:`lora_mlp_reference`."""
+    _ga._check_activation(activation)
+    gate, up, down = (LoRASpec(s.base_layer, s.A, s.B, float(s.scale)) for s in (gate, up, down))
+    _check_spec("gate", gate, x.shape[-1])
+    _check_spec("up", up, x.shape[-1])
+    if _layer_dims(gate.base_layer)[0] != _layer_dims(up.base_layer)[0]:
+        raise ValueError(f"up: out_features {_layer_dims(up.base_layer)[0]} differ from gate's "
+                         f"{_layer_dims(gate.base_layer)[0]}")
+    _check_spec("down", down, _layer_dims(gate.base_layer)[0])
+    dtypes = _mlp_dtypes(x, gate, up, down)
+    if dtypes is None or x.numel() == 0:
+        return lora_mlp_reference(x, gate, up, down, activation)
+    compute, out = dtypes
+    x2 = x.reshape(-1, x.shape[-1]).to(compute)
+    layers = (gate.base_layer, up.base_layer, down.base_layer)
+    scales = (gate.scale, up.scale, down.scale)
+    with _no_autocast(x.device.type):
+        h = _LoRAMLPFunction.apply(x2, gate.A, gate.B, up.A, up.B, down.A, down.B, layers, scales, activation)
+    return h.reshape(*x.shape[:-1], h.shape[-1]).to(out)
+
+
+# --------------------------------------------------------------------------------------------- PEFT layers
+
+
+@functools.lru_cache(maxsize=None)
+def _peft_classes() -> tuple[type, tuple[type, ...]]:
+    """``(LoraLayer, the LoRA linear classes the fused path computes)``."""
+    from peft.tuners.lora.layer import Linear, LoraLayer
+
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # peft without bitsandbytes support
+        return LoraLayer, (Linear,)
+    return LoraLayer, (Linear, Linear4bit)
+
+
+def _hooks_reason(name: str, module: nn.Module) -> str | None:
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{name} has forward hooks (the fused path would skip them)"
+    return None
+
+
+def _adapter_reason(layer: nn.Module, adapter: str) -> str | None:
+    """Why the one active adapter is not plain LoRA (``None``: it is)."""
+    if adapter in getattr(layer, "lora_variant", {}):
+        return (f"adapter {adapter!r} uses the {type(layer.lora_variant[adapter]).__name__} variant "
+                "(DoRA, ...); only plain LoRA is supported")
+    dropout = layer.lora_dropout[adapter]
+    if not isinstance(dropout, nn.Identity):
+        return f"lora_dropout={getattr(dropout, 'p', '?')} (only 0 is supported)"
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        return "lora_bias=True is not supported"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True is not supported"
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
+        return "the adapter's lora_A/lora_B are not bias-free nn.Linear layers"
+    return _hooks_reason("lora_A", lora_A) or _hooks_reason("lora_B", lora_B)
+
+
+def lora_spec(peft_lora_layer: nn.Module) -> LoRASpec | str:
+    """The :class:`LoRASpec` of a PEFT LoRA linear layer, or the reason the fused functions cannot compute it.
+
+    Cheap (attribute reads): call it at each forward, since adapters can be switched, merged or disabled."""
+    layer = peft_lora_layer
+    try:
+        lora_layer, linear_classes = _peft_classes()
+    except ImportError:
+        return "peft is not installed"
+    if not isinstance(layer, lora_layer):
+        return f"{type(layer).__name__} is not a PEFT LoRA layer"
+    base = layer.get_base_layer()
+    why = _base_reason(base)
+    if why is not None:
+        return why
+    if not isinstance(layer, linear_classes):
+        return f"PEFT LoRA layer {type(layer).__name__} is not supported (LoRA Linear and Linear4bit are)"
+    if layer.disable_adapters:
+        return "the adapters are disabled"
+    if layer.merged:
+        return "the adapters are merged into the base weight"
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active LoRA adapters ({', '.join(active) or 'none'}); exactly one is supported"
+    adapter = active[0]
+    why = _adapter_reason(layer, adapter) or _hooks_reason("the base layer", base)
+    if why is not None:
+        return why
+    return LoRASpec(base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]))
