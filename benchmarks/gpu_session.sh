@@ -11,7 +11,9 @@ else
 fi
 export PYTHONUNBUFFERED=1
 python3 -c "import torch,triton,transformers,peft;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__,'peft',peft.__version__)"
-step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; echo "rc=$?" >> "$OUT/$name.txt"; tail -n "${TAILN:-12}" "$OUT/$name.txt"; }
+# One log for all steps: the device tool brings back at most 8 files a call (the JSONs + this log).
+step() { local name=$1 limit=$2 log=$OUT/$1.log; shift 2; echo "== $name"; timeout "$limit" "$@" > "$log" 2>&1
+         echo "rc=$?" >> "$log"; tail -n "${TAILN:-12}" "$log"; { echo "== $name"; cat "$log"; } >> "$OUT/session.log"; rm -f "$log"; }
 TAILN=4 step pytest 200 python3 -m pytest -q -p no:cacheprovider
 step dequant 60 python3 benchmarks/bench_dequant.py --out "$OUT/dequant.json"
 TAILN=16 step loss 90 python3 benchmarks/bench_loss.py --models llama3 --tokens 4096 8192 --chunk-tokens 512 1024 --out "$OUT/loss.json"

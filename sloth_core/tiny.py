@@ -18,14 +18,18 @@ def _configs():
 
     gemma_extra = dict(query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=30.0,
                        attn_logit_softcapping=50.0)
+    def gemma3(**kw):
+        n = kw.get("num_hidden_layers", _COMMON["num_hidden_layers"])
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        return Gemma3TextConfig(**{**gemma_extra, "layer_types": layer_types, **kw})
+
     return {
-        "llama": lambda: LlamaConfig(**_COMMON, rms_norm_eps=1e-5),
-        "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
-        "qwen3": lambda: Qwen3Config(**_COMMON),
-        "gemma": lambda: GemmaConfig(**_COMMON),
-        "gemma2": lambda: Gemma2Config(**_COMMON, **gemma_extra),
-        "gemma3_text": lambda: Gemma3TextConfig(**_COMMON, **gemma_extra, layer_types=["sliding_attention",
-                                                                                        "full_attention"]),
+        "llama": lambda **kw: LlamaConfig(**{"rms_norm_eps": 1e-5, **kw}),
+        "mistral": lambda **kw: MistralConfig(**{"sliding_window": None, **kw}),
+        "qwen3": lambda **kw: Qwen3Config(**kw),
+        "gemma": lambda **kw: GemmaConfig(**kw),
+        "gemma2": lambda **kw: Gemma2Config(**{**gemma_extra, **kw}),
+        "gemma3_text": gemma3,
     }
 
 
@@ -37,9 +41,7 @@ def tiny_config(model_type: str, **overrides):
         make = _configs()[model_type]
     except KeyError:
         raise ValueError(f"no tiny preset for model_type {model_type!r}; have {sorted(TINY_MODEL_TYPES)}") from None
-    cfg = make()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    cfg = make(**{**_COMMON, **overrides})  # overrides go to the constructor: derived fields (layer_types) follow
     cfg._attn_implementation = "eager"
     return cfg
 

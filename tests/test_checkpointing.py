@@ -160,7 +160,7 @@ def test_a_checkpointed_layer_keeps_only_its_input(mode, device):
         layer.register_forward_hook(lambda m, args, out: current.__setitem__(0, None))
 
     def pack(x):
-        if current[0] is not None:
+        if current[0] is not None and x.numel() > 0:  # (on CUDA, checkpoint also saves an empty placeholder)
             saved[current[0]].append(x)
         return x
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from sloth_core.tolerances import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -282,7 +284,8 @@ def test_dequantize_weight_linear4bit(quant_type, device):
     assert_bitwise(dequantize_weight(layer), expected, "module")
     assert_bitwise(dequantize_weight(layer.weight), expected, "Params4bit")
     x = torch.randn(3, 128, dtype=torch.bfloat16, device=device)
-    torch.testing.assert_close(torch.nn.functional.linear(x, dequantize_weight(layer)), layer(x))
+    # bitsandbytes' own forward may take another bf16 path (a 4-bit GEMV kernel for few rows on CUDA): bf16 tolerance
+    assert_close("layer(x)", torch.nn.functional.linear(x, dequantize_weight(layer)), layer(x), torch.bfloat16)
 
 
 def test_dequantize_weight_quant_storage(device):
