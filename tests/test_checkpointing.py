@@ -21,6 +21,7 @@ from sloth_core import binding
 from sloth_core import checkpointing as ck
 from sloth_core.tiny import tiny_model
 from sloth_core.tolerances import assert_close
+from tests.batches import token_batch
 
 MODES = ["on", "offload"]
 pytestmark = pytest.mark.filterwarnings("ignore:sloth_core checkpointing.*KV cache")
@@ -35,12 +36,8 @@ def _fresh(monkeypatch):
     ck.clear_host_pool()
 
 
-def _batch(device, vocab=128, b=2, s=9, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, s), generator=g)
-    labels = ids.clone()
-    labels[0, :2] = -100
-    return ids.to(device), labels.to(device)
+def _batch(device, **kw):
+    return token_batch(device, **{"s": 9, **kw})
 
 
 def _step(model, ids, labels, seed=5):

@@ -9,17 +9,14 @@ import torch
 import sloth_core
 from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
 from sloth_core.tolerances import assert_close
+from tests.batches import token_batch
 
 EXPECTED = {"rms_norm", "gated_mlp", "rope", "causal_lm_loss"}
 LORA_EXPECTED = {"rms_norm", "lora_mlp", "lora_linear", "rope", "causal_lm_loss"}
 
 
-def _batch(device, vocab=128, b=2, s=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, s), generator=g)
-    labels = ids.clone()
-    labels[0, :2] = -100
-    return ids.to(device), labels.to(device)
+def _batch(device, **kw):
+    return token_batch(device, **{"s": 7, **kw})
 
 
 def _step(model, ids, labels):

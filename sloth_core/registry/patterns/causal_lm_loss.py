@@ -20,6 +20,8 @@ import inspect
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ...kernels.fused_linear_cross_entropy import (fused_linear_cross_entropy,
                                                     fused_linear_cross_entropy_reference)
@@ -54,8 +56,6 @@ def _class_forward(module: nn.Module):
 
 
 def _loss_is_hf_causal(module: nn.Module) -> bool:
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
     return getattr(module, "loss_function", None) is ForCausalLMLoss
 
 
@@ -112,8 +112,6 @@ def _forward_with(loss_fn):
                 logits = self.lm_head(hidden)
                 if softcap is not None:
                     logits = torch.tanh(logits / softcap) * softcap
-            from transformers.modeling_outputs import CausalLMOutputWithPast
-
             out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
             return out if return_dict else out.to_tuple()
@@ -133,8 +131,6 @@ class _HiddenStatesDecoder(nn.Module):
     32-layer bf16 network's rounding noise."""
 
     def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
         return BaseModelOutputWithPast(last_hidden_state=inputs_embeds)
 
 
