@@ -1,0 +1,82 @@
+"""LoRA / QLoRA training with the fast path: 20 optimizer steps follow PEFT's loss curve, and unsupported LoRA
+settings fall back to PEFT's forward and are reported."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import sloth_core
+from sloth_core.tiny import tiny_model
+from tests.batches import token_batch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora(model, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS,
+                                               "task_type": "CAUSAL_LM", **kw}))
+
+
+def _curve(model, device, steps=20, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    ids, labels = token_batch(device)  # one batch, memorized: the loss must fall
+    for step in range(steps):
+        torch.manual_seed(step)  # the same dropout masks for both models
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def _assert_same_curve(ref, model, device, rtol):
+    a, b = _curve(ref, device), _curve(model, device)
+    assert a[-1] < a[0] - 0.1, "the curve must move for the comparison to mean something"
+    rel = ((a - b).abs() / a.abs()).max().item()
+    assert rel <= rtol, f"loss curves differ: max relative difference {rel:.2e} (bound {rtol:.0e})\n{a}\n{b}"
+
+
+def test_lora_fast_path_follows_peft_for_20_steps(device):
+    ref = _lora(tiny_model("llama", device=device))
+    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
+    replaced = {r.pattern for r in sloth_core.report(model) if r.status == "replaced"}
+    assert {"lora_linear", "lora_mlp", "checkpointing"} <= replaced
+    _assert_same_curve(ref, model, device, rtol=1e-4)
+
+
+def test_qlora_fast_path_follows_peft_for_20_steps(tmp_path, device):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("llama", dtype=torch.bfloat16, intermediate_size=128).save_pretrained(tmp_path)  # see test_quantized
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_use_double_quant=True)
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.bfloat16,
+                                                     device_map={"": device})
+        return _lora(m.train())
+
+    ref, model = load(), sloth_core.optimize(load(), gradient_checkpointing="on")
+    assert {"lora_linear", "lora_mlp"} <= {r.pattern for r in sloth_core.report(model) if r.status == "replaced"}
+    _assert_same_curve(ref, model, device, rtol=3e-2)
+
+
+@pytest.mark.parametrize("setting, reason", [({"lora_dropout": 0.1}, "lora_dropout"),
+                                             ({"use_dora": True}, "DoRA"),
+                                             ({"lora_bias": True}, "lora_bias")])
+def test_unsupported_lora_settings_keep_peft_path_and_are_reported(setting, reason, device):
+    ref = _lora(tiny_model("llama", device=device), **setting)
+    model = sloth_core.optimize(copy.deepcopy(ref))
+    rows = [r for r in sloth_core.report(model) if r.pattern in ("lora_linear", "lora_mlp")]
+    assert rows and all(r.status == "skipped" and reason in r.detail for r in rows)
+    assert "gated_mlp" in {r.pattern for r in sloth_core.report(model) if r.status == "replaced"}
+    _assert_same_curve(ref, model, device, rtol=1e-4)
