@@ -89,21 +89,21 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                    only=set(opts["patterns"]) if opts["patterns"] is not None else None,
                    exclude=set(opts["exclude"]),
                    verify_every=opts["verify"] == "always")
-    changed = _apply_checkpointing(model, _CHECKPOINTING[opts["gradient_checkpointing"]], rows)
+    changed = _apply_checkpointing(base, _CHECKPOINTING[opts["gradient_checkpointing"]], rows)
     if state is not None:
         seen = {(r.module, r.pattern) for r in state["rows"]}
-        new = [r for r in rows if (r.module, r.pattern) not in seen]
-        state["rows"].extend(new)
-        if not any(r.status == "replaced" for r in new) and not changed:
+        rows = [r for r in rows if (r.module, r.pattern) not in seen]
+        state["rows"].extend(rows)
+        if not any(r.status == "replaced" for r in rows) and not changed:
             warnings.warn(f"sloth_core.optimize: {type(base).__name__} is already optimized "
                           f"({summary(state['rows'])}); nothing changed", SlothCoreWarning, stacklevel=2)
-        return model
-    base.__dict__[STATE_ATTR] = {"rows": rows, "architecture": arch.name, "model_type": mtype}
-    if not any(r.status == "replaced" for r in rows):
-        warnings.warn(f"sloth_core.optimize: nothing was replaced in {type(base).__name__} "
-                      f"(model_type={mtype!r}, architecture {arch.name!r}; {summary(rows)}); the model runs as before",
-                      SlothCoreWarning, stacklevel=2)
-    if opts["verbose"]:
+    else:
+        base.__dict__[STATE_ATTR] = {"rows": rows, "architecture": arch.name, "model_type": mtype}
+        if not any(r.status == "replaced" for r in rows):
+            warnings.warn(f"sloth_core.optimize: nothing was replaced in {type(base).__name__} (model_type={mtype!r}, "
+                          f"architecture {arch.name!r}; {summary(rows)}); the model runs as before",
+                          SlothCoreWarning, stacklevel=2)
+    if opts["verbose"] and rows:
         print(f"sloth_core: {type(base).__name__} (model_type={mtype!r}, architecture {arch.name!r})")
         print(format_table(rows))
         print(summary(rows))
