@@ -1,8 +1,4 @@
 """Cross-entropy kernel vs the float64 HF reference (forward and backward)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from sloth_core.kernels.cross_entropy import (
     transform_logits_reference,
 )
 from sloth_core.tolerances import assert_close
+from tests.kernels.sm90 import run_compile_script
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -239,9 +236,4 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """Compile for an H100/H200 target (no GPU needed; a fresh process, without the interpreter): catches what
     the interpreter accepts but Triton's compiler rejects (types across branches, loop-carried scalars...)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    run_compile_script(_COMPILE_SCRIPT, timeout=300)

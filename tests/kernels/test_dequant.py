@@ -15,15 +15,12 @@ bf16 outputs under the interpreter: the kernel writes float32 and torch rounds (
 float32 -> bf16); the GPU rounds in the kernel, covered by the same tests on CUDA.
 """
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from sloth_core.tolerances import assert_close
+from tests.kernels.sm90 import run_compile_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -383,9 +380,4 @@ print("compiled")
 def test_kernel_compiles_for_sm90():
     """Compile for an H100/H200 target (no GPU needed; a fresh process, without the interpreter): the kernel
     compiles in every variant, without FMA contraction, with vectorized stores."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    run_compile_script(_COMPILE_SCRIPT, timeout=600)
