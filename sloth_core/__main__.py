@@ -3,6 +3,8 @@
     sloth-core demo [--model llama] [--dtype bf16]   optimize a tiny random model, print the report and a parity
                                                     check; on a GPU also a quick speed comparison
     sloth-core tune --model llama-3-8b --seq 2048 4096   pre-tune the kernels a model uses (GPU); --show, --clear
+    sloth-core bench compare A.json B.json               the change between two benchmark runs
+    sloth-core bench kernels | train                     (GPU; the runners live in benchmarks/ for now)
 """
 from __future__ import annotations
 
@@ -30,13 +32,17 @@ def main(argv: list[str] | None = None) -> int:
                                                        "gemma3_text (default: llama)")
     demo.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                       help="default: bf16 on a GPU, fp32 on the CPU")
+    from .bench.cli import add_bench_parser, run_bench
     from .cli_tune import add_tune_parser, run_tune
 
     add_tune_parser(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     device = _prepare_runtime()
     if args.command == "tune":
         return run_tune(args)
+    if args.command == "bench":
+        return run_bench(args)
     if args.command == "demo":
         from .demo import run_demo
 
