@@ -22,10 +22,8 @@ Nothing is written to the user's tuning cache (unless ``--store``). Prints a tab
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,17 +48,6 @@ def parse_args(argv=None):
     p.add_argument("--store", action="store_true", help="also store the winners in the user's tuning cache")
     p.add_argument("--out", type=Path, default=None, help="write JSON results here")
     return p.parse_args(argv)
-
-
-def environment() -> dict:
-    import torch
-    import triton
-
-    import sloth_core
-
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, sloth_core=sloth_core.__version__, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def plan(shape, tokens: list[int], dtype, kernels, chunk_for) -> list[tuple[str, dict]]:
@@ -153,6 +140,8 @@ def main(argv=None) -> int:
     autotune.set_tuning("off")  # launches inside a tuning run (the fused loss's cross-entropy): heuristics
     shape = model_shape(args.model)
     dtype = getattr(torch, DTYPES[args.dtype])
+    from sloth_core.bench.env import environment
+
     env = environment()
     print(f"{shape.describe()}\n{env}")
     rows, flce_chunks = [], {}

@@ -26,7 +26,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -157,17 +156,9 @@ def run_sweep(shape, copy_gbps, args) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- reporting
 def env_info(copy_gbps):
-    from importlib.metadata import version
+    from sloth_core.bench.env import environment
 
-    info = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
-                python=platform.python_version(), command=" ".join([sys.executable] + sys.argv),
-                date=datetime.datetime.now().isoformat(timespec="seconds"), copy_gbps=copy_gbps)
-    for pkg in ("triton", "bitsandbytes"):
-        try:
-            info[pkg] = version(pkg)
-        except Exception:  # noqa: BLE001
-            info[pkg] = None
-    return info
+    return {**environment(), "copy_gbps": copy_gbps}
 
 
 def _fmt(value, spec):

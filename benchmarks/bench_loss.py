@@ -23,7 +23,6 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -176,16 +175,9 @@ def run_case(model, n_tokens, train_weight, methods, args):
 
 
 def env_info():
-    info = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
-                python=platform.python_version(), command=" ".join([sys.executable] + sys.argv),
-                date=datetime.datetime.now().isoformat(timespec="seconds"))
-    for pkg in ("triton", "transformers", "liger_kernel"):
-        try:
-            from importlib.metadata import version
-            info[pkg] = version(pkg.replace("_", "-"))
-        except Exception:  # noqa: BLE001
-            info[pkg] = None
-    return info
+    from sloth_core.bench.env import environment
+
+    return environment()
 
 
 def print_table(rows):

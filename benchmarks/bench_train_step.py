@@ -101,13 +101,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_train_step: needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
-    import peft
-    import transformers
-    import triton
     from peft import LoraConfig, get_peft_model
     from tabulate import tabulate
 
     import sloth_core
+    from sloth_core.bench.env import environment
 
     model = build(args.preset, args.layers, args.quant)
     model.train()
@@ -147,10 +145,7 @@ def main(argv=None) -> int:
     pairs = list(zip(base["losses"], results["sloth_core"]["losses"]))
     d_loss = max(abs(a - b) / abs(a) for a, b in pairs)
     d_first = abs(pairs[0][0] - pairs[0][1]) / abs(pairs[0][0])
-    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "triton": triton.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-           "sloth_core": sloth_core.__version__, "command": " ".join(sys.argv),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    env = environment()
     print(f"\n{args.preset} ({args.layers or 'all'} layers), {'QLoRA nf4' if args.quant == 'nf4' else 'bf16 LoRA'} r={args.rank} on {','.join(TARGETS)}, batch "
           f"{args.batch} x {args.seq}, checkpointing {'off' if args.no_checkpointing else 'on'}; {env['gpu']}")
     print(f"optimize(): {replaced} modules replaced, {len(skipped)} skipped, {opt_s:.2f} s")
