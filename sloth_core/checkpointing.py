@@ -20,6 +20,11 @@ shared by all layers); the backward reruns the layer with the CPU and device RNG
 masks are the same) and under the forward's autocast state. Non-reentrant checkpointing gives parameters their
 gradients even when the layer input does not require grad (LoRA without ``enable_input_require_grads``).
 
+The layer's first forward and its recompute run under :func:`sloth_core.recompute.checkpointed_layer_scope`, so
+fused functions know which one they are in: their backward may then overwrite the (recomputed, private) tensors it
+receives, and in layers declared to feed their MLP output straight into the closing residual add
+(``LayerFacts``) the recompute skips the MLP's down projection, whose value no saved tensor depends on.
+
 Mode ``"offload"``: the same, and the one tensor the checkpoint keeps -- the layer input -- is moved to host memory.
 The checkpoint saves its positional inputs through the ambient ``saved_tensors_hooks``; the wrapper puts a pair of
 hooks around the checkpoint call that catch exactly the layer input:
@@ -64,6 +69,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import binding
+from .recompute import checkpointed_layer_scope
 
 PATTERN = "checkpointing"
 KERNEL = "torch.utils.checkpoint"
@@ -89,6 +95,7 @@ class CheckpointingStats:
     offloaded_bytes: int = 0
     pinned: int = 0              # of those, into pinned memory
     kept_on_device: int = 0      # "offload" calls whose input stayed on its device
+    recomputes: int = 0          # layer recomputes in the backward
     restored: int = 0            # copies back to the device (one per recompute)
     prefetched: int = 0          # of those, started before the layer's recompute
     host_allocations: int = 0    # host buffers allocated (pool misses)
@@ -123,13 +130,19 @@ def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
 # Public API
 
 
-def enable_checkpointing(model: nn.Module, mode: str = "on") -> list[str]:
+def enable_checkpointing(model: nn.Module, mode: str = "on",
+                         mlp_output_unused: Callable[[nn.Module], bool] | None = None) -> list[str]:
     """Checkpoint the decoder layers of ``model`` (a transformers model or a PEFT model around one).
 
     ``mode``: ``"on"`` (keep each layer's input on its device), ``"offload"`` (keep it in pinned host memory) or
     ``"off"`` (same as :func:`disable_checkpointing`). In place. Calling it again changes the mode of the layers
     already wrapped; it never wraps twice. Returns the paths (``model.named_modules()`` names) of the wrapped
     layers.
+
+    ``mlp_output_unused(layer)``: whether nothing the layer saves for its backward depends on its MLP's output
+    (the MLP output only feeds the residual add that ends the layer; declared per architecture by
+    :class:`sloth_core.registry.LayerFacts`). For such layers the fused LoRA MLP skips its down projection in
+    the recompute (:mod:`sloth_core.recompute`).
     """
     if mode not in MODES:
         raise ValueError(f"enable_checkpointing(mode={mode!r}): expected one of {MODES}")
@@ -145,12 +158,13 @@ def enable_checkpointing(model: nn.Module, mode: str = "on") -> list[str]:
                    f"GradientCheckpointingLayer, no ModuleList named {' / '.join(_FALLBACK_CONTAINERS)}); "
                    f"nothing is checkpointed")
     for _, layer in layers:
+        unused = bool(mlp_output_unused(layer)) if mlp_output_unused is not None else False
         state = layer.__dict__.get(STATE_ATTR)
         if isinstance(state, _LayerState) and binding.is_bound(layer, PATTERN):
-            state.mode = mode
+            state.mode, state.mlp_output_unused = mode, unused
             _suspend_hf_checkpointing(layer)
         else:
-            _install(layer, mode)
+            _install(layer, _LayerState(mode, unused))
     return [path for path, _ in layers]
 
 
@@ -227,6 +241,7 @@ def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 @dataclasses.dataclass
 class _LayerState:
     mode: str
+    mlp_output_unused: bool = False  # see enable_checkpointing
 
 
 class _Suspended:
@@ -268,8 +283,8 @@ def _push(module: nn.Module, attr: str, value: Any) -> None:
     binding.install_attr(module, attr, value, PATTERN, KERNEL)
 
 
-def _install(layer: nn.Module, mode: str) -> None:
-    _push(layer, STATE_ATTR, _LayerState(mode))
+def _install(layer: nn.Module, state: _LayerState) -> None:
+    _push(layer, STATE_ATTR, state)
     _suspend_hf_checkpointing(layer)
     binding.install_forward(layer, _checkpointed_forward, PATTERN, KERNEL)
 
@@ -366,7 +381,24 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     with hooks:
         # The input goes in positionally: the checkpoint keeps it (through the ambient saved-tensor hooks, which
         # is where offloading catches it) and infers from it whose RNG state to preserve.
-        return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True)
+        return checkpoint(_marking_recomputes(run, state.mlp_output_unused), hidden, use_reentrant=False,
+                          preserve_rng_state=True)
+
+
+def _marking_recomputes(run: Callable, mlp_output_unused: bool) -> Callable:
+    """``run`` under :func:`sloth_core.recompute.checkpointed_layer_scope`: its first call is the layer's
+    forward, the later ones the checkpoint's recomputes in the backward."""
+    calls = 0
+
+    def marked(h):
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            STATS.recomputes += 1
+        with checkpointed_layer_scope(recompute=calls > 1, mlp_output_unused=mlp_output_unused):
+            return run(h)
+
+    return marked
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -50,3 +50,16 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device kernels are tested on: CUDA when present, else the CPU under the interpreter."""
     return _torch.device("cuda" if _HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _keep_triton_interpret():
+    """CLI tests that fake a machine without CUDA run ``sloth_core``'s ``main()``, which sets
+    ``TRITON_INTERPRET=1`` for its process; restore the variable after every test, so that on a GPU machine the
+    later tests do not run their kernels in the interpreter."""
+    value = os.environ.get("TRITON_INTERPRET")
+    yield
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value

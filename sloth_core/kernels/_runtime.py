@@ -70,5 +70,15 @@ def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
+def new_empty_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.empty_like`` for kernel outputs: the shape of ``x`` and, when ``x`` is dense, its memory layout
+    (e.g. a transposed view gets a transposed output, as PyTorch's elementwise ops give); NaN-filled when
+    poisoning is on."""
+    out = torch.empty_like(x, dtype=dtype if dtype is not None else x.dtype)
+    if _poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -142,9 +142,13 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Ten
     return h
 
 
-def _backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
-    dg = new_empty(gate.shape, gate.dtype, gate.device)
-    du = new_empty(up.shape, up.dtype, up.device)
+def _backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
+              out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``(dg, du)`` of contiguous same-shape tensors, into new tensors or into ``out``. ``out`` may alias ``dh``,
+    ``gate`` or ``up`` (each element is read by the program that writes it, before it writes it)."""
+    if out is None:
+        out = new_empty(gate.shape, gate.dtype, gate.device), new_empty(up.shape, up.dtype, up.device)
+    dg, du = out
     n = gate.numel()
     grid, cfg = _launch_config(n, gate.dtype)
     _gated_activation_bwd_kernel[grid](dh, gate, up, dg, du, n, ACT=_ACTIVATION_IDS[activation], **cfg)

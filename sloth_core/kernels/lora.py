@@ -42,7 +42,10 @@ Backward, given ``dh`` [T, H] (``act'`` and the gated pieces as in :mod:`sloth_c
 
 Saved: ``x``, ``g``, ``u`` ([T, I] each; needed for the activation's gradient anyway) and the [T, r] LoRA
 intermediates ``xa_g``, ``xa_u``, ``ma``; ``m`` is recomputed instead of stored. The backward holds at most two
-[T, I] temporaries (``dm``/``dg`` and ``m``/``du``).
+[T, I] temporaries (``dm``/``dg`` and ``m``/``du``); in the recompute of a checkpointed layer, where the saved
+``g``, ``u`` are this backward's own, ``dg``/``du`` overwrite them and ``m`` is freed before ``dm`` exists (one
+[T, I] temporary). There, when the layer's MLP output feeds nothing saved (:mod:`sloth_core.recompute`), ``h`` is
+not computed at all: ``ma = m A_d^T`` is all the backward needs of the down projection.
 
 Precision: the LoRA branch runs in the base (compute) dtype, not in fp32 as PEFT does. PEFT keeps the adapter in
 fp32 when the base is bf16/fp16 (``autocast_adapter_dtype=True``) and computes ``x.float() A^T`` and
@@ -84,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sloth_core import recompute
 from sloth_core.kernels import gated_activation as _ga
 from sloth_core.kernels._runtime import KERNEL_DTYPES, new_empty, triton_ok
 
@@ -296,15 +300,6 @@ def _project_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, spec:
     return dx, dA, dB
 
 
-def _gated_backward_in_place(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, du: torch.Tensor,
-                             activation: str) -> None:
-    """The gated-activation backward kernel writing ``dg`` over ``dm`` and ``du`` into ``du`` (all contiguous,
-    same shape): each element of ``dm`` is read before it is overwritten, by the same program."""
-    n = g.numel()
-    grid, cfg = _ga._launch_config(n, g.dtype)
-    _ga._gated_activation_bwd_kernel[grid](dm, g, u, dm, du, n, ACT=_ga._ACTIVATION_IDS[activation], **cfg)
-
-
 def _no_autocast(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -334,16 +329,28 @@ class _LoRALinearFunction(torch.autograd.Function):
 
 
 class _LoRAMLPFunction(torch.autograd.Function):
-    """``down(act(gate(x)) * up(x))`` on 2-D ``x``; ``layers`` = the three base layers, ``scales`` their s."""
+    """``down(act(gate(x)) * up(x))`` on 2-D ``x``; ``layers`` = the three base layers, ``scales`` their s.
+
+    In a checkpointed layer (:mod:`sloth_core.recompute`) the backward receives the recompute's ``g``, ``u``,
+    fresh tensors it alone reads, so it writes ``dg``, ``du`` over them; and where the layer's MLP output feeds
+    nothing saved, the recompute does not compute the down projection (only ``ma``, which the backward needs)."""
 
     @staticmethod
     def forward(ctx, x, A_g, B_g, A_u, B_u, A_d, B_d, layers, scales, activation):
         gate, up, down = _specs(layers, (A_g, A_u, A_d), (B_g, B_u, B_d), scales)
         g, xa_g = _project(x, gate)
         u, xa_u = _project(x, up)
-        h, ma = _project(_ga._forward(g, u, activation), down)
+        m = _ga._forward(g, u, activation)
+        if recompute.mlp_output_unused():
+            ma = torch.mm(m, A_d.to(m.dtype).t())
+            h = _unused_output(m, _layer_dims(down.base_layer)[0])
+            recompute.STATS.mlp_outputs_skipped += 1
+        else:
+            h, ma = _project(m, down)
+        del m
         ctx.save_for_backward(x, g, u, xa_g, xa_u, ma, A_g, B_g, A_u, B_u, A_d, B_d)
         ctx.layers, ctx.scales, ctx.activation = layers, scales, activation
+        ctx.overwrite_saved = recompute.in_checkpointed_layer()  # the backward gets the recompute's g, u
         return h
 
     @staticmethod
@@ -352,7 +359,9 @@ class _LoRAMLPFunction(torch.autograd.Function):
         gate, up, down = _specs(ctx.layers, (A_g, A_u, A_d), (B_g, B_u, B_d), ctx.scales)
         need = ctx.needs_input_grad
         with _no_autocast(dh.device.type):
-            dA_d, dB_d, dg, du = _down_and_gated_backward(dh, g, u, ma, down, ctx.activation, need[5], need[6])
+            dA_d, dB_d, dg, du = _down_and_gated_backward(dh, g, u, ma, down, ctx.activation, need[5], need[6],
+                                                          overwrite=ctx.overwrite_saved)
+            del g, u
             dx, dA_g, dB_g = _project_backward(dg, x, xa_g, gate, (need[0], need[1], need[2]))
             dx, dA_u, dB_u = _project_backward(du, x, xa_u, up, (need[0], need[3], need[4]), accumulate=dx)
         return dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d, None, None, None
@@ -362,19 +371,33 @@ def _specs(layers, As, Bs, scales) -> tuple[LoRASpec, ...]:
     return tuple(LoRASpec(*parts) for parts in zip(layers, As, Bs, scales))
 
 
-def _down_and_gated_backward(dh, g, u, ma, down: LoRASpec, activation: str, need_dA: bool, need_dB: bool):
-    """Through the down projection and the gated activation: ``(dA_d, dB_d, dg, du)``."""
+def _unused_output(like: torch.Tensor, features: int) -> torch.Tensor:
+    """A NaN [T, features] tensor that takes no memory (an expanded scalar): the output of a computation skipped
+    because nothing reads it. Should anything read it after all, the NaNs make that loud."""
+    return torch.full((1, 1), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape[0], features)
+
+
+def _down_and_gated_backward(dh, g, u, ma, down: LoRASpec, activation: str, need_dA: bool, need_dB: bool,
+                             overwrite: bool = False):
+    """Through the down projection and the gated activation: ``(dA_d, dB_d, dg, du)``. ``overwrite``: ``dg``,
+    ``du`` are written over ``g``, ``u`` (the caller's are then gone), which keeps three [T, I] tensors alive at
+    most instead of four."""
     _, A_d, B_d, scale = down
     dyB = torch.mm(dh, B_d.to(dh.dtype))
     dB = _scaled_mm(dh.t(), ma, scale, B_d.dtype) if need_dB else None
-    dm = _input_grad(dh, dyB, down)
+    m = dA = None
     if need_dA:
-        buf = _ga._forward(g, u, activation)  # m = act(g) * u, recomputed; du is written over it afterwards
-        dA = _scaled_mm(dyB.t(), buf, scale, A_d.dtype)
-    else:
-        buf, dA = new_empty(g.shape, g.dtype, g.device), None
-    _gated_backward_in_place(dm, g, u, buf, activation)
-    return dA, dB, dm, buf
+        m = _ga._forward(g, u, activation)  # m = act(g) * u, recomputed
+        dA = _scaled_mm(dyB.t(), m, scale, A_d.dtype)
+    if overwrite:
+        m = None  # freed before dm exists
+    dm = _input_grad(dh, dyB, down)
+    if overwrite:
+        out = (g, u)
+    else:  # dg over dm; du over m (or a new buffer)
+        out = (dm, m if m is not None else new_empty(g.shape, g.dtype, g.device))
+    dg, du = _ga._backward(dm, g, u, activation, out=out)
+    return dA, dB, dg, du
 
 
 # --------------------------------------------------------------------------------------------- public API

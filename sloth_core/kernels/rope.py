@@ -28,7 +28,9 @@ reference path runs so that autograd stays right.
 One program handles a block of tokens and a block of head indices, for q's heads and k's heads alike, so q and
 k are rotated in one launch (``cos`` / ``sin`` are loaded once per token). ``q`` / ``k`` are read through their
 strides (HF passes transposed, non-contiguous views); ``cos`` / ``sin`` through theirs (stride 0 for a batch of
-1 or an expanded batch). Outputs are contiguous, in the logical shape of ``q`` / ``k``, in the dtype HF's
+1 or an expanded batch). Outputs have the logical shape of ``q`` / ``k`` and, as HF's elementwise expression
+gives, their memory layout (a transposed view of a [B, S, H, D] buffer in, the same out: attention then reads and
+returns that layout, and the gradients flow back to the projections without copies), in the dtype HF's
 expression would give (``q.dtype`` promoted with ``cos.dtype`` and ``sin.dtype``). Kernels compute in float32.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import interpreting, new_empty_like, next_power_of_2, triton_ok
 
 # --------------------------------------------------------------------------------------------- reference
 
@@ -155,8 +157,8 @@ def _rope_launch(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: tor
     batch, seq, n_q_heads, head_dim = _bshd_shape(xq, unsqueeze_dim)
     n_k_heads = _bshd_shape(xk, unsqueeze_dim)[2]
     half = head_dim // 2
-    out_q = new_empty(xq.shape, out_dtypes[0], xq.device)
-    out_k = new_empty(xk.shape, out_dtypes[1], xk.device)
+    out_q = new_empty_like(xq, out_dtypes[0])  # HF's layout: a transposed view in, a transposed output out
+    out_k = new_empty_like(xk, out_dtypes[1])
     n_tokens, n_heads = batch * seq, max(n_q_heads, n_k_heads)
     cfg = config_for("rope", n_tokens=n_tokens, n_heads=n_heads, half=half, dtype=xq.dtype)
     if cfg["BLOCK_HALF"] < half:

@@ -21,11 +21,31 @@ class HeadFacts:
 
 
 @dataclass(frozen=True)
+class LayerFacts:
+    """Facts about the decoder layer that checkpointing uses.
+
+    ``mlp_output_into_residual``: the layer ends with ``hidden = residual + mlp(norm(hidden))``, so nothing the
+    layer saves for its backward depends on the MLP's output -- unless the layer has a norm on that output, named
+    by ``post_mlp_norm_attr`` (Gemma2/3's ``post_feedforward_layernorm`` saves its input). Then the recompute of a
+    checkpointed layer may skip computing the MLP output (:mod:`sloth_core.recompute`)."""
+
+    mlp_output_into_residual: bool = False
+    post_mlp_norm_attr: str | None = None
+
+    def mlp_output_unused(self, layer: Any) -> bool:
+        """Whether the recompute of this decoder layer instance may skip its MLP's output."""
+        if not self.mlp_output_into_residual:
+            return False
+        return not (self.post_mlp_norm_attr and getattr(layer, self.post_mlp_norm_attr, None) is not None)
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     model_types: tuple[str, ...]
     patterns: tuple[PatternUse, ...]
     head: HeadFacts = field(default_factory=HeadFacts)
+    layer: LayerFacts = field(default_factory=LayerFacts)
     declared: bool = True
     notes: str = ""
 
@@ -68,11 +88,12 @@ def generic_architecture(**_: Any) -> Architecture:
 
 
 def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
-            head: HeadFacts | None = None, notes: str = "") -> Architecture:
+            head: HeadFacts | None = None, post_mlp_norm_attr: str | None = None, notes: str = "") -> Architecture:
     """Register the usual decoder-only layout: RMSNorm (``norm``: ``"llama"`` or ``"gemma"`` casting, the latter
-    with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``), RoPE through
-    ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs) as fused functions, and the causal-LM head's
-    fused loss with the ``head`` facts. Architectures that
+    with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``) whose output goes
+    into the residual add that ends the layer (or first through the norm ``post_mlp_norm_attr`` where a layer has
+    one), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs) as fused functions, and the
+    causal-LM head's fused loss with the ``head`` facts. Architectures that
     differ list their :class:`PatternUse` s in an :class:`Architecture` and call :func:`register` themselves."""
     from .patterns import CAUSAL_LM_LOSS, GATED_MLP, LORA_LINEAR, LORA_MLP, RMS_NORM, ROPE
 
@@ -85,5 +106,6 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
                   GATED_MLP.using(activation=activation), LORA_LINEAR.using(), ROPE.using(),
                   CAUSAL_LM_LOSS.using(softcap_attr=head.softcap_attr, logit_scale_attr=head.logit_scale_attr)),
         head=head,
+        layer=LayerFacts(mlp_output_into_residual=True, post_mlp_norm_attr=post_mlp_norm_attr),
         notes=notes,
     ))

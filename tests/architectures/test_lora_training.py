@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sloth_core
-from sloth_core.tiny import tiny_model
+from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
 from tests.batches import token_batch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -80,3 +80,33 @@ def test_unsupported_lora_settings_keep_peft_path_and_are_reported(setting, reas
     assert rows and all(r.status == "skipped" and reason in r.detail for r in rows)
     assert "gated_mlp" in {r.pattern for r in sloth_core.report(model) if r.status == "replaced"}
     _assert_same_curve(ref, model, device, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_checkpointed_recompute_skips_the_mlp_output_only_where_nothing_reads_it(model_type, device):
+    """In the recompute of a checkpointed layer the fused LoRA MLP skips its down projection exactly in the layers
+    declared to feed the MLP output straight into the residual add (not Gemma2/3, whose post-feed-forward norm
+    saves it); the loss and every LoRA gradient still equal PEFT's."""
+    from sloth_core import recompute
+    from sloth_core.tolerances import assert_close
+
+    ref = _lora(tiny_model(model_type, device=device))
+    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on")
+    assert "lora_mlp" in {r.pattern for r in sloth_core.report(model) if r.status == "replaced"}
+    ids, labels = token_batch(device)
+    before = recompute.STATS.mlp_outputs_skipped
+    losses = []
+    for m in (ref, model):
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+        losses.append(loss)
+    skipped = recompute.STATS.mlp_outputs_skipped - before
+    layers = ref.config.num_hidden_layers
+    assert skipped == (0 if model_type in ("gemma2", "gemma3_text") else layers)
+    assert_close("loss", losses[1].detach(), losses[0].detach(), torch.float32)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert grads[n] is not None and torch.isfinite(grads[n]).all(), n
+            assert_close(n, grads[n], p.grad, torch.float32)
+

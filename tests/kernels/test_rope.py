@@ -127,6 +127,21 @@ def test_kernel_matches_hf_apply_rotary_pos_emb(geo, dtype, seed):
         assert_close(f"{name} vs HF", actual, exp, dtype=dtype)
 
 
+def test_outputs_and_input_grads_keep_hf_memory_layout():
+    """HF's transposed q/k views give outputs in the same (transposed) layout; ours must too, and the gradients
+    reaching the projections then need no copy (the view's backward is a view)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, cos, sin = _llama_inputs(2, 5, 4, 2, 8, torch.float32, gen)
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    ours, hf = rope.apply_rope(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
+    assert type(ours[0].grad_fn).__name__ == "_RopeFunctionBackward", "Triton path was not taken"
+    for a, b in zip(ours, hf):
+        assert a.stride() == b.stride() and a.transpose(1, 2).is_contiguous()
+    dq, dk = torch.autograd.grad(ours, (q, k), (torch.ones_like(ours[0]), torch.ones_like(ours[1])))
+    assert dq.stride() == ours[0].stride() and dk.stride() == ours[1].stride()
+    assert dq.transpose(1, 2).is_contiguous()
+
+
 def test_reference_is_hf_in_float64():
     gen = torch.Generator().manual_seed(0)
     q, k, cos, sin = _llama_inputs(2, 5, 4, 2, 6, torch.float64, gen)

@@ -1,0 +1,63 @@
+"""What the code running right now is: a decoder layer's first forward, or its recompute in the backward.
+
+:mod:`sloth_core.checkpointing` reruns a checkpointed decoder layer in the backward only to regenerate the tensors
+its autograd nodes saved (``torch.utils.checkpoint`` with ``use_reentrant=False``: the recompute's outputs are
+thrown away, and it stops as soon as the last saved tensor is regenerated). A computation whose result no saved
+tensor depends on is wasted there. The one such computation worth skipping is the MLP's down projection
+``h = m W_d^T (+ LoRA)`` (a quarter of a Llama layer's FLOPs) in layers whose MLP output only feeds the residual add
+that ends the layer -- nothing saved depends on ``h`` then. Which layers those are is declared per architecture
+(:class:`sloth_core.registry.LayerFacts`); the checkpointing wrapper opens :func:`checkpointed_layer_scope`
+around the first forward and around the recompute of each layer, and the fused LoRA MLP asks
+:func:`mlp_output_unused` and :func:`in_checkpointed_layer`.
+
+The state is thread-local: the recompute runs on the autograd engine's thread, inside the unpack hook of the
+backward, and everything it calls runs on that thread too.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+
+_STATE = threading.local()
+
+
+@dataclasses.dataclass
+class RecomputeStats:
+    mlp_outputs_skipped: int = 0  # MLP down projections not computed in a recompute (tests read it)
+
+
+STATS = RecomputeStats()
+
+
+def recomputing() -> bool:
+    """Whether a checkpointed layer is being recomputed (in the backward) on this thread."""
+    return getattr(_STATE, "recompute_depth", 0) > 0
+
+
+def in_checkpointed_layer() -> bool:
+    """Whether a checkpointed layer runs on this thread -- its first forward or its recompute. The tensors an
+    autograd node created now saves reach its backward as the recompute's fresh copies, read by that backward
+    alone: the backward may overwrite them."""
+    return getattr(_STATE, "layer_depth", 0) > 0
+
+
+def mlp_output_unused() -> bool:
+    """Whether the MLP running now is the recompute of a layer whose MLP output no saved tensor depends on: its
+    value is never read, so it need not be computed (only the tensors the backward needs)."""
+    return recomputing() and getattr(_STATE, "mlp_output_unused", False)
+
+
+@contextlib.contextmanager
+def checkpointed_layer_scope(recompute: bool, mlp_output_unused: bool = False):
+    """Mark the code inside as a checkpointed layer's first forward (``recompute=False``) or its recompute
+    (``mlp_output_unused``: the layer's MLP output feeds nothing its backward needs)."""
+    prev = (getattr(_STATE, "layer_depth", 0), getattr(_STATE, "recompute_depth", 0),
+            getattr(_STATE, "mlp_output_unused", False))
+    _STATE.layer_depth = prev[0] + 1
+    _STATE.recompute_depth = prev[1] + (1 if recompute else 0)
+    _STATE.mlp_output_unused = bool(mlp_output_unused)
+    try:
+        yield
+    finally:
+        _STATE.layer_depth, _STATE.recompute_depth, _STATE.mlp_output_unused = prev
