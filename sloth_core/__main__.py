@@ -4,7 +4,7 @@
                                                     check; on a GPU also a quick speed comparison
     sloth-core tune --model llama-3-8b --seq 2048 4096   pre-tune the kernels a model uses (GPU); --show, --clear
     sloth-core bench compare A.json B.json               the change between two benchmark runs
-    sloth-core bench kernels | train                     (GPU; the runners live in benchmarks/ for now)
+    sloth-core bench kernels | train                     kernel / training benchmark reports (GPU)
 """
 from __future__ import annotations
 

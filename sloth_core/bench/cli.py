@@ -4,9 +4,9 @@
     sloth-core bench train [--preset llama-3-8b] [--quant nf4] [--batch 4] [--seq 2048] [--rank 16]
     sloth-core bench compare A.json B.json      new/old median time of every row both runs have (any machine)
 
-`kernels` and `train` need a CUDA GPU. They are not wired to the GPU runners yet: for now run the scripts in
-benchmarks/ (bench_loss.py, bench_dequant.py, bench_autotune.py for kernels; bench_train_step.py for training),
-which print a table and write JSON with the environment. `compare` works anywhere.
+`kernels` and `train` need a CUDA GPU (without one: a one-line message, exit status 2). Each run prints a table and
+writes a JSON file (environment and every figure), a Markdown report and PNG charts (with matplotlib) under --out.
+`compare` works anywhere.
 """
 from __future__ import annotations
 
@@ -14,13 +14,8 @@ import argparse
 import sys
 
 MODELS = ("llama-3-8b", "gemma-2-9b", "qwen3-8b", "mistral-7b")
-TRAIN_PRESETS = (*MODELS, "tiny-llama")
 MODES = ("fwd", "fwd_bwd")
 KERNELS = ("rms_norm", "gated_activation", "rope", "cross_entropy", "fused_linear_cross_entropy", "dequant", "lora")
-GPU_RUNNERS = {
-    "kernels": "benchmarks/bench_loss.py, benchmarks/bench_dequant.py, benchmarks/bench_autotune.py",
-    "train": "benchmarks/bench_train_step.py",
-}
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,34 +34,25 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _not_wired_note(command: str) -> str:
-    return (f"needs a CUDA GPU. Not yet wired to the GPU runners: for now run {GPU_RUNNERS[command]} "
-            f"(exit status 2 until then).")
-
-
 def _add_kernels(sub) -> None:
+    from . import kernels
+
     k = sub.add_parser("kernels", help="per-kernel times, throughput and memory vs other providers (CUDA GPU)",
-                       description=f"Per-kernel benchmark reports; {_not_wired_note('kernels')}")
-    k.add_argument("--kernel", nargs="+", choices=KERNELS, default=None, metavar="KERNEL",
-                   help=f"only these ({', '.join(KERNELS)}; default: all)")
-    k.add_argument("--model", nargs="+", choices=MODELS, default=None, metavar="MODEL",
-                   help=f"model shapes ({', '.join(MODELS)}; default: all)")
-    k.add_argument("--mode", nargs="+", choices=MODES, default=None, metavar="MODE",
-                   help="fwd and/or fwd_bwd (default: both)")
-    k.add_argument("--tokens", nargs="+", type=_positive_int, default=None, metavar="N",
-                   help="tokens (batch x sequence) per call (default: the runner's set)")
+                       description="Every kernel at the shapes of Llama-3-8B, Gemma-2-9B, Qwen3-8B and Mistral-7B, "
+                                   "forward and forward+backward, bf16: median ms, GB/s or TFLOP/s and their share of "
+                                   "the ceilings measured in the same run, peak extra memory, speedups; providers "
+                                   "sloth_core, HF eager, torch.compile and Liger-Kernel (when installed).")
+    kernels.add_arguments(k)
 
 
 def _add_train(sub) -> None:
+    from . import train
+
     t = sub.add_parser("train", help="end-to-end LoRA/QLoRA training steps, HF+PEFT vs sloth_core (CUDA GPU)",
-                       description=f"End-to-end training benchmark; {_not_wired_note('train')}")
-    t.add_argument("--preset", choices=TRAIN_PRESETS, default="llama-3-8b",
-                   help=f"model ({', '.join(TRAIN_PRESETS)}; default: llama-3-8b)")
-    t.add_argument("--quant", choices=("none", "nf4"), default="none",
-                   help="none: bf16 LoRA; nf4: QLoRA on a bitsandbytes NF4 base (default: none)")
-    t.add_argument("--batch", type=_positive_int, default=4, help="sequences a step (default: 4)")
-    t.add_argument("--seq", type=_positive_int, default=2048, help="sequence length (default: 2048)")
-    t.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank (default: 16)")
+                       description="End-to-end LoRA / QLoRA training steps on random-init models of real shapes: "
+                                   "tokens/s, peak GiB and the loss of every step, HF + PEFT, sloth_core and "
+                                   "Liger-Kernel (when installed) in the same run, from the same LoRA init.")
+    train.add_arguments(t)
 
 
 def _positive_int(text: str) -> int:
@@ -99,11 +85,17 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run ``sloth-core bench``; returns the exit status."""
     if args.bench_command == "compare":
         return _run_compare(args.a, args.b)
-    why = _no_cuda_reason()
-    if why is not None:
-        return _fail(why)
-    return _fail(f"{args.bench_command}: the GPU runners are not wired into the CLI yet; "
-                 f"run {GPU_RUNNERS[args.bench_command]}")
+    if getattr(args, "device", "cuda") == "cuda":
+        why = _no_cuda_reason()
+        if why is not None:
+            return _fail(why)
+    if args.bench_command == "train":
+        from . import train
+
+        return train.main(args)
+    from . import kernels
+
+    return kernels.main(args)
 
 
 def _run_compare(a: str, b: str) -> int:

@@ -57,6 +57,14 @@ def git_commit() -> str:
     return _run(["git", "rev-parse", "HEAD"], cwd=_REPO) or UNKNOWN
 
 
+def git_dirty() -> str:
+    """``"yes"`` when tracked files differ from ``git_commit()`` (the figures then belong to uncommitted code),
+    ``"no"``, or ``"unknown"`` when git cannot tell."""
+    if _run(["git", "rev-parse", "--is-inside-work-tree"], cwd=_REPO) != "true":
+        return UNKNOWN
+    return "yes" if _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO) else "no"
+
+
 def gpu_facts() -> dict[str, str]:
     """GPU name, NVIDIA driver version and the CUDA version torch was built with."""
     try:
@@ -83,6 +91,7 @@ def environment() -> dict:
         python=platform.python_version(),
         platform=platform.platform(),
         git_commit=git_commit(),
+        git_dirty=git_dirty(),
         command=shlex.join([sys.executable, *sys.argv]),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

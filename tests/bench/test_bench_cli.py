@@ -46,12 +46,17 @@ def test_gpu_commands_without_cuda_print_one_line_and_exit_2(argv, monkeypatch, 
     assert captured.out == ""
 
 
-@pytest.mark.parametrize("command, runner", [("kernels", "bench_loss.py"), ("train", "bench_train_step.py")])
-def test_gpu_commands_with_cuda_point_to_the_runners(command, runner, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["kernels", "train"])
+def test_gpu_commands_with_cuda_run_their_runner(command, monkeypatch):
+    from sloth_core.bench import kernels, train
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cli.run_bench(cli_args(["bench", command])) == 2
-    err = capsys.readouterr().err
-    assert runner in err and "not wired" in err and len(err.strip().splitlines()) == 1
+    called = []
+    for module in (kernels, train):
+        monkeypatch.setattr(module, "main", lambda args, m=module.__name__: called.append((m, args)) or 0)
+    assert cli.run_bench(cli_args(["bench", command])) == 0
+    assert [m for m, _ in called] == [f"sloth_core.bench.{command}"]
+    assert called[0][1].bench_command == command
 
 
 def cli_args(argv):
@@ -66,7 +71,7 @@ def test_parser_choices_and_defaults():
     args = cli_args(["bench", "kernels", "--kernel", "rope", "rms_norm", "--mode", "fwd", "--tokens", "1", "8192"])
     assert args.kernel == ["rope", "rms_norm"] and args.mode == ["fwd"] and args.tokens == [1, 8192]
     args = cli_args(["bench", "train"])
-    assert (args.preset, args.quant, args.batch, args.seq, args.rank) == ("llama-3-8b", "none", 4, 2048, 16)
+    assert (args.preset, args.quant, args.batch, args.seq, args.rank) == (["llama-3-8b"], ["none", "nf4"], 4, 2048, 16)
     for bad in (["bench", "kernels", "--model", "gpt2"], ["bench", "kernels", "--mode", "bwd"],
                 ["bench", "kernels", "--tokens", "0"], ["bench", "train", "--quant", "int8"], ["bench"]):
         with pytest.raises(SystemExit) as exc:
@@ -171,7 +176,7 @@ def test_png_charts_with_matplotlib(sample, tmp_path):
 def test_environment_keys():
     info = env.environment()
     expected = {"gpu", "driver", "cuda", "torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel",
-                "sloth_core", "python", "platform", "git_commit", "command", "date"}
+                "sloth_core", "python", "platform", "git_commit", "git_dirty", "command", "date"}
     assert expected <= set(info)
     assert info["torch"] == torch.__version__.split("+")[0] or info["torch"] == torch.__version__
     assert all(isinstance(v, str) and v for v in info.values())
@@ -181,4 +186,4 @@ def test_environment_keys():
 def test_environment_missing_library_and_failed_git(monkeypatch):
     assert env.library_version("no-such-dist", "no_such_module_xyz") == env.MISSING
     monkeypatch.setattr(env, "_REPO", env._REPO / "no_such_dir_for_git")
-    assert env.git_commit() == env.UNKNOWN
+    assert env.git_commit() == env.UNKNOWN and env.git_dirty() == env.UNKNOWN

@@ -1,0 +1,539 @@
+"""``sloth-core bench train``: end-to-end LoRA / QLoRA training steps on random-weight models of real shapes.
+
+What is measured, per (model preset, setup) -- one model, built once:
+
+* The model: a causal LM built from the real model's configuration (:data:`PRESETS`) with random weights (no
+  download), in bf16 on the GPU (fp32 on the CPU, for tests). ``setup`` ``lora_bf16`` keeps the bf16 base;
+  ``qlora_nf4`` swaps the decoder projections for bitsandbytes NF4 double-quant ``Linear4bit`` layers (bf16
+  compute) -- what ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))`` gives.
+  ``use_cache`` is off (training).
+* LoRA from PEFT: rank ``r``, ``lora_alpha = r``, dropout 0, on q/k/v/o/gate/up/down (:data:`TARGETS`). The LoRA
+  weights are saved after ``get_peft_model`` and put back before every provider, so every provider starts from
+  the same weights and sees the same batches (random token ids, one batch a step, ``labels = input_ids``).
+* Providers, run one after the other on that model (always in this order):
+
+  - ``hf_peft``: Hugging Face gradient checkpointing (``use_reentrant=False``) with input-embedding gradients
+    (``enable_input_require_grads``), as in the PEFT/TRL recipes; HF's modules everywhere.
+  - ``sloth_core``: HF checkpointing off, ``sloth_core.optimize(model, gradient_checkpointing="offload")``
+    (its own decoder-layer checkpointing, layer inputs kept in pinned host memory); ``sloth_core.restore``
+    afterwards. ``sloth_checkpointing="on"`` keeps the inputs on the GPU; ``"hf"`` keeps HF's checkpointing
+    (as ``hf_peft``) and calls ``optimize`` without the option.
+  - ``liger`` (when ``liger_kernel`` is importable): HF checkpointing as ``hf_peft``, plus Liger-Kernel's
+    ``_apply_liger_kernel_to_instance`` on the transformers model (RMSNorm, RoPE, SwiGLU/GeGLU, fused linear
+    cross-entropy; its defaults). Liger patches the model instance and the ``modeling_<type>`` module; the module
+    globals are put back afterwards, the instance is not restorable -- which is why ``liger`` runs last and the
+    model is dropped after it.
+
+* Per provider, ``steps`` steps of forward + backward + ``torch.optim.AdamW`` (lr 1e-4, LoRA parameters only;
+  a fresh optimizer per provider). Each step is timed with a wall clock around forward, backward, optimizer step
+  and ``zero_grad``, ending in ``torch.cuda.synchronize()``; the model's output (HF's logits with it) stays alive
+  through the backward, as ``out = model(...); out.loss.backward()`` keeps it and as the steering side's
+  baselines were measured (``anchor_bench.py``). The first ``warmup`` steps (Triton compilation,
+  autotuning on first use, allocator growth) are left out of the median. Peak memory is
+  ``torch.cuda.max_memory_allocated()`` after a reset at the start of the provider's steps: weights, LoRA
+  weights, optimizer states, activations (``None`` on the CPU).
+
+A result row (``kind`` ``"train"``, in :mod:`sloth_core.bench.report`'s schema) per provider: ``median_ms`` (step),
+``tokens_per_s`` (``batch * seq`` / median step), ``peak_gib``, the loss of every step (``losses``),
+``speedup_vs`` ``{"hf_peft": hf median / this median}``, ``memory_vs_hf`` (this peak / hf peak),
+``max_rel_loss_diff`` (the largest ``|loss - hf loss| / |hf loss|`` over the steps); also ``step_ms`` (every step),
+``batch``, ``seq``, ``rank``, ``setup_s`` (seconds to apply the provider: ``optimize`` for sloth_core, with its
+``replaced`` / ``skipped`` counts). A model that cannot be built, or a provider that fails (out of memory, an
+exception), gets rows with ``error`` and no figures; the rest still runs.
+
+Attention: SDPA for every preset but Gemma-2, which uses ``"eager"``: SDPA cannot apply Gemma-2's attention-logit
+soft-capping (transformers' SDPA path silently drops it) and Hugging Face recommends eager attention to train
+Gemma-2; eager is what a stock transformers Gemma-2 fine-tune runs (without flash-attn installed).
+
+    from sloth_core.bench import train
+    results = train.run(["llama-3-8b"], ["none", "nf4"], batch=4, seq=2048, rank=16, steps=10)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .cli import _positive_int
+
+LR = 1e-4
+WARMUP = 3
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SETUPS = {"none": "lora_bf16", "nf4": "qlora_nf4"}  # --quant value -> setup name in the rows
+PROVIDERS = ("hf_peft", "sloth_core", "liger")  # the order they run in
+SLOTH_CHECKPOINTING = ("offload", "on", "hf")
+DEFAULT_OUT = "benchmarks/results"
+
+# transformers config kwargs of the real models (their config.json, minus token ids and dtype).
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=8192,
+                       attention_bias=False, mlp_bias=False, tie_word_embeddings=False),
+    "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+                       rope_theta=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                       max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, attention_bias=False,
+                       tie_word_embeddings=True),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=40960,
+                     attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=36,
+                     tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32768,  # v0.3
+                       rope_theta=1000000.0, rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=32768,
+                       sliding_window=None, tie_word_embeddings=False),
+    "tiny-llama": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, rope_theta=10000.0,
+                       rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=4096,
+                       tie_word_embeddings=False),
+}
+ATTN_IMPLEMENTATION = {"gemma-2-9b": "eager"}  # see the module docstring; every other preset: "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _known(values: Iterable[str] | str, known: Iterable[str], what: str) -> list[str]:
+    values = [values] if isinstance(values, str) else list(values)
+    known = list(known)
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    if not values:
+        raise ValueError(f"no {what} given; known: {', '.join(known)}")
+    return list(dict.fromkeys(values))
+
+
+def preset_config(preset: str, layers: int | None = None):
+    """The transformers config of ``preset`` (``layers`` overrides the number of decoder layers); nothing is
+    allocated."""
+    from transformers import AutoConfig
+
+    _known(preset, PRESETS, "preset")
+    kw = dict(PRESETS[preset])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    cfg.use_cache = False
+    return cfg
+
+
+def build(preset: str, layers: int | None = None, quant: str = "none", *, device="cuda",
+          dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """``preset``'s causal LM with random weights (seeded), on ``device`` in ``dtype``, in training mode; ``quant``
+    ``"nf4"`` quantizes the decoder projections (:func:`quantize_nf4`)."""
+    from transformers import AutoModelForCausalLM
+
+    _known(quant, SETUPS, "quant")
+    cfg = preset_config(preset, layers)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                 attn_implementation=ATTN_IMPLEMENTATION.get(preset, "sdpa"))
+    if quant == "nf4":
+        quantize_nf4(model, device)
+    return model.train()
+
+
+def quantize_nf4(model, device="cuda") -> None:
+    """Replace the decoder's projections by bitsandbytes NF4 double-quant ``Linear4bit`` layers (bf16 compute), as
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True))`` would, without a save/load round trip of a random checkpoint."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGETS:
+                lin = getattr(parent, name, None)
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4")._quantize(device)
+                if lin.bias is not None:
+                    q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+                setattr(parent, name, q)
+                del lin
+    model.is_loaded_in_4bit = True  # as from_pretrained sets it: PEFT then wraps the layers with its bnb LoRA class
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def add_lora(model, rank: int = 16, seed: int = 0):
+    """``get_peft_model`` with LoRA ``r = lora_alpha = rank``, dropout 0, on :data:`TARGETS` (seeded init)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
+                                            task_type="CAUSAL_LM"))
+
+
+def make_batches(vocab_size: int, steps: int, batch: int, seq: int, device="cuda", seed: int = 1) -> list:
+    """``steps`` batches of random token ids ``[batch, seq]`` (the same for every provider)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (batch, seq), generator=g).to(device) for _ in range(steps)]
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_steps(model, batches, steps: int | None = None, lr: float = LR, *, warmup: int = WARMUP) -> dict:
+    """Train ``model`` for one step per batch (``batches``: a list of id tensors, or one tensor reused ``steps``
+    times) with a fresh AdamW over the parameters that require grad.
+
+    Returns ``step_s_median`` (median over the steps after ``warmup``), ``peak_GiB`` (CUDA only, else ``None``),
+    ``losses`` and ``times`` (every step, seconds)."""
+    if isinstance(batches, torch.Tensor):
+        batches = [batches] * (steps or 1)
+    elif steps is not None:
+        batches = list(batches)[:steps]
+    device = batches[0].device
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for ids in batches:
+        t = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)  # the whole output lives through the backward, as in the
+        out.loss.backward()                      # steering side's anchor_bench.py (HF's logits are in it)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+        losses.append(out.loss.item())
+        del out
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    warm = times[min(warmup, len(times) - 1):]
+    return {"step_s_median": statistics.median(warm), "peak_GiB": peak, "losses": losses, "times": times}
+
+
+def _free(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _lora_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_lora_weights(model, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in saved:
+                p.copy_(saved[n])
+
+
+# ---------------------------------------------------------------------------------------------- providers
+# Each takes the PEFT model, prepares it, and returns (undo, extra row fields).
+
+
+def _base(model):
+    from sloth_core.api import unwrap
+
+    return unwrap(model)
+
+
+def _hf_checkpointing(model, on: bool) -> None:
+    """HF's non-reentrant gradient checkpointing with input-embedding gradients, or neither."""
+    base = _base(model)
+    if on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not getattr(base, "_require_grads_hooks", None):  # transformers 5 enables them above already
+            base.enable_input_require_grads()
+    else:
+        base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()
+
+
+def _use_hf_peft(model, checkpointing: bool, sloth_checkpointing: str):
+    _hf_checkpointing(model, checkpointing)
+    return (lambda: _hf_checkpointing(model, False)), {}
+
+
+def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str):
+    import sloth_core
+    from sloth_core.checkpointing import clear_host_pool
+
+    options = {}
+    if sloth_checkpointing == "hf":
+        _hf_checkpointing(model, checkpointing)
+    else:
+        options["gradient_checkpointing"] = sloth_checkpointing
+
+    def undo():
+        sloth_core.restore(model)
+        _hf_checkpointing(model, False)
+        clear_host_pool()  # the pinned buffers of "offload" (sized for this model)
+
+    try:
+        sloth_core.optimize(model, **options)
+    except BaseException:
+        undo()
+        raise
+    statuses = [r.status for r in sloth_core.report(model)]
+    return undo, {"replaced": statuses.count("replaced"), "skipped": statuses.count("skipped")}
+
+
+def _use_liger(model, checkpointing: bool, sloth_checkpointing: str):
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    base = _base(model)
+    restore_globals = _keep_globals(sys.modules[type(base).__module__], torch.nn.functional)
+
+    def undo():
+        restore_globals()
+        _hf_checkpointing(model, False)
+
+    _hf_checkpointing(model, checkpointing)
+    try:
+        _apply_liger_kernel_to_instance(model=base)
+    except BaseException:
+        undo()
+        raise
+    return undo, {}
+
+
+def _keep_globals(*modules) -> Callable[[], None]:
+    """Snapshot the attributes of ``modules``; the returned function puts back any that were reassigned (Liger
+    replaces e.g. ``modeling_llama.apply_rotary_pos_emb``, which would leak into the next model built)."""
+    saved = [(m, dict(vars(m))) for m in modules]
+
+    def restore():
+        for module, attrs in saved:
+            for name, value in attrs.items():
+                if vars(module).get(name) is not value:
+                    setattr(module, name, value)
+
+    return restore
+
+
+_USE = {"hf_peft": _use_hf_peft, "sloth_core": _use_sloth_core, "liger": _use_liger}
+
+
+def available_providers() -> list[str]:
+    """The providers that can run here (``liger`` only when ``liger_kernel`` is importable)."""
+    import importlib.util
+
+    return [p for p in PROVIDERS if p != "liger" or importlib.util.find_spec("liger_kernel") is not None]
+
+
+def _measure(provider: str, model, batches, *, lr: float, warmup: int, checkpointing: bool,
+             sloth_checkpointing: str) -> dict:
+    """Prepare ``model`` for ``provider``, run the steps, undo; ``error`` instead of figures when it fails."""
+    device = batches[0].device
+    t = time.perf_counter()
+    try:
+        undo, extra = _USE[provider](model, checkpointing, sloth_checkpointing)
+    except Exception as exc:  # noqa: BLE001 - one failing provider must not lose the others' results
+        return {"error": f"setup: {type(exc).__name__}: {exc}"}
+    extra["setup_s"] = time.perf_counter() - t
+    try:
+        return {**run_steps(model, batches, lr=lr, warmup=warmup), **extra}
+    except Exception as exc:  # noqa: BLE001 - out of memory, a kernel error, ...
+        return {"error": f"{type(exc).__name__}: {exc}", **extra}
+    finally:
+        model.zero_grad(set_to_none=True)
+        undo()
+        _free(device)
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def _rel_diffs(losses: Sequence[float], reference: Sequence[float]) -> list[float]:
+    return [abs(a - b) / (abs(b) or 1.0) for a, b in zip(losses, reference)]
+
+
+def model_name(preset: str, layers: int | None = None) -> str:
+    """The ``model`` of a row: the preset, marked when its number of layers was overridden."""
+    return preset if not layers else f"{preset}-{layers}l"
+
+
+def _rows(model: str, quant: str, batch: int, seq: int, rank: int, measured: dict[str, dict]) -> list[dict]:
+    tokens = batch * seq
+    base = measured.get("hf_peft")
+    base = base if base and "error" not in base else None
+    rows = []
+    for provider, m in measured.items():
+        row = {"kind": "train", "setup": SETUPS[quant], "model": model, "tokens": tokens, "mode": "fwd_bwd",
+               "provider": provider, "batch": batch, "seq": seq, "rank": rank}
+        if "error" in m:
+            rows.append({**row, "error": m["error"]})
+            continue
+        step_s, peak = m["step_s_median"], m["peak_GiB"]
+        row.update(median_ms=step_s * 1e3, tokens_per_s=tokens / step_s, peak_gib=peak, losses=m["losses"],
+                   step_ms=[t * 1e3 for t in m["times"]], speedup_vs={}, memory_vs_hf=None, max_rel_loss_diff=None)
+        if base is not None:
+            row["speedup_vs"] = {"hf_peft": base["step_s_median"] / step_s}
+            if peak is not None and base["peak_GiB"]:
+                row["memory_vs_hf"] = peak / base["peak_GiB"]
+            row["max_rel_loss_diff"] = max(_rel_diffs(m["losses"], base["losses"]), default=None)
+        row.update({k: m[k] for k in ("setup_s", "replaced", "skipped") if k in m})
+        rows.append(row)
+    return rows
+
+
+def run(presets: Iterable[str] | str, quants: Iterable[str] | str = ("none", "nf4"), *, batch: int = 4,
+        seq: int = 2048, rank: int = 16, steps: int = 10, providers: Iterable[str] | None = None, device="cuda",
+        dtype: torch.dtype | None = None, warmup: int = WARMUP, layers: int | None = None,
+        checkpointing: bool = True, sloth_checkpointing: str = "offload", lr: float = LR, seed: int = 0) -> dict:
+    """Measure every (preset, quant) with every provider; a results dict (``env``, ``settings``, ``rows``).
+
+    ``quants``: ``"none"`` (setup ``lora_bf16``) and/or ``"nf4"`` (``qlora_nf4``). ``providers``: default
+    :func:`available_providers`; they always run in the order of :data:`PROVIDERS`. ``dtype``: default bf16 on
+    CUDA, fp32 elsewhere. ``layers`` overrides the number of decoder layers. ``checkpointing``: HF's checkpointing
+    for ``hf_peft`` / ``liger``; ``sloth_checkpointing``: ``"offload"`` / ``"on"`` (sloth_core's own, passed to
+    ``optimize``) or ``"hf"`` (as ``hf_peft``)."""
+    from .env import environment
+
+    presets = _known(presets, PRESETS, "preset")
+    quants = _known(quants, SETUPS, "quant")
+    available = available_providers()
+    wanted = _known(providers if providers is not None else available, PROVIDERS, "provider")
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise ValueError(f"provider(s) {', '.join(missing)} not available here (liger needs liger_kernel)")
+    _known(sloth_checkpointing, SLOTH_CHECKPOINTING, "sloth_checkpointing")
+    if min(batch, seq, rank, steps) < 1 or warmup < 0:
+        raise ValueError(f"batch, seq, rank, steps must be positive and warmup >= 0 (got batch={batch}, seq={seq}, "
+                         f"rank={rank}, steps={steps}, warmup={warmup})")
+    wanted = [p for p in PROVIDERS if p in wanted]
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = []
+    for preset in presets:
+        for quant in quants:
+            rows += _run_case(preset, quant, wanted, batch=batch, seq=seq, rank=rank, steps=steps, device=device,
+                              dtype=dtype, warmup=warmup, layers=layers, checkpointing=checkpointing,
+                              sloth_checkpointing=sloth_checkpointing, lr=lr, seed=seed)
+    settings = dict(presets=presets, quants=quants, providers=wanted, batch=batch, seq=seq, rank=rank,
+                    lora_alpha=rank, lora_dropout=0.0, targets=TARGETS, steps=steps, warmup=warmup, lr=lr,
+                    layers=layers, dtype=str(dtype).replace("torch.", ""), device=str(device),
+                    checkpointing=checkpointing, sloth_checkpointing=sloth_checkpointing,
+                    attention={p: ATTN_IMPLEMENTATION.get(p, "sdpa") for p in presets})
+    return {"env": environment(), "settings": settings, "rows": rows}
+
+
+def _run_case(preset: str, quant: str, providers: list[str], *, batch, seq, rank, steps, device, dtype, warmup,
+              layers, checkpointing, sloth_checkpointing, lr, seed) -> list[dict]:
+    name = model_name(preset, layers)
+    model = error = None
+    try:
+        model = add_lora(build(preset, layers, quant, device=device, dtype=dtype, seed=seed), rank, seed)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other presets still run
+        error = f"build: {type(exc).__name__}: {exc}"
+    if model is None:
+        _free(device)  # outside the handler: the traceback no longer holds the half-built model
+        return _rows(name, quant, batch, seq, rank, {p: {"error": error} for p in providers})
+    try:
+        lora0 = _lora_weights(model)
+        batches = make_batches(model.config.vocab_size, steps, batch, seq, device, seed + 1)
+        measured = {}
+        for provider in providers:
+            _load_lora_weights(model, lora0)
+            measured[provider] = _measure(provider, model, batches, lr=lr, warmup=warmup,
+                                          checkpointing=checkpointing, sloth_checkpointing=sloth_checkpointing)
+    finally:
+        del model
+        _free(device)
+    return _rows(name, quant, batch, seq, rank, measured)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``sloth-core bench train``."""
+    parser.add_argument("--preset", nargs="+", choices=list(PRESETS), default=["llama-3-8b"], metavar="PRESET",
+                        help=f"models ({', '.join(PRESETS)}; default: %(default)s)")
+    parser.add_argument("--quant", nargs="+", choices=list(SETUPS), default=list(SETUPS), metavar="QUANT",
+                        help="none: bf16 LoRA (lora_bf16); nf4: QLoRA on a bitsandbytes NF4 base (qlora_nf4); "
+                             "default: %(default)s")
+    parser.add_argument("--batch", type=_positive_int, default=4, help="sequences a step (default: %(default)s)")
+    parser.add_argument("--seq", type=_positive_int, default=2048, help="sequence length (default: %(default)s)")
+    parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank, alpha = rank (default: %(default)s)")
+    parser.add_argument("--steps", type=_positive_int, default=10, help="steps per provider (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=WARMUP,
+                        help="first steps left out of the median (default: %(default)s)")
+    parser.add_argument("--provider", nargs="+", choices=list(PROVIDERS), default=None, metavar="PROVIDER",
+                        help=f"{', '.join(PROVIDERS)} (default: %(default)s; None: all available, liger needs "
+                             f"liger_kernel)")
+    parser.add_argument("--layers", type=_positive_int, default=None, help="override the number of decoder layers")
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="no HF gradient checkpointing for hf_peft / liger")
+    parser.add_argument("--sloth-checkpointing", choices=SLOTH_CHECKPOINTING, default="offload",
+                        help="sloth_core's checkpointing: offload, on, or hf (HF's, as hf_peft); default: %(default)s")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda, or cpu for a quick check with tiny-llama (fp32); default: %(default)s")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help="folder for the JSON, Markdown and charts (default: %(default)s)")
+    parser.add_argument("--name", default=None, metavar="STEM",
+                        help="file name stem (default: train_<presets>_<date>_<time>)")
+    return parser
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def format_table(results: dict) -> str:
+    """The training rows as a compact plain-text table (errors listed below it)."""
+    from tabulate import tabulate
+
+    rows = [r for r in results.get("rows") or [] if r.get("kind") == "train"]
+    body = [(r["setup"], r["model"], r["provider"], _fmt(r.get("tokens_per_s"), ".0f"),
+             _fmt((r.get("speedup_vs") or {}).get("hf_peft"), ".2f"), _fmt(r.get("peak_gib"), ".2f"),
+             _fmt(r.get("memory_vs_hf"), ".2f"), _fmt(r.get("max_rel_loss_diff"), ".1e"),
+             " ".join(f"{x:.4f}" for x in (r.get("losses") or [])[:3]))
+            for r in rows if "error" not in r]
+    headers = ("setup", "model", "provider", "tokens/s", "speedup", "peak GiB", "memory", "max rel dloss",
+               "first losses")
+    lines = [tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True) if body else "(no results)"]
+    lines += [f"FAILED {r['setup']} {r['model']} {r['provider']}: {r['error']}" for r in rows if "error" in r]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed :func:`add_arguments` options, print the table, write the outputs."""
+    from .report import write_all
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"sloth-core bench train: needs a CUDA GPU; none found (torch {torch.__version__}, CUDA unavailable)",
+              file=sys.stderr)
+        return 2
+    try:
+        results = run(args.preset, args.quant, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
+                      providers=args.provider, device=args.device, warmup=args.warmup, layers=args.layers,
+                      checkpointing=not args.no_checkpointing, sloth_checkpointing=args.sloth_checkpointing)
+    except ValueError as exc:
+        print(f"sloth-core bench train: {exc}", file=sys.stderr)
+        return 2
+    s = results["settings"]
+    print(f"\nbatch {s['batch']} x {s['seq']}, LoRA r={s['rank']} on {','.join(TARGETS)}, {s['steps']} steps "
+          f"(median of the last {s['steps'] - min(s['warmup'], s['steps'] - 1)}), HF checkpointing "
+          f"{'on' if s['checkpointing'] else 'off'}, sloth_core checkpointing {s['sloth_checkpointing']}; "
+          f"{results['env'].get('gpu')}")
+    print(format_table(results))
+    stem = args.name or f"train_{'_'.join(args.preset)}_{time.strftime('%Y%m%d_%H%M%S')}"
+    paths = write_all(results, args.out, stem)
+    print(f"wrote {paths['json']}\nwrote {paths['markdown']}")
+    for path in paths.get("charts") or []:
+        print(f"wrote {path}")
+    return 0 if not any("error" in r for r in results["rows"]) else 1
