@@ -462,12 +462,10 @@ def default_stem(device: torch.device | str | None = None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``sloth-core bench kernels``: ceilings, the matrix, the terminal table, then JSON / Markdown / charts."""
+    """``sloth-core bench kernels``: ceilings, the matrix, the terminal table, then JSON / Markdown / charts. The
+    CLI (:func:`sloth_core.bench.cli.run_bench`) has checked that a CUDA GPU is there."""
     from .report import terminal_table, write_all
 
-    if not torch.cuda.is_available():
-        print("sloth-core bench: kernels needs a CUDA GPU; none found", file=sys.stderr)
-        return 2
     device = torch.device("cuda")
     results = run(args.kernel, args.model, args.mode, args.tokens, args.provider, device=device,
                   timer=timing.CudaTimer(device), reps=args.reps)

@@ -192,16 +192,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_steps(model, batches, steps: int | None = None, lr: float = LR, *, warmup: int = WARMUP) -> dict:
-    """Train ``model`` for one step per batch (``batches``: a list of id tensors, or one tensor reused ``steps``
-    times) with a fresh AdamW over the parameters that require grad.
+def run_steps(model, batches: Sequence[torch.Tensor], lr: float = LR, *, warmup: int = WARMUP) -> dict:
+    """Train ``model`` for one step per batch of token ids with a fresh AdamW over the parameters that require
+    grad.
 
     Returns ``step_s_median`` (median over the steps after ``warmup``), ``peak_GiB`` (CUDA only, else ``None``),
     ``losses`` and ``times`` (every step, seconds)."""
-    if isinstance(batches, torch.Tensor):
-        batches = [batches] * (steps or 1)
-    elif steps is not None:
-        batches = list(batches)[:steps]
     device = batches[0].device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     _sync(device)
@@ -511,13 +507,10 @@ def format_table(results: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed :func:`add_arguments` options, print the table, write the outputs."""
+    """Run the benchmark from parsed :func:`add_arguments` options, print the table, write the outputs. The CLI
+    (:func:`sloth_core.bench.cli.run_bench`) has checked that a CUDA GPU is there when ``--device cuda``."""
     from .report import write_all
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"sloth-core bench train: needs a CUDA GPU; none found (torch {torch.__version__}, CUDA unavailable)",
-              file=sys.stderr)
-        return 2
     try:
         results = run(args.preset, args.quant, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
                       providers=args.provider, device=args.device, warmup=args.warmup, layers=args.layers,

@@ -276,11 +276,6 @@ def test_main_writes_every_output(monkeypatch, tmp_path, capsys):
     assert report.read_json(tmp_path / "stem.json") == canned
 
 
-def test_main_without_cuda_exits_2(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert K.main(parse([])) == 2 and "CUDA" in capsys.readouterr().err
-
-
 def test_default_stem_names_the_gpu_and_date(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 (SXM)")

@@ -1,6 +1,6 @@
 """``sloth_core.bench.train`` on the CPU: a tiny Llama end to end (fp32; kernels under Triton's interpreter), the
 preset configs of the real models (configs and meta-device models only), argument errors, Liger's plumbing through a
-stand-in module, and the ``benchmarks/bench_train_step.py`` wrapper."""
+stand-in module."""
 import argparse
 import contextlib
 import importlib.machinery
@@ -9,7 +9,6 @@ import io
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -107,12 +106,6 @@ def test_main_prints_the_table_and_writes_the_reports(cpu_run):
     assert "tokens/s" in stdout and "sloth_core" in stdout and str(out / "tiny.json") in stdout
     assert (out / "tiny.md").read_text().count("tiny-llama") >= 2
     assert json.loads((out / "tiny.json").read_text())["settings"]["providers"] == ["hf_peft", "sloth_core"]
-
-
-def test_main_without_cuda_exits_2(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.main(_parse(["--preset", "llama-3-8b"])) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -233,35 +226,3 @@ def test_a_model_that_cannot_be_built_gets_error_rows(monkeypatch):
     assert [(r["setup"], r["provider"]) for r in rows] == [("lora_bf16", "hf_peft"), ("lora_bf16", "sloth_core"),
                                                           ("qlora_nf4", "hf_peft"), ("qlora_nf4", "sloth_core")]
     assert {r["error"] for r in rows} == {"build: OutOfMemoryError: CUDA out of memory"}
-
-
-# ---------------------------------------------------------------------------------------------- the old script
-
-
-def _wrapper():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_train_step_keeps_its_names_and_flags():
-    script = _wrapper()
-    for name in ("build", "quantize_nf4", "TARGETS", "PRESETS", "run_steps"):
-        assert getattr(script, name) is getattr(train, name)
-    args = script.parse_args(["--quant", "nf4", "--sloth-checkpointing", "offload", "--no-checkpointing",
-                              "--layers", "2", "--out", "/tmp/x/train_qlora.json"])
-    assert (args.out, args.name, args.quant, args.layers, args.no_checkpointing) == \
-        ("/tmp/x", "train_qlora", ["nf4"], 2, True)
-    defaults = script.parse_args([])
-    assert (defaults.preset, defaults.quant, defaults.steps, defaults.provider, defaults.sloth_checkpointing) == \
-        (["llama-3-8b"], ["none"], 12, ["hf_peft", "sloth_core"], "hf")
-
-
-def test_run_steps_accepts_one_batch_reused(monkeypatch):
-    torch.manual_seed(0)
-    model = train.add_lora(train.build("tiny-llama", layers=1, device="cpu", dtype=torch.float32), rank=4)
-    ids = torch.randint(0, 1024, (1, 8))
-    out = train.run_steps(model, ids, 2)
-    assert len(out["losses"]) == 2 and out["peak_GiB"] is None and out["step_s_median"] > 0

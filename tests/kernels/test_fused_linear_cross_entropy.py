@@ -13,7 +13,7 @@ from sloth_core.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy_reference,
 )
 from sloth_core.tolerances import assert_close
-from tests.kernels.test_cross_entropy import grad_seed, make_labels, num_items_arg, well_conditioned
+from tests.kernels.test_cross_entropy import grad_seed, loss_cases, make_labels, num_items_arg, well_conditioned
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -73,22 +73,12 @@ def check_against_reference(hidden, weight, bias, labels, loss_kwargs, gen, requ
 
 @st.composite
 def flce_cases(draw):
-    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     return dict(
-        n_tokens=draw(st.integers(1, 20)),
+        draw(loss_cases()),
         n_hidden=draw(st.sampled_from([8, 24, 40])),
-        vocab=draw(st.integers(2, 600)),
         chunk_tokens=draw(st.sampled_from([1, 3, 7, 256])),
-        block_v=draw(st.sampled_from([32, 64, 128])),
-        dtype=draw(st.sampled_from(DTYPES)),
         with_bias=draw(st.booleans()),
         requires=(draw(st.booleans()), draw(st.booleans()), draw(st.booleans())),
-        ignore=draw(st.sampled_from(["none", "some", "all"])),
-        softcap=draw(st.sampled_from([None, 3.0, 30.0])),
-        logit_scale=draw(st.sampled_from([None, 0.5, 1.7])),
-        num_items=draw(st.sampled_from([None, "int", "tensor"])) if reduction == "mean" else None,
-        reduction=reduction,
-        seed=draw(st.integers(0, 2**16)),
     )
 
 
