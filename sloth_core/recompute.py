@@ -5,10 +5,12 @@ its autograd nodes saved (``torch.utils.checkpoint`` with ``use_reentrant=False`
 thrown away, and it stops as soon as the last saved tensor is regenerated). A computation whose result no saved
 tensor depends on is wasted there. The one such computation worth skipping is the MLP's down projection
 ``h = m W_d^T (+ LoRA)`` (a quarter of a Llama layer's FLOPs) in layers whose MLP output only feeds the residual add
-that ends the layer -- nothing saved depends on ``h`` then. Which layers those are is declared per architecture
-(:class:`sloth_core.registry.LayerFacts`); the checkpointing wrapper opens :func:`checkpointed_layer_scope`
+that ends the layer -- nothing saved depends on ``h`` then (the fused LoRA MLP then also moves the recompute of
+its gate/up projections into its backward, in chunks: :mod:`sloth_core.kernels.lora`). Which layers those are
+is declared per architecture (:class:`sloth_core.registry.LayerFacts`); the checkpointing wrapper opens
+:func:`checkpointed_layer_scope`
 around the first forward and around the recompute of each layer, and the fused LoRA MLP asks
-:func:`mlp_output_unused` and :func:`in_checkpointed_layer`.
+:func:`mlp_output_unused`, :func:`mlp_recomputed_in_backward` and :func:`in_checkpointed_layer`.
 
 The state is thread-local: the recompute runs on the autograd engine's thread, inside the unpack hook of the
 backward, and everything it calls runs on that thread too.
@@ -46,6 +48,14 @@ def mlp_output_unused() -> bool:
     """Whether the MLP running now is the recompute of a layer whose MLP output no saved tensor depends on: its
     value is never read, so it need not be computed (only the tensors the backward needs)."""
     return recomputing() and getattr(_STATE, "mlp_output_unused", False)
+
+
+def mlp_recomputed_in_backward() -> bool:
+    """Whether the MLP running now belongs to a checkpointed layer whose MLP output no saved tensor depends on --
+    in its first forward or in its recompute. Both must save the same tensors (the checkpoint matches them one
+    to one), and the first forward's autograd node runs the backward: such an MLP saves only its input and
+    recomputes what its backward needs there."""
+    return in_checkpointed_layer() and getattr(_STATE, "mlp_output_unused", False)
 
 
 @contextlib.contextmanager

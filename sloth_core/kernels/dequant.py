@@ -149,16 +149,18 @@ def _check_nested(quant_state, blocks: int, device: torch.device) -> None:
         raise ValueError("dequantize_4bit: quant_state.state2 is too small for quant_state.absmax")
 
 
-def _resolve_out(quant_state, out: torch.Tensor | None, dtype: torch.dtype | None, device) -> torch.dtype:
+def _resolve_out(quant_state, out: torch.Tensor | None, dtype: torch.dtype | None, device,
+                 shape: tuple[int, ...] | None = None) -> torch.dtype:
+    """The output dtype; checks ``out`` (dtype, device, ``shape``: default ``quant_state.shape``)."""
     dtype = dtype or (out.dtype if out is not None else quant_state.dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dequantize_4bit: output dtype must be a floating dtype, got {dtype}")
     if out is not None:
         if out.dtype != dtype:
             raise ValueError(f"dequantize_4bit: out has dtype {out.dtype} but dtype={dtype} was asked for")
-        if tuple(out.shape) != tuple(quant_state.shape):
-            raise ValueError(f"dequantize_4bit: out has shape {tuple(out.shape)}, expected quant_state.shape "
-                             f"{tuple(quant_state.shape)}")
+        expected = tuple(quant_state.shape) if shape is None else shape
+        if tuple(out.shape) != expected:
+            raise ValueError(f"dequantize_4bit: out has shape {tuple(out.shape)}, expected {expected}")
         if out.device != device:
             raise ValueError(f"dequantize_4bit: out is on {out.device} but weight_data is on {device}")
     return dtype
@@ -230,18 +232,21 @@ def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk_mask,
 
 @triton.jit
 def _dequant_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
-                         n_elements, n_bytes, n_blocks,
+                         n_elements, n_bytes, n_blocks, first_block,
                          HALF_BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, NESTED: tl.constexpr,
                          BLOCKSIZE2: tl.constexpr, EVEN: tl.constexpr, INT64: tl.constexpr):
     """A program dequantizes ``BLOCKS_PER_PROGRAM`` whole quantization blocks: a contiguous
     ``[BLOCKS_PER_PROGRAM, HALF_BLOCK]`` tile of packed bytes -> ``[BLOCKS_PER_PROGRAM, 2 * HALF_BLOCK]`` outputs.
     The nibbles are split along a trailing axis of 2 (already in output order: the reshape to the output tile
-    moves no data) and looked up in the 16-entry table (64 bytes: every lane of a gather hits one L1 line)."""
+    moves no data) and looked up in the 16-entry table (64 bytes: every lane of a gather hits one L1 line).
+    The launch covers ``n_blocks`` blocks from block ``first_block`` (a row range of the weight); ``out`` holds
+    that range only (``n_elements`` outputs); ``n_bytes`` bounds the packed bytes of the whole weight."""
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    blk = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-    blk_mask = blk < n_blocks
+    local = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    blk_mask = local < n_blocks
+    blk = first_block + local
     scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk_mask, NESTED, BLOCKSIZE2, EVEN)
 
     byte = blk[:, None] * HALF_BLOCK + tl.arange(0, HALF_BLOCK)[None, :]
@@ -254,7 +259,7 @@ def _dequant_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_
     values = tl.load(table_ptr + codes) * scale[:, None, None]
     values = tl.reshape(values, (BLOCKS_PER_PROGRAM, 2 * HALF_BLOCK)).to(out_ptr.dtype.element_ty)
 
-    elem = blk[:, None] * (2 * HALF_BLOCK) + tl.arange(0, 2 * HALF_BLOCK)[None, :]
+    elem = local[:, None] * (2 * HALF_BLOCK) + tl.arange(0, 2 * HALF_BLOCK)[None, :]
     if EVEN:
         tl.store(out_ptr + elem, values)
     else:
@@ -272,14 +277,14 @@ def dequantize_4bit_heuristic(blocksize: int, n_elements: int, dtype: torch.dtyp
     return {"TILE_BYTES": 2048, "num_warps": 4}
 
 
-def _launch_config(quant_state, n: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
+def _launch_config(quant_state, n: int, dtype: torch.dtype, first_block: int = 0) -> tuple[tuple[int], dict]:
     cfg = dict(config_for("dequantize_4bit", blocksize=quant_state.blocksize, n_elements=n, dtype=dtype))
     half = quant_state.blocksize // 2
     blocks = triton.cdiv(n, quant_state.blocksize)
     per_program = min(max(1, next_power_of_2(cfg.pop("TILE_BYTES")) // half), next_power_of_2(blocks))
     even = n == blocks * quant_state.blocksize and blocks % per_program == 0
     cfg.update(HALF_BLOCK=half, BLOCKS_PER_PROGRAM=per_program, EVEN=even,
-               INT64=(blocks + per_program) * quant_state.blocksize > _INT32_LIMIT)
+               INT64=(first_block + blocks + per_program) * quant_state.blocksize > _INT32_LIMIT)
     return (triton.cdiv(blocks, per_program),), cfg
 
 
@@ -298,24 +303,25 @@ def _scale_operands(quant_state, device: torch.device):
     return absmax, absmax, absmax, absmax, False, 1
 
 
-def _launch(weight_data: torch.Tensor, quant_state, out: torch.Tensor) -> None:
+def _launch(weight_data: torch.Tensor, quant_state, out: torch.Tensor, first_block: int = 0) -> None:
     n = out.numel()
-    grid, cfg = _launch_config(quant_state, n, out.dtype)
+    grid, cfg = _launch_config(quant_state, n, out.dtype, first_block)
     absmax, absmax2, code2, offset, nested, bs2 = _scale_operands(quant_state, out.device)
     table = code_table(quant_state.quant_type, out.device)
     _dequant_4bit_kernel[grid](weight_data.reshape(-1), absmax, absmax2, code2, offset, table, out,
-                               n, weight_data.numel(), triton.cdiv(n, quant_state.blocksize),
+                               n, weight_data.numel(), triton.cdiv(n, quant_state.blocksize), first_block,
                                NESTED=nested, BLOCKSIZE2=bs2, enable_fp_fusion=False, **cfg)
 
 
-def _kernel_into(weight_data: torch.Tensor, quant_state, out: torch.Tensor) -> None:
-    """Run the kernel into contiguous ``out``; under the interpreter bf16 goes through float32 + torch rounding."""
+def _kernel_into(weight_data: torch.Tensor, quant_state, out: torch.Tensor, first_block: int = 0) -> None:
+    """Run the kernel into contiguous ``out`` (the elements from block ``first_block`` on); under the
+    interpreter bf16 goes through float32 + torch rounding."""
     if interpreting() and out.dtype == torch.bfloat16:
         tmp = new_empty(out.shape, torch.float32, out.device)
-        _launch(weight_data, quant_state, tmp)
+        _launch(weight_data, quant_state, tmp, first_block)
         out.copy_(tmp)
     else:
-        _launch(weight_data, quant_state, out)
+        _launch(weight_data, quant_state, out, first_block)
 
 
 def dequantize_4bit(weight_data: torch.Tensor, quant_state, out: torch.Tensor | None = None,
@@ -342,6 +348,36 @@ def dequantize_4bit(weight_data: torch.Tensor, quant_state, out: torch.Tensor | 
     return target
 
 
+def dequantize_4bit_rows(weight_data: torch.Tensor, quant_state, start: int, stop: int,
+                         out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of a 2-D 4-bit weight: bit-identical to ``dequantize_4bit(...)[start:stop]``.
+
+    When row ``start`` begins a quantization block (``start * cols`` a multiple of the blocksize, as for every
+    row of a weight whose ``cols`` is) only those rows are dequantized (elements ``start * cols`` ..
+    ``stop * cols - 1``, blocks indexed over the whole weight); otherwise the whole weight is dequantized into a
+    temporary and the rows are copied out. Dtype, ``out`` and fallbacks as :func:`dequantize_4bit`."""
+    _check_inputs(weight_data, quant_state)
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"dequantize_4bit_rows: the weight must be 2-D, quant_state.shape is "
+                         f"{tuple(quant_state.shape)}")
+    rows, cols = (int(d) for d in quant_state.shape)
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"dequantize_4bit_rows: rows {start}:{stop} are not within the weight's {rows} rows")
+    shape = (stop - start, cols)
+    dtype = _resolve_out(quant_state, out, dtype, weight_data.device, shape)
+    target = out if out is not None else new_empty(shape, dtype, weight_data.device)
+    if target.numel() == 0:
+        return target
+    if not (triton_ok(target) and dtype in OUT_DTYPES) or (start * cols) % quant_state.blocksize:
+        target.copy_(dequantize_4bit(weight_data, quant_state, dtype=dtype)[start:stop])
+        return target
+    dense = target if target.is_contiguous() else new_empty(shape, dtype, target.device)
+    _kernel_into(weight_data.contiguous(), quant_state, dense, first_block=start * cols // quant_state.blocksize)
+    if dense is not target:
+        target.copy_(dense)
+    return target
+
+
 # --------------------------------------------------------------------------------------------- workspace
 
 
@@ -352,9 +388,9 @@ class _Workspace:
         self.max_entries = max_entries
         self._buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
-    def get(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(self, shape, dtype: torch.dtype, device: torch.device, slot: str = "") -> torch.Tensor:
         numel = math.prod(shape)
-        key = (torch.device(device), dtype, numel)
+        key = (torch.device(device), dtype, numel, slot)
         buf = self._buffers.pop(key, None)
         if buf is None:
             buf = new_empty((numel,), dtype, device)
@@ -397,18 +433,26 @@ def _param_and_state(module_or_param):
     return param, state
 
 
-def dequantize_weight(module_or_param, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
+                      rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The dequantized weight of a ``bitsandbytes.nn.Linear4bit`` (or of its ``Params4bit``), shape
-    ``quant_state.shape``, in ``dtype`` (default ``quant_state.dtype``).
+    ``quant_state.shape``, in ``dtype`` (default ``quant_state.dtype``); ``rows=(start, stop)``: only those rows
+    of the 2-D weight (:func:`dequantize_4bit_rows`).
 
     The result lives in a REUSED workspace buffer: it is only valid until the next ``dequantize_weight`` of a
     weight with the same number of elements, dtype and device (a model's same-sized layers share one buffer).
-    Use it immediately, or call :func:`dequantize_4bit` with your own ``out=``."""
+    Row ranges have buffers of their own: a whole weight stays valid while row ranges of others are
+    dequantized. Use it immediately, or call :func:`dequantize_4bit` with your own ``out=``."""
     param, state = _param_and_state(module_or_param)
     data = param.data
     if data.dtype != torch.uint8 and data.dtype == getattr(param, "quant_storage", None):
         data = data.view(torch.uint8)  # bitsandbytes' quant_storage (e.g. bf16 for FSDP) holds the same bytes
     _check_inputs(data, state)
     dtype = dtype or state.dtype
-    out = _WORKSPACE.get(tuple(state.shape), dtype, data.device)
-    return dequantize_4bit(data, state, out=out, dtype=dtype)
+    if rows is None:
+        out = _WORKSPACE.get(tuple(state.shape), dtype, data.device)
+        return dequantize_4bit(data, state, out=out, dtype=dtype)
+    start, stop = rows
+    shape = (max(0, stop - start), *tuple(state.shape)[1:])
+    out = _WORKSPACE.get(shape, dtype, data.device, slot="rows")
+    return dequantize_4bit_rows(data, state, start, stop, out=out, dtype=dtype)

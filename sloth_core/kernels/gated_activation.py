@@ -20,7 +20,7 @@ Backward, given ``dh = dL/dh``::
     gelu_tanh'(g) = 0.5 * (1 + t) + 0.5 * g * (1 - t^2) * k * (1 + 3 * c * g^2),   t = tanh(k * (g + c * g^3))
 
 The forward writes only ``h``; the backward recomputes ``act(g)`` from the saved ``gate`` and ``up`` (the
-activation is never stored). Kernels compute in float32 and round once on store; ``tanh(x)`` is written as
+activation is never stored), and can write ``h`` as well (the fused LoRA MLP's chunked backward needs it). Kernels compute in float32 and round once on store; ``tanh(x)`` is written as
 ``2 * sigmoid(2x) - 1`` (libdevice is unavailable under Triton's interpreter). The reference mirrors HF in the
 input dtype: the activation is rounded to the dtype, then multiplied by ``up``.
 """
@@ -109,8 +109,9 @@ def _gated_activation_fwd_kernel(gate_ptr, up_ptr, h_ptr, n, ACT: tl.constexpr, 
 
 
 @triton.jit
-def _gated_activation_bwd_kernel(dh_ptr, gate_ptr, up_ptr, dg_ptr, du_ptr, n,
-                                 ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_activation_bwd_kernel(dh_ptr, gate_ptr, up_ptr, dg_ptr, du_ptr, h_ptr, n,
+                                 ACT: tl.constexpr, WRITE_H: tl.constexpr, BLOCK: tl.constexpr):
+    """``dg``, ``du`` and, when ``WRITE_H``, the forward's ``h = act(g) * u`` too (its inputs are loaded anyway)."""
     offs, mask = _block_offsets(n, BLOCK)
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -118,6 +119,8 @@ def _gated_activation_bwd_kernel(dh_ptr, gate_ptr, up_ptr, dg_ptr, du_ptr, n,
     a, da = _activation_and_derivative(g, ACT)
     tl.store(dg_ptr + offs, (dh * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + offs, (dh * a).to(du_ptr.dtype.element_ty), mask=mask)
+    if WRITE_H:
+        tl.store(h_ptr + offs, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @register_heuristic("gated_activation")
@@ -134,8 +137,10 @@ def _launch_config(n: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
     return (triton.cdiv(n, cfg["BLOCK"]),), cfg
 
 
-def _forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    h = new_empty(gate.shape, gate.dtype, gate.device)
+def _forward(gate: torch.Tensor, up: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(gate) * up`` of contiguous same-shape tensors, into a new tensor or into ``out`` (which may alias
+    ``gate`` or ``up``: each element is read by the program that writes it, before it writes it)."""
+    h = new_empty(gate.shape, gate.dtype, gate.device) if out is None else out
     n = gate.numel()
     grid, cfg = _launch_config(n, gate.dtype)
     _gated_activation_fwd_kernel[grid](gate, up, h, n, ACT=_ACTIVATION_IDS[activation], **cfg)
@@ -143,15 +148,17 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Ten
 
 
 def _backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
-              out: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """``(dg, du)`` of contiguous same-shape tensors, into new tensors or into ``out``. ``out`` may alias ``dh``,
-    ``gate`` or ``up`` (each element is read by the program that writes it, before it writes it)."""
+              out: tuple[torch.Tensor, torch.Tensor] | None = None, h_out: torch.Tensor | None = None):
+    """``(dg, du)`` of contiguous same-shape tensors, into new tensors or into ``out``; with ``h_out``, the
+    forward's ``act(gate) * up`` is written there too. ``out`` and ``h_out`` may alias ``dh``, ``gate`` or ``up``
+    (each element is read by the program that writes it, before it writes it)."""
     if out is None:
         out = new_empty(gate.shape, gate.dtype, gate.device), new_empty(up.shape, up.dtype, up.device)
     dg, du = out
     n = gate.numel()
     grid, cfg = _launch_config(n, gate.dtype)
-    _gated_activation_bwd_kernel[grid](dh, gate, up, dg, du, n, ACT=_ACTIVATION_IDS[activation], **cfg)
+    _gated_activation_bwd_kernel[grid](dh, gate, up, dg, du, dg if h_out is None else h_out, n,
+                                       ACT=_ACTIVATION_IDS[activation], WRITE_H=h_out is not None, **cfg)
     return dg, du
 
 

@@ -44,8 +44,16 @@ Saved: ``x``, ``g``, ``u`` ([T, I] each; needed for the activation's gradient an
 intermediates ``xa_g``, ``xa_u``, ``ma``; ``m`` is recomputed instead of stored. The backward holds at most two
 [T, I] temporaries (``dm``/``dg`` and ``m``/``du``); in the recompute of a checkpointed layer, where the saved
 ``g``, ``u`` are this backward's own, ``dg``/``du`` overwrite them and ``m`` is freed before ``dm`` exists (one
-[T, I] temporary). There, when the layer's MLP output feeds nothing saved (:mod:`sloth_core.recompute`), ``h`` is
-not computed at all: ``ma = m A_d^T`` is all the backward needs of the down projection.
+[T, I] temporary).
+
+Checkpointed layers whose MLP output feeds nothing saved (:mod:`sloth_core.recompute`; Llama, Qwen3, Mistral):
+both the first forward and the recompute save ``x`` alone (the checkpoint pairs their saved tensors one to one).
+The first forward computes ``h`` with ``m`` written over ``g`` and ``g``, ``u`` freed before the down
+projection; the recompute computes nothing (its ``h`` is a NaN placeholder nobody reads); the backward
+(:func:`_chunked_recompute_backward`) recomputes ``g``, ``u`` itself in column chunks of the intermediate
+dimension and gets ``m`` from the gated-activation backward kernel. Alive at once: three [T, I/2] tensors in the
+backward (was: ``g``, ``u``, ``dm``, three [T, I]), ``g``, ``u`` in the forward; the gated forward runs once
+per step instead of three times, and a 4-bit ``W_gate``/``W_up`` is dequantized by row ranges.
 
 Precision: the LoRA branch runs in the base (compute) dtype, not in fp32 as PEFT does. PEFT keeps the adapter in
 fp32 when the base is bf16/fp16 (``autocast_adapter_dtype=True``) and computes ``x.float() A^T`` and
@@ -140,19 +148,22 @@ def _quant_state(layer: nn.Module):
     return state if state is not None else getattr(layer, "quant_state", None)
 
 
-def base_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The base weight [out, in]: ``layer.weight`` of an ``nn.Linear``; for a bitsandbytes ``Linear4bit`` the
-    dequantized weight (Triton dequantizer when available, else ``bitsandbytes.functional.dequantize_4bit``).
+def base_weight(base_layer: nn.Module, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The base weight [out, in] (``rows=(start, stop)``: rows ``start:stop`` only): ``layer.weight`` of an
+    ``nn.Linear``; for a bitsandbytes ``Linear4bit`` the dequantized weight (Triton dequantizer when available,
+    else ``bitsandbytes.functional.dequantize_4bit``).
 
-    A dequantized weight may live in a buffer the next dequantization reuses: use it at once, never keep it."""
+    A dequantized weight may live in a buffer the next dequantization reuses: use it at once, never keep it
+    (a whole weight stays valid while row ranges are dequantized: :func:`dequant.dequantize_weight`)."""
     if not _is_4bit(base_layer):
-        return base_layer.weight
+        return base_layer.weight if rows is None else base_layer.weight[rows[0]:rows[1]]
     dequantize = _triton_dequantizer()
     if dequantize is not None:
-        return dequantize(base_layer)
+        return dequantize(base_layer) if rows is None else dequantize(base_layer, rows=rows)
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(base_layer.weight.data, _quant_state(base_layer))
+    weight = bnbf.dequantize_4bit(base_layer.weight.data, _quant_state(base_layer))
+    return weight if rows is None else weight[rows[0]:rows[1]]
 
 
 def _layer_dims(layer: nn.Module) -> tuple[int, int]:
@@ -337,27 +348,39 @@ class _LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A_g, B_g, A_u, B_u, A_d, B_d, layers, scales, activation):
+        ctx.layers, ctx.scales, ctx.activation = layers, scales, activation
+        ctx.chunked = recompute.mlp_recomputed_in_backward()
+        if ctx.chunked:  # the backward recomputes g, u chunk by chunk from x
+            ctx.save_for_backward(x, A_g, B_g, A_u, B_u, A_d, B_d)
+            if recompute.mlp_output_unused():  # the recompute: nothing reads h
+                recompute.STATS.mlp_outputs_skipped += 1
+                return _unused_output(x, _layer_dims(layers[2])[0])
         gate, up, down = _specs(layers, (A_g, A_u, A_d), (B_g, B_u, B_d), scales)
         g, xa_g = _project(x, gate)
         u, xa_u = _project(x, up)
-        m = _ga._forward(g, u, activation)
-        if recompute.mlp_output_unused():
-            ma = torch.mm(m, A_d.to(m.dtype).t())
-            h = _unused_output(m, _layer_dims(down.base_layer)[0])
-            recompute.STATS.mlp_outputs_skipped += 1
+        if ctx.chunked:  # g, u are not saved: m over g, u freed before the down projection
+            m = _ga._forward(g, u, activation, out=g)
+            del g, u
         else:
-            h, ma = _project(m, down)
+            m = _ga._forward(g, u, activation)
+        h, ma = _project(m, down)
         del m
-        ctx.save_for_backward(x, g, u, xa_g, xa_u, ma, A_g, B_g, A_u, B_u, A_d, B_d)
-        ctx.layers, ctx.scales, ctx.activation = layers, scales, activation
-        ctx.overwrite_saved = recompute.in_checkpointed_layer()  # the backward gets the recompute's g, u
+        if not ctx.chunked:
+            ctx.save_for_backward(x, g, u, xa_g, xa_u, ma, A_g, B_g, A_u, B_u, A_d, B_d)
+            ctx.overwrite_saved = recompute.in_checkpointed_layer()  # the backward gets the recompute's g, u
         return h
 
     @staticmethod
     def backward(ctx, dh):
+        need = ctx.needs_input_grad[:7]
+        if ctx.chunked:
+            x, A_g, B_g, A_u, B_u, A_d, B_d = ctx.saved_tensors
+            specs = _specs(ctx.layers, (A_g, A_u, A_d), (B_g, B_u, B_d), ctx.scales)
+            with _no_autocast(dh.device.type):
+                grads = _chunked_recompute_backward(dh, x, *specs, ctx.activation, need)
+            return (*grads, None, None, None)
         x, g, u, xa_g, xa_u, ma, A_g, B_g, A_u, B_u, A_d, B_d = ctx.saved_tensors
         gate, up, down = _specs(ctx.layers, (A_g, A_u, A_d), (B_g, B_u, B_d), ctx.scales)
-        need = ctx.needs_input_grad
         with _no_autocast(dh.device.type):
             dA_d, dB_d, dg, du = _down_and_gated_backward(dh, g, u, ma, down, ctx.activation, need[5], need[6],
                                                           overwrite=ctx.overwrite_saved)
@@ -365,6 +388,100 @@ class _LoRAMLPFunction(torch.autograd.Function):
             dx, dA_g, dB_g = _project_backward(dg, x, xa_g, gate, (need[0], need[1], need[2]))
             dx, dA_u, dB_u = _project_backward(du, x, xa_u, up, (need[0], need[3], need[4]), accumulate=dx)
         return dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d, None, None, None
+
+
+# The chunked recompute-backward: the intermediate dimension I is cut into RECOMPUTE_CHUNKS column ranges of a
+# multiple of CHUNK_MULTIPLE columns (GEMM tiles; a 4-bit weight's row ranges then start at quantization blocks).
+# Two chunks: three [T, I/2] temporaries stay below the forward's peak (g, u: two [T, I]); more chunks cost GEMM
+# efficiency (H200, Llama-3-8B shapes: four chunks made the dx GEMMs 17% slower, scratch measurement).
+RECOMPUTE_CHUNKS = 2
+CHUNK_MULTIPLE = 128
+
+
+def chunk_bounds(inter: int) -> list[tuple[int, int]]:
+    """The column ranges ``[(c0, c1), ...]`` of ``[0, inter)`` the chunked MLP backward works in."""
+    width = -(-inter // RECOMPUTE_CHUNKS)
+    width = max(CHUNK_MULTIPLE, -(-width // CHUNK_MULTIPLE) * CHUNK_MULTIPLE)
+    return [(c0, min(inter, c0 + width)) for c0 in range(0, inter, width)]
+
+
+def _project_rows(x: torch.Tensor, xa: torch.Tensor, spec: LoRASpec, B: torch.Tensor, c0: int, c1: int):
+    """Output columns ``c0:c1`` of one LoRA linear: ``x W[c0:c1]^T + b[c0:c1] + s * xa B[c0:c1]^T``."""
+    layer, _, _, scale = spec
+    w = base_weight(layer, rows=(c0, c1)).to(x.dtype)
+    bias = _base_bias(layer, x.dtype)
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias[c0:c1], x, w.t())
+    del w
+    return y.addmm_(xa, B[c0:c1].t(), alpha=scale)
+
+
+def _rows_input_grad(dy: torch.Tensor, spec: LoRASpec, c0: int, c1: int, accumulate: torch.Tensor | None):
+    """``dy W[c0:c1]`` for ``dy`` [T, c1 - c0], added to ``accumulate`` in place when given."""
+    w = base_weight(spec.base_layer, rows=(c0, c1)).to(dy.dtype)
+    return torch.mm(dy, w) if accumulate is None else accumulate.addmm_(dy, w)
+
+
+def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activation: str, need):
+    """The MLP's gradients ``(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)`` from ``x`` alone, the intermediate
+    dimension in column chunks ``c`` (:func:`chunk_bounds`); ``None`` where ``need`` says no. Per chunk::
+
+        g_c  = x W_g[c]^T + s_g xa_g B_g[c]^T,   u_c likewise       (recomputed; W rows dequantized per use)
+        dm_c = dh W_d[:, c] + s_d dyB_d A_d[:, c]
+        dg_c, du_c, m_c = one kernel over (dm_c, g_c, u_c), written over (g_c, u_c, dm_c)
+        dA_d[:, c] = s_d dyB_d^T m_c;   ma += m_c A_d[:, c]^T;   dB_g[c] = s_g dg_c^T xa_g (u likewise)
+        dyB_g += dg_c B_g[c] (u likewise);   dx += dg_c W_g[c] + du_c W_u[c]
+
+    and at the end ``dB_d = s_d dh^T ma``, ``dA_g = s_g dyB_g^T x``, ``dx += s_g dyB_g A_g + s_u dyB_u A_u``
+    (u likewise). ``ma`` and ``dyB`` ([T, r]) are summed over the chunks in fp32 and rounded once, as the
+    unchunked path rounds them; the column slices of ``dA_d``, ``dB_g``, ``dB_u`` are exactly the unchunked ones;
+    ``dx`` is accumulated in its dtype by the GEMMs (two roundings a chunk instead of two in all). Alive at once:
+    three [T, |c|] tensors instead of four [T, I] (and a 4-bit ``W_d`` dequantized once, kept across chunks)."""
+    need_dx, need_Ag, need_Bg, need_Au, need_Bu, need_Ad, need_Bd = need
+    dtype, tokens = dh.dtype, x.shape[0]
+    A_g, B_g, A_u, B_u, A_d, B_d = (t.to(dtype) for t in (gate.A, gate.B, up.A, up.B, down.A, down.B))
+    xa_g, xa_u = torch.mm(x, A_g.t()), torch.mm(x, A_u.t())
+    dyB_d = torch.mm(dh, B_d)
+
+    def fp32_sum(wanted: bool, rank: int):
+        return torch.zeros((tokens, rank), dtype=torch.float32, device=dh.device) if wanted else None
+
+    dyB_g, dyB_u = fp32_sum(need_dx or need_Ag, A_g.shape[0]), fp32_sum(need_dx or need_Au, A_u.shape[0])
+    ma = fp32_sum(need_Bd, A_d.shape[0])
+    dA_d = new_empty(down.A.shape, down.A.dtype, dh.device) if need_Ad else None
+    dB_g = new_empty(gate.B.shape, gate.B.dtype, dh.device) if need_Bg else None
+    dB_u = new_empty(up.B.shape, up.B.dtype, dh.device) if need_Bu else None
+    dx = None
+    w_d = base_weight(down.base_layer).to(dtype)
+    for c0, c1 in chunk_bounds(A_d.shape[1]):
+        dm = torch.mm(dh, w_d[:, c0:c1]).addmm_(dyB_d, A_d[:, c0:c1], alpha=down.scale)
+        g = _project_rows(x, xa_g, gate, B_g, c0, c1)
+        u = _project_rows(x, xa_u, up, B_u, c0, c1)
+        dg, du = _ga._backward(dm, g, u, activation, out=(g, u), h_out=dm)
+        m = dm
+        if need_Ad:
+            dA_d[:, c0:c1] = _scaled_mm(dyB_d.t(), m, down.scale, dA_d.dtype)
+        if need_Bd:
+            ma += _mm_to(m, A_d[:, c0:c1].t(), torch.float32)
+        del m, dm
+        if need_Bg:
+            dB_g[c0:c1] = _scaled_mm(dg.t(), xa_g, gate.scale, dB_g.dtype)
+        if need_Bu:
+            dB_u[c0:c1] = _scaled_mm(du.t(), xa_u, up.scale, dB_u.dtype)
+        if dyB_g is not None:
+            dyB_g += _mm_to(dg, B_g[c0:c1], torch.float32)
+        if dyB_u is not None:
+            dyB_u += _mm_to(du, B_u[c0:c1], torch.float32)
+        if need_dx:
+            dx = _rows_input_grad(dg, gate, c0, c1, dx)
+            dx = _rows_input_grad(du, up, c0, c1, dx)
+        del dg, du, g, u
+    del w_d
+    dB_d = _scaled_mm(dh.t(), ma.to(dtype), down.scale, down.B.dtype) if need_Bd else None
+    dA_g = _scaled_mm(dyB_g.to(dtype).t(), x, gate.scale, gate.A.dtype) if need_Ag else None
+    dA_u = _scaled_mm(dyB_u.to(dtype).t(), x, up.scale, up.A.dtype) if need_Au else None
+    if need_dx:
+        dx.addmm_(dyB_g.to(dtype), A_g, alpha=gate.scale).addmm_(dyB_u.to(dtype), A_u, alpha=up.scale)
+    return dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d
 
 
 def _specs(layers, As, Bs, scales) -> tuple[LoRASpec, ...]:

@@ -83,12 +83,16 @@ def test_unsupported_lora_settings_keep_peft_path_and_are_reported(setting, reas
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_checkpointed_recompute_skips_the_mlp_output_only_where_nothing_reads_it(model_type, device):
+def test_checkpointed_recompute_skips_the_mlp_output_only_where_nothing_reads_it(model_type, device, monkeypatch):
     """In the recompute of a checkpointed layer the fused LoRA MLP skips its down projection exactly in the layers
     declared to feed the MLP output straight into the residual add (not Gemma2/3, whose post-feed-forward norm
-    saves it); the loss and every LoRA gradient still equal PEFT's."""
+    saves it), and its backward recomputes g, u in column chunks (several here); the loss and every LoRA
+    gradient still equal PEFT's."""
     from sloth_core import recompute
+    from sloth_core.kernels import lora
     from sloth_core.tolerances import assert_close
+
+    monkeypatch.setattr(lora, "CHUNK_MULTIPLE", 8)
 
     ref = _lora(tiny_model(model_type, device=device))
     model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on")

@@ -14,6 +14,7 @@ Ground truth ("bnb"):
 bf16 outputs under the interpreter: the kernel writes float32 and torch rounds (the interpreter truncates
 float32 -> bf16); the GPU rounds in the kernel, covered by the same tests on CUDA.
 """
+import contextlib
 import copy
 
 import pytest
@@ -31,6 +32,7 @@ from sloth_core.kernels.dequant import (
     code_table,
     dequantize_4bit,
     dequantize_4bit_reference,
+    dequantize_4bit_rows,
     dequantize_weight,
 )
 
@@ -141,6 +143,48 @@ def test_matches_bitsandbytes(case, device):
     else:
         actual = dequantize_4bit(q, state, dtype=case["out_dtype"])
     assert_bitwise(actual, expected, f"kernel {case}")
+
+
+@profile
+@given(rows=st.integers(1, 40), cols=st.sampled_from([32, 48, 64, 96, 200]), blocksize=st.sampled_from([32, 64, 128]),
+       quant_type=st.sampled_from(QUANT_TYPES), nested=st.booleans(), out_dtype=st.sampled_from(DTYPES),
+       multi_program=st.booleans(), data=st.data())
+def test_rows_match_the_whole_weight(rows, cols, blocksize, quant_type, nested, out_dtype, multi_program, data,
+                                     device):
+    """Any row range, whether its first row starts a quantization block (kernel from that block on) or not
+    (whole weight, rows copied out): bit-identical to the same rows of bitsandbytes' dequantization, and no
+    element of the NaN-poisoned output is left unwritten."""
+    start = data.draw(st.integers(0, rows), "start")
+    stop = data.draw(st.integers(start, rows), "stop")
+    w = make_weight((rows, cols), torch.bfloat16, device, seed=rows * cols + start)
+    q, state = quantize(w, quant_type, blocksize, nested)
+    expected = bnb_dequantize(q, state, out_dtype)[start:stop]
+    with small_tiles(blocksize) if multi_program else contextlib.nullcontext():
+        actual = dequantize_4bit_rows(q, state, start, stop, dtype=out_dtype)
+    assert_bitwise(actual, expected, f"rows {start}:{stop} of {rows}x{cols}")
+
+
+def test_rows_of_a_large_nested_weight_use_the_global_block_index(device):
+    """A row range deep into a weight with several second-level scales: blocks and absmax2 are indexed over the
+    whole weight (a kernel indexing from the range's start would read the first rows' scales)."""
+    w = make_weight((700, 32), torch.float32, device, seed=3)
+    q, state = quantize(w, "nf4", 32, True)
+    assert state.state2.absmax.numel() == 3
+    with small_tiles(32):
+        actual = dequantize_4bit_rows(q, state, 513, 690, dtype=torch.float32)
+    assert_bitwise(actual, bnb_dequantize(q, state, torch.float32)[513:690])
+
+
+def test_rows_bad_input_raises(device):
+    w = make_weight((8, 64), torch.bfloat16, device, seed=9)
+    q, state = quantize(w, "nf4", 64, False)
+    with pytest.raises(ValueError, match="rows 5:9"):
+        dequantize_4bit_rows(q, state, 5, 9)
+    with pytest.raises(ValueError, match="out has shape"):
+        dequantize_4bit_rows(q, state, 0, 2, out=torch.empty(3, 64, dtype=torch.bfloat16, device=device))
+    flat = make_weight((128,), torch.bfloat16, device, seed=9)
+    with pytest.raises(ValueError, match="2-D"):
+        dequantize_4bit_rows(*quantize(flat, "nf4", 64, False), 0, 1)
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -255,6 +299,25 @@ def test_workspace_reuse(device):
     assert dequant.workspace_nbytes() == 0
 
 
+def test_row_ranges_have_their_own_buffers(device):
+    """Row ranges of the same size share a buffer; a whole weight dequantized before them stays intact even when
+    a range has as many elements as the whole weight (the fused LoRA MLP backward keeps the down projection's
+    weight while it dequantizes the gate/up rows chunk by chunk)."""
+    clear_workspace()
+    a, b = _linear4bit(32, 64, device, seed=1), _linear4bit(32, 64, device, seed=2)
+    whole_a = F.dequantize_4bit(a.weight.data, a.weight.quant_state)
+    whole_b = F.dequantize_4bit(b.weight.data, b.weight.quant_state)
+    wa = dequantize_weight(a)
+    rows = dequantize_weight(b, rows=(0, 32))  # as many elements as a's whole weight
+    assert rows.data_ptr() != wa.data_ptr()
+    assert_bitwise(rows, whole_b)
+    first, second = dequantize_weight(b, rows=(8, 16)), dequantize_weight(b, rows=(16, 24))
+    assert first.data_ptr() == second.data_ptr()  # same size: reused
+    assert_bitwise(second, whole_b[16:24])
+    assert_bitwise(wa, whole_a)
+    clear_workspace()
+
+
 def test_workspace_reuse_is_poisoned_in_tests():
     """Under the suite's NaN poisoning a reused buffer is refilled with NaN, so a kernel that forgets an element
     cannot pass on the previous weight's value."""
@@ -343,8 +406,11 @@ def test_cuda_bitwise_real_shapes(quant_type, blocksize):
         w = make_weight(shape, torch.bfloat16, "cuda", seed=shape[0])
         q, state = quantize(w, quant_type, blocksize, nested)
         for dtype in DTYPES:
-            assert_bitwise(dequantize_4bit(q, state, dtype=dtype), bnb_dequantize(q, state, dtype),
-                           f"{shape} {dtype} nested={nested}")
+            whole = bnb_dequantize(q, state, dtype)
+            assert_bitwise(dequantize_4bit(q, state, dtype=dtype), whole, f"{shape} {dtype} nested={nested}")
+            for start, stop in [(shape[0] // 4, shape[0] // 2), (shape[0] - 7, shape[0])]:
+                assert_bitwise(dequantize_4bit_rows(q, state, start, stop, dtype=dtype), whole[start:stop],
+                               f"rows {start}:{stop} of {shape} {dtype} nested={nested}")
 
 
 _COMPILE_SCRIPT = """
@@ -354,7 +420,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sloth_core.kernels import dequant
 
-div16 = {(i,): [["tt.divisibility", 16]] for i in range(10)}
+div16 = {(i,): [["tt.divisibility", 16]] for i in range(11)}
 variants = [dict(out=o, nested=n, even=e, int64=False, half=32)
             for o, n, e in itertools.product(["*bf16", "*fp16", "*fp32"], [False, True], [False, True])]
 variants += [dict(out="*bf16", nested=True, even=False, int64=True, half=32),
@@ -364,7 +430,7 @@ for v in variants:
     ints = "i64" if v["int64"] else "i32"
     sig = dict(packed_ptr="*u8", absmax_ptr="*u8" if v["nested"] else "*fp32", absmax2_ptr="*fp32",
                code2_ptr="*fp32", offset_ptr="*fp32", table_ptr="*fp32", out_ptr=v["out"], n_elements=ints,
-               n_bytes=ints, n_blocks=ints, HALF_BLOCK="constexpr", BLOCKS_PER_PROGRAM="constexpr",
+               n_bytes=ints, n_blocks=ints, first_block=ints, HALF_BLOCK="constexpr", BLOCKS_PER_PROGRAM="constexpr",
                NESTED="constexpr", BLOCKSIZE2="constexpr", EVEN="constexpr", INT64="constexpr")
     consts = dict(HALF_BLOCK=v["half"], BLOCKS_PER_PROGRAM=max(1, 2048 // v["half"]), NESTED=v["nested"],
                   BLOCKSIZE2=256, EVEN=v["even"], INT64=v["int64"])

@@ -120,3 +120,24 @@ def test_unknown_activation_raises(device):
     x = torch.randn(4, device=device)
     with pytest.raises(ValueError, match="unknown activation"):
         ga.gated_activation(x, x, "relu")
+
+
+@given(n=st.integers(1, 300), activation=st.sampled_from(ga.ACTIVATIONS), dtype=st.sampled_from(KERNEL_DTYPES),
+       block=st.sampled_from([None, SMALL_BLOCK]), seed=st.integers(0, 2**31 - 1))
+def test_outputs_written_over_the_inputs(n, activation, dtype, block, seed):
+    """The fused LoRA MLP writes the forward's ``h`` over ``gate``, and in its chunked backward ``dg`` over
+    ``gate``, ``du`` over ``up`` and ``h = act(g) * u`` over ``dh`` in one launch; each equals the float64
+    reference (and ``h`` the forward kernel's value)."""
+    gate, up, dh = _inputs((n,), dtype, seed)
+    h64, dg64, du64 = _float64_expected(gate, up, dh, activation)
+    with forced_block(block):
+        h_kernel = ga._forward(gate, up, activation)
+        over_gate = gate.clone()
+        assert ga._forward(over_gate, up, activation, out=over_gate).data_ptr() == over_gate.data_ptr()
+        assert torch.equal(over_gate, h_kernel), "the forward written over its gate input differs"
+        dg, du = ga._backward(dh, gate, up, activation, out=(gate, up), h_out=dh)
+    assert dg.data_ptr() == gate.data_ptr() and du.data_ptr() == up.data_ptr()
+    assert_close(f"{activation} h", dh, h64, dtype=dtype)
+    assert torch.equal(dh, h_kernel)
+    assert_close(f"{activation} d gate", dg, dg64, dtype=dtype)
+    assert_close(f"{activation} d up", du, du64, dtype=dtype)

@@ -362,20 +362,38 @@ def test_wrong_shapes_raise(device):
 # --------------------------------------------------------------------------------------------- lora_mlp
 
 
-def check_lora_mlp(mlp, activation, x, dtype, gen):
+def as_chunked_recompute(fn, x, first_forward=False):
+    """``fn(x)`` as the recompute (or, ``first_forward``, the first forward) of a checkpointed layer whose MLP
+    output nothing reads: the fused MLP computes no output in the recompute, and its backward recomputes g, u
+    chunk by chunk."""
+    from sloth_core import recompute
+
+    with recompute.checkpointed_layer_scope(recompute=not first_forward, mlp_output_unused=True):
+        return fn(x)
+
+
+def check_lora_mlp(mlp, activation, x, dtype, gen, chunked=None):
     """lora_mlp vs PEFT's LlamaMLP and vs float64. Intermediates (g, u, act(g)*u and their gradients) are
     rounded to the dtype in all implementations: tolerance x2. No term magnitudes here (the chain is not
     bilinear): callers use a few tokens and I >= 17, where the gradients are sums of enough terms (measured: no
-    failure of PEFT or the fused function in 300 random cases; with one token and r = 1 both fail at times)."""
+    failure of PEFT or the fused function in 300 random cases; with one token and r = 1 both fail at times).
+    ``chunked``: the fused MLP runs in a checkpointed layer whose MLP output nothing reads
+    (:func:`as_chunked_recompute`), as the ``"recompute"`` (its output must be the NaN placeholder) or as the
+    ``"first forward"`` (the output is computed); the backward recomputes g, u in chunks either way."""
     specs = [spec_of(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
     params = [t for s in specs for t in (s.A, s.B)]
     names = (["x"] if x.requires_grad else []) + [f"{m}_{p}" for m in ("gate", "up", "down") for p in ("A", "B")]
     n_tokens = max(1, x.numel() // x.shape[-1])
     dy = _randn(x.shape, gen, n_tokens ** -0.5).to(x.device)
-    ours = forward_and_grads(lambda t: L.lora_mlp(t, *specs, activation), x, params, dy)
+    fused = lambda t: L.lora_mlp(t, *specs, activation)  # noqa: E731
+    first = chunked == "first forward"
+    ours = forward_and_grads((lambda t: as_chunked_recompute(fused, t, first)) if chunked else fused, x, params, dy)
     assert fused_path_taken(ours[0], "_LoRAMLPFunctionBackward"), "the fused path was not taken"
     theirs = forward_and_grads(mlp, x, params, dy)
     assert ours[0].dtype == theirs[0].dtype
+    if chunked == "recompute":
+        assert ours[0].isnan().all(), "the recompute computed an output nothing reads"
+        ours = (theirs[0], ours[1])  # the output check below then covers PEFT's alone
     s64 = [float64_spec(s) for s in specs]
     x64 = x.detach().double().requires_grad_(x.requires_grad)
     expected = forward_and_grads(lambda t: L.lora_mlp_reference(t, *s64, activation), x64,
@@ -414,6 +432,58 @@ def test_lora_mlp_4bit_matches_peft(dtype, device):
     assert type(mlp.gate_proj.base_layer).__name__ == "Linear4bit"
     x = inputs((2, 5, 64), dtype, device, gen)
     check_lora_mlp(mlp, "silu", x, dtype, gen)
+
+
+@contextlib.contextmanager
+def chunk_multiple(multiple: int, chunks: int = 4):
+    """Up to ``chunks`` chunks of a multiple of ``multiple`` columns in the chunked MLP backward, small enough
+    that the test shapes take several chunks and a ragged last one."""
+    saved = L.CHUNK_MULTIPLE, L.RECOMPUTE_CHUNKS
+    L.CHUNK_MULTIPLE, L.RECOMPUTE_CHUNKS = multiple, chunks
+    try:
+        yield
+    finally:
+        L.CHUNK_MULTIPLE, L.RECOMPUTE_CHUNKS = saved
+
+
+def test_chunk_bounds():
+    """At most RECOMPUTE_CHUNKS ranges of a multiple of CHUNK_MULTIPLE columns covering [0, I) in order."""
+    assert L.chunk_bounds(14336) == [(0, 7168), (7168, 14336)]  # the default: two chunks
+    assert L.chunk_bounds(11008) == [(0, 5504), (5504, 11008)]
+    assert L.chunk_bounds(200) == [(0, 128), (128, 200)]
+    assert L.chunk_bounds(96) == [(0, 96)]
+    with chunk_multiple(128, chunks=4):
+        assert L.chunk_bounds(14336) == [(0, 3584), (3584, 7168), (7168, 10752), (10752, 14336)]
+    with chunk_multiple(4):
+        assert L.chunk_bounds(17) == [(0, 8), (8, 16), (16, 17)]
+
+
+@profile
+@given(tokens=st.integers(6, 20), hidden=st.sampled_from([24, 40]), inter=st.sampled_from([17, 96, 200]),
+       r=st.integers(2, 6), activation=st.sampled_from(["silu", "gelu_tanh"]),
+       dtype=st.sampled_from(BASE_DTYPES), multiple=st.sampled_from([4, 8, 16, 128]), x_grad=st.booleans(),
+       phase=st.sampled_from(["recompute", "first forward"]), seed=st.integers(0, 2**31 - 1))
+def test_lora_mlp_chunked_recompute_matches_peft(tokens, hidden, inter, r, activation, dtype, multiple, x_grad,
+                                                 phase, seed, device):
+    """A checkpointed layer whose MLP output nothing reads: no output in the recompute, PEFT's in the first
+    forward, and the backward (g, u recomputed in column chunks, ragged last chunk included) gives PEFT's
+    gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    mlp = peft_mlp(hidden, inter, activation, dtype, device, gen, r=r, lora_alpha=8)
+    x = inputs((tokens, hidden), dtype, device, gen, x_grad)
+    with chunk_multiple(multiple):
+        check_lora_mlp(mlp, activation, x, dtype, gen, chunked=phase)
+
+
+@pytest.mark.parametrize("hidden", [64, 40])
+@pytest.mark.parametrize("dtype", QUANT_DTYPES)
+def test_lora_mlp_4bit_chunked_recompute_matches_peft(hidden, dtype, device):
+    gen = torch.Generator().manual_seed(16)
+    mlp = peft_mlp(hidden, 200, "silu", dtype, device, gen, quant="nf4", r=8, lora_alpha=16)
+    x = inputs((2, 5, hidden), dtype, device, gen)
+    with chunk_multiple(4):  # chunks of 52, 52, 52, 44 rows: with hidden 40, rows 52 and 156 start mid-block
+        assert L.chunk_bounds(200) == [(0, 52), (52, 104), (104, 156), (156, 200)]
+        check_lora_mlp(mlp, "silu", x, dtype, gen, chunked="recompute")
 
 
 def test_lora_mlp_frozen_adapter_parts(device):
@@ -466,9 +536,9 @@ def counted_dequantizations(monkeypatch):
     calls = []
     original = L.base_weight
 
-    def counting(layer):
-        calls.append(layer)
-        return original(layer)
+    def counting(layer, rows=None):
+        calls.append(layer if rows is None else (layer, rows))
+        return original(layer, rows)
 
     monkeypatch.setattr(L, "base_weight", counting)
     return calls
@@ -504,6 +574,23 @@ def test_lora_mlp_saves_no_weight_and_no_product(device, counted_dequantizations
     assert len(saved) == 12  # + A, B of the three adapters
     h.sum().backward()
     assert len(counted_dequantizations) == 6
+
+
+def test_lora_mlp_chunked_recompute_saves_only_x(device, counted_dequantizations):
+    """As a recompute whose output nothing reads, the MLP saves x (and the adapter matrices) and dequantizes
+    nothing; its backward dequantizes W_down once and, per chunk, the gate/up rows for g, u and again for dx."""
+    gen = torch.Generator().manual_seed(10)
+    mlp = peft_mlp(64, 128, "silu", torch.bfloat16, device, gen, quant="nf4", r=4)
+    specs = [spec_of(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    x = inputs((5, 64), torch.bfloat16, device, gen)
+    with recording_saved_tensors() as saved, chunk_multiple(32):
+        h = as_chunked_recompute(lambda t: L.lora_mlp(t, *specs, "silu"), x)
+        assert not counted_dequantizations
+        assert [tuple(t.shape) for t in saved if t.shape[0] == 5] == [(5, 64)] and len(saved) == 7
+        h.backward(torch.ones_like(h))
+    bounds = [(0, 32), (32, 64), (64, 96), (96, 128)]
+    gate, up, down = (s.base_layer for s in specs)
+    assert counted_dequantizations == [down] + [(w, b) for b in bounds for w in (gate, up, gate, up)]
 
 
 # --------------------------------------------------------------------------------------------- lora_spec
