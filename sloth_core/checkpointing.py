@@ -40,6 +40,13 @@ hooks around the checkpoint call that catch exactly the layer input:
   buffers of one device run on that device's single side stream, so a reused buffer is never written before the
   copies that read it earlier have run.
 
+* The MLP input too, in layers whose MLP output nothing saved depends on (``LayerFacts``): the wrapper hands the
+  layer a stash (:func:`sloth_core.recompute.mlp_input_stash`) that puts the fused LoRA MLP's input into the same
+  pool. That MLP then saves nothing through the checkpoint, so its backward (which recomputes gate/up itself) runs
+  before the layer's recompute -- the recomputed attention tensors are not alive during it -- and the prefetch
+  chain (layer input, MLP input, next layer input, ...) brings each copy back while the backward of the next one
+  runs.
+
 Inputs that are not on a CUDA device (or not contiguous) stay where they are: ``"offload"`` then behaves as ``"on"``.
 For the CPU test suite ``_OFFLOAD_CPU_INPUTS = True`` makes CPU inputs take the whole offload path with plain
 (unpinned) host buffers and synchronous copies.
@@ -91,7 +98,8 @@ _OFFLOAD_CPU_INPUTS = False
 @dataclasses.dataclass
 class CheckpointingStats:
     checkpointed_calls: int = 0  # layer calls run under a checkpoint
-    offloaded: int = 0           # layer inputs copied to host memory
+    offloaded: int = 0           # tensors copied to host memory: layer inputs and MLP inputs
+    mlp_inputs: int = 0          # of those, MLP inputs (kept by the fused LoRA MLP: recompute.mlp_input_stash)
     offloaded_bytes: int = 0
     pinned: int = 0              # of those, into pinned memory
     kept_on_device: int = 0      # "offload" calls whose input stayed on its device
@@ -377,17 +385,19 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     else:
         return inner(*args, **kwargs)
     STATS.checkpointed_calls += 1
-    hooks = _offloading(hidden) if state.mode == "offload" else contextlib.nullcontext()
+    offload = state.mode == "offload"
+    hooks = _offloading(hidden) if offload else contextlib.nullcontext()
+    stash = _mlp_input_stash(hidden) if offload and state.mlp_output_unused else None
     with hooks:
         # The input goes in positionally: the checkpoint keeps it (through the ambient saved-tensor hooks, which
         # is where offloading catches it) and infers from it whose RNG state to preserve.
-        return checkpoint(_marking_recomputes(run, state.mlp_output_unused), hidden, use_reentrant=False,
+        return checkpoint(_marking_recomputes(run, state.mlp_output_unused, stash), hidden, use_reentrant=False,
                           preserve_rng_state=True)
 
 
-def _marking_recomputes(run: Callable, mlp_output_unused: bool) -> Callable:
+def _marking_recomputes(run: Callable, mlp_output_unused: bool, stash: Callable | None = None) -> Callable:
     """``run`` under :func:`sloth_core.recompute.checkpointed_layer_scope`: its first call is the layer's
-    forward, the later ones the checkpoint's recomputes in the backward."""
+    forward, the later ones the checkpoint's recomputes in the backward (``stash``: the same for all calls)."""
     calls = 0
 
     def marked(h):
@@ -395,10 +405,36 @@ def _marking_recomputes(run: Callable, mlp_output_unused: bool) -> Callable:
         calls += 1
         if calls > 1:
             STATS.recomputes += 1
-        with checkpointed_layer_scope(recompute=calls > 1, mlp_output_unused=mlp_output_unused):
+        with checkpointed_layer_scope(recompute=calls > 1, mlp_output_unused=mlp_output_unused, stash=stash):
             return run(h)
 
     return marked
+
+
+class _KeptOnDevice:
+    """A stashed tensor that could not go to host memory: kept as is."""
+
+    def __init__(self, x: torch.Tensor):
+        self._x = x
+
+    def restore(self) -> torch.Tensor:
+        return self._x
+
+
+def _mlp_input_stash(hidden: torch.Tensor) -> Callable[[torch.Tensor], Any] | None:
+    """The stash (:func:`sloth_core.recompute.mlp_input_stash`) of an offloading layer whose input goes to host
+    memory: the MLP's input follows it there (into the same pool, on the same side stream; the prefetch chain
+    brings it back while the next layer's backward runs), or stays on the device when it cannot."""
+    target = _offload_target(hidden)
+    if target is None:
+        return None
+
+    def stash(x: torch.Tensor) -> Any:
+        if _offload_target(x) != target:
+            return _KeptOnDevice(x)
+        return _HostCopy(x, pinned=target == "pinned", mlp_input=True)
+
+    return stash
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -507,9 +543,10 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 class _HostCopy:
-    """A layer input held in a pooled host buffer between its layer's forward and its recompute."""
+    """A layer input (or MLP input) held in a pooled host buffer between its layer's forward and its recompute
+    (or its MLP's backward)."""
 
-    def __init__(self, x: torch.Tensor, pinned: bool):
+    def __init__(self, x: torch.Tensor, pinned: bool, mlp_input: bool = False):
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
         key, buf = _POOL.acquire(x.numel(), x.dtype, x.device, pinned)
         weakref.finalize(self, _POOL.release, key, buf)
@@ -525,6 +562,7 @@ class _HostCopy:
         else:
             self.host.copy_(x)
         STATS.offloaded += 1
+        STATS.mlp_inputs += int(mlp_input)
         STATS.offloaded_bytes += x.numel() * x.element_size()
         STATS.pinned += int(pinned)
         last = getattr(_CHAIN, "last", None)

@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+from typing import Any, Callable
+
+import torch
 
 _STATE = threading.local()
 
@@ -58,16 +61,31 @@ def mlp_recomputed_in_backward() -> bool:
     return in_checkpointed_layer() and getattr(_STATE, "mlp_output_unused", False)
 
 
+def mlp_input_stash() -> Callable[[torch.Tensor], Any] | None:
+    """Where such an MLP (:func:`mlp_recomputed_in_backward`) of an offloading layer keeps its input, or ``None``.
+
+    ``stash(x)`` returns a handle whose ``restore()`` gives ``x`` back (on its device) in the backward; the
+    checkpointing wrapper passes one that moves ``x`` to host memory like the layer input, prefetched in the
+    backward. An MLP that keeps its input there saves no tensor through the checkpoint: its backward then runs
+    before the layer's recompute, which is triggered by the first saved tensor the backward unpacks after it --
+    so the recomputed attention tensors are not alive while the MLP's backward runs. Both passes of the layer
+    must then save nothing in the MLP (the checkpoint pairs the saved tensors one to one)."""
+    return getattr(_STATE, "stash", None) if mlp_recomputed_in_backward() else None
+
+
 @contextlib.contextmanager
-def checkpointed_layer_scope(recompute: bool, mlp_output_unused: bool = False):
+def checkpointed_layer_scope(recompute: bool, mlp_output_unused: bool = False,
+                             stash: Callable[[torch.Tensor], Any] | None = None):
     """Mark the code inside as a checkpointed layer's first forward (``recompute=False``) or its recompute
-    (``mlp_output_unused``: the layer's MLP output feeds nothing its backward needs)."""
+    (``mlp_output_unused``: the layer's MLP output feeds nothing its backward needs; ``stash``: see
+    :func:`mlp_input_stash`)."""
     prev = (getattr(_STATE, "layer_depth", 0), getattr(_STATE, "recompute_depth", 0),
-            getattr(_STATE, "mlp_output_unused", False))
+            getattr(_STATE, "mlp_output_unused", False), getattr(_STATE, "stash", None))
     _STATE.layer_depth = prev[0] + 1
     _STATE.recompute_depth = prev[1] + (1 if recompute else 0)
     _STATE.mlp_output_unused = bool(mlp_output_unused)
+    _STATE.stash = stash
     try:
         yield
     finally:
-        _STATE.layer_depth, _STATE.recompute_depth, _STATE.mlp_output_unused = prev
+        _STATE.layer_depth, _STATE.recompute_depth, _STATE.mlp_output_unused, _STATE.stash = prev

@@ -47,7 +47,10 @@ intermediates ``xa_g``, ``xa_u``, ``ma``; ``m`` is recomputed instead of stored.
 [T, I] temporary).
 
 Checkpointed layers whose MLP output feeds nothing saved (:mod:`sloth_core.recompute`; Llama, Qwen3, Mistral):
-both the first forward and the recompute save ``x`` alone (the checkpoint pairs their saved tensors one to one).
+both the first forward and the recompute save ``x`` alone (the checkpoint pairs their saved tensors one to one);
+in an offloading layer ``x`` goes to the layer's stash instead (host memory, :func:`recompute.mlp_input_stash`) and
+nothing is saved, so that the backward runs before the layer's recompute (whose attention tensors are then not
+alive at the same time as the backward's temporaries).
 The first forward computes ``h`` with ``m`` written over ``g`` and ``g``, ``u`` freed before the down
 projection; the recompute computes nothing (its ``h`` is a NaN placeholder nobody reads); the backward
 (:func:`_chunked_recompute_backward`) recomputes ``g``, ``u`` itself in column chunks of the intermediate
@@ -350,8 +353,13 @@ class _LoRAMLPFunction(torch.autograd.Function):
     def forward(ctx, x, A_g, B_g, A_u, B_u, A_d, B_d, layers, scales, activation):
         ctx.layers, ctx.scales, ctx.activation = layers, scales, activation
         ctx.chunked = recompute.mlp_recomputed_in_backward()
+        ctx.stashed = None
         if ctx.chunked:  # the backward recomputes g, u chunk by chunk from x
-            ctx.save_for_backward(x, A_g, B_g, A_u, B_u, A_d, B_d)
+            stash = recompute.mlp_input_stash()
+            if stash is None:
+                ctx.save_for_backward(x, A_g, B_g, A_u, B_u, A_d, B_d)
+            else:  # nothing saved through the checkpoint: this backward runs before the layer's recompute
+                ctx.stashed = (None if recompute.recomputing() else stash(x), (A_g, B_g, A_u, B_u, A_d, B_d))
             if recompute.mlp_output_unused():  # the recompute: nothing reads h
                 recompute.STATS.mlp_outputs_skipped += 1
                 return _unused_output(x, _layer_dims(layers[2])[0])
@@ -374,7 +382,10 @@ class _LoRAMLPFunction(torch.autograd.Function):
     def backward(ctx, dh):
         need = ctx.needs_input_grad[:7]
         if ctx.chunked:
-            x, A_g, B_g, A_u, B_u, A_d, B_d = ctx.saved_tensors
+            if ctx.stashed is None:
+                x, A_g, B_g, A_u, B_u, A_d, B_d = ctx.saved_tensors
+            else:
+                x, (A_g, B_g, A_u, B_u, A_d, B_d) = ctx.stashed[0].restore(), ctx.stashed[1]
             specs = _specs(ctx.layers, (A_g, A_u, A_d), (B_g, B_u, B_d), ctx.scales)
             with _no_autocast(dh.device.type):
                 grads = _chunked_recompute_backward(dh, x, *specs, ctx.activation, need)

@@ -114,3 +114,48 @@ def test_checkpointed_recompute_skips_the_mlp_output_only_where_nothing_reads_it
             assert grads[n] is not None and torch.isfinite(grads[n]).all(), n
             assert_close(n, grads[n], p.grad, torch.float32)
 
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_offloading_layers_run_the_mlp_backward_before_the_recompute(model_type, device, monkeypatch):
+    """With "offload", the fused LoRA MLP of a layer whose MLP output nothing reads keeps its input in host memory
+    (one per layer) instead of saving it through the checkpoint, so its backward runs before the layer's
+    recompute (the recomputed attention tensors are not alive during it); gradients still equal PEFT's. With
+    "on" the MLP's saved input triggers the recompute first."""
+    from sloth_core import checkpointing as ck
+    from sloth_core.kernels import lora
+    from sloth_core.tolerances import assert_close
+
+    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the offload path too
+    monkeypatch.setattr(lora, "CHUNK_MULTIPLE", 8)
+    seen = []
+    chunked = lora._chunked_recompute_backward
+
+    def recording(*args, **kwargs):
+        seen.append(ck.STATS.recomputes)
+        return chunked(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "_chunked_recompute_backward", recording)
+    ref = _lora(tiny_model(model_type, device=device))
+    ids, labels = token_batch(device)
+    ref_loss = ref(input_ids=ids, labels=labels).loss
+    ref_loss.backward()
+    layers = ref.config.num_hidden_layers
+    for mode, first_recompute in (("offload", 0), ("on", 1)):
+        model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing=mode)
+        model.zero_grad(set_to_none=True)
+        ck.reset_checkpointing_stats()
+        seen.clear()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        stats = ck.checkpointing_stats()
+        assert stats.mlp_inputs == (layers if mode == "offload" else 0)
+        assert stats.recomputes == layers
+        # layer i's MLP backward sees the recomputes of the layers after it (+ its own with "on")
+        assert seen == list(range(first_recompute, first_recompute + layers)), (mode, seen)
+        assert_close("loss", loss.detach(), ref_loss.detach(), torch.float32)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        for n, p in ref.named_parameters():
+            if p.requires_grad:
+                assert grads[n] is not None, n
+                assert_close(n, grads[n], p.grad, torch.float32)
