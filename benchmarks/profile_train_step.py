@@ -9,7 +9,7 @@ checkpointing; then, in one process:
    copies, elementwise, other);
 3. a CUDA memory snapshot of one step: what is alive at the peak, by allocation site.
 
-    python benchmarks/profile_train_step.py [--quant nf4] [--layers 32] [--batch 4 --seq 2048]
+    python benchmarks/profile_train_step.py [--quant nf4] [--layers 32] [--batch 4 --seq 2048] [--opt-in lora_qkv]
 """
 from __future__ import annotations
 
@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--sdpa", nargs="*", default=[], help="also time these SDPBackend names (FLASH_ATTENTION, ...)")
+    ap.add_argument("--opt-in", nargs="*", default=[], help="opt-in patterns to apply too (lora_qkv)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     model.train()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
-    sloth_core.optimize(model, gradient_checkpointing="offload")
+    sloth_core.optimize(model, gradient_checkpointing="offload", opt_in=args.opt_in)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     ids = ids.cuda()

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import binding
 from .registry.architecture import generic_architecture, lookup
+from .registry.patterns import OPT_IN_PATTERNS
 from .reporting import ReportRow, format_table, summary
 from .rewriter import rewrite
 
@@ -24,6 +25,7 @@ _OPTIONS = {
     "verify": "auto",     # "auto": once per signature for declared architectures; "always": every module
     "patterns": None,     # only these pattern names (default: all of the architecture's)
     "exclude": (),        # pattern names to leave alone
+    "opt_in": (),         # patterns no architecture applies by default (OPT_IN_PATTERNS), by name
     "return_logits": False,  # with labels, the fused loss returns no logits unless this is True
     "gradient_checkpointing": None,  # None: leave as is; False/"off", True/"on", "offload" (inputs to pinned CPU)
 }
@@ -55,10 +57,14 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     if opts["gradient_checkpointing"] not in _CHECKPOINTING:
         raise ValueError(f"sloth_core.optimize(gradient_checkpointing={opts['gradient_checkpointing']!r}): expected "
                          f"None, False, True, 'on', 'off' or 'offload'")
-    for key in ("patterns", "exclude"):
+    for key in ("patterns", "exclude", "opt_in"):
         v = opts[key]
         if isinstance(v, str):
             opts[key] = (v,)
+    known = {p.name for p in OPT_IN_PATTERNS}
+    unknown = sorted(set(opts["opt_in"]) - known)
+    if unknown:
+        raise ValueError(f"sloth_core.optimize(opt_in=...): unknown opt-in pattern(s) {unknown}; known: {sorted(known)}")
     return opts
 
 
@@ -73,7 +79,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     ``exclude`` (names to leave alone), ``return_logits`` (with labels, the fused causal-LM loss skips the logits
     unless this is True), ``gradient_checkpointing`` (``None`` leaves the model's as is; ``"on"``/``True``,
     ``"offload"`` (saved layer inputs go to pinned CPU memory), ``"off"``/``False``; ours checkpoints in eval mode
-    too, unlike HF's).
+    too, unlike HF's), ``opt_in`` (names of patterns no architecture applies by default, e.g. ``"lora_qkv"``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sloth_core.optimize(model): expected a torch.nn.Module, got {type(model).__name__}")
@@ -82,6 +88,9 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     state = base.__dict__.get(STATE_ATTR)
     mtype = model_type(model)
     arch = lookup(mtype) or generic_architecture()
+    if opts["opt_in"]:
+        arch = dataclasses.replace(arch, patterns=arch.patterns + tuple(
+            p.using() for p in OPT_IN_PATTERNS if p.name in opts["opt_in"]))
     if opts["return_logits"]:
         arch = dataclasses.replace(arch, patterns=tuple(
             u.with_params(return_logits=True) if u.name == "causal_lm_loss" else u for u in arch.patterns))

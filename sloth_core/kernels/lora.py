@@ -58,6 +58,15 @@ dimension and gets ``m`` from the gated-activation backward kernel. Alive at onc
 backward (was: ``g``, ``u``, ``dm``, three [T, I]), ``g``, ``u`` in the forward; the gated forward runs once
 per step instead of three times, and a 4-bit ``W_gate``/``W_up`` is dequantized by row ranges.
 
+q, k, v on one input (:func:`lora_qkv`), adapters ``A_j`` [r_j, H], ``B_j`` [out_j, r_j], ``j`` in q, k, v::
+
+    xa  = x [A_q; A_k; A_v]^T                              [T, r_q + r_k + r_v]   (x read once)
+    y_j = x W_j^T + b_j + s_j xa_j B_j^T                    (xa_j: the columns of adapter j)
+    G   = [dy_q B_q | dy_k B_k | dy_v B_v]                  [T, sum r]   (zero columns for an unused output)
+    dx  = sum_j dy_j W_j + G [s_q A_q; s_k A_k; s_v A_v]     (one GEMM for the three LoRA terms)
+    dA  = G^T x, split by rows: dA_j = s_j (G^T x)_j        (x read once)
+    dB_j = s_j dy_j^T xa_j
+
 Precision: the LoRA branch runs in the base (compute) dtype, not in fp32 as PEFT does. PEFT keeps the adapter in
 fp32 when the base is bf16/fp16 (``autocast_adapter_dtype=True``) and computes ``x.float() A^T`` and
 ``(.) B^T`` in fp32 and adds that to the rounded base output before rounding once more. Here ``A`` and ``B`` are
@@ -92,6 +101,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -262,8 +272,10 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     if a.device.type == "cuda" and "cuda" not in _NO_OUT_DTYPE_MM and dtype == torch.float32:
         try:
             return torch.mm(a, b, out_dtype=dtype)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, NotImplementedError):  # this torch has no out_dtype: never again
             _NO_OUT_DTYPE_MM.add("cuda")
+        except RuntimeError:  # these operands only (a layout cuBLAS' fp32 output does not take)
+            pass
     return torch.mm(a.to(dtype), b.to(dtype))
 
 
@@ -495,6 +507,68 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
     return dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d
 
 
+class _LoRAQKVFunction(torch.autograd.Function):
+    """The LoRA linears of q, k, v on one 2-D input ``x`` (:func:`lora_qkv`): three outputs, one node."""
+
+    @staticmethod
+    def forward(ctx, x, A_q, B_q, A_k, B_k, A_v, B_v, layers, scales):
+        As, Bs = (A_q, A_k, A_v), (B_q, B_k, B_v)
+        xa = torch.mm(x, torch.cat([A.to(x.dtype) for A in As]).t())  # [T, r_q + r_k + r_v]: x read once
+        xas = [xa[:, cols].contiguous() for cols in _rank_slices(As)]  # [T, r] each (cuBLAS-friendly, tiny)
+        del xa
+        outs = []
+        for layer, B, scale, xa_j in zip(layers, Bs, scales, xas):
+            bias = _base_bias(layer, x.dtype)
+            w = base_weight(layer).to(x.dtype)
+            y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+            del w
+            outs.append(y.addmm_(xa_j, B.to(x.dtype).t(), alpha=scale))
+        ctx.save_for_backward(x, *xas, *As, *Bs)
+        ctx.layers, ctx.scales = layers, scales
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero [T, out] tensor)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, *rest = ctx.saved_tensors
+        xas, As, Bs = rest[:3], rest[3:6], rest[6:]
+        need_dx, need = ctx.needs_input_grad[0], ctx.needs_input_grad[1:7]
+        with _no_autocast(x.device.type):
+            grads = _qkv_backward(dys, x, xas, As, Bs, ctx.layers, ctx.scales, need_dx, need)
+        return (*grads, None, None)
+
+
+def _rank_slices(As) -> list[slice]:
+    """The columns of each adapter's ``x A^T`` in the concatenated ``xa``."""
+    ends = list(itertools.accumulate(A.shape[0] for A in As))
+    return [slice(end - A.shape[0], end) for A, end in zip(As, ends)]
+
+
+def _qkv_backward(dys, x, xas, As, Bs, layers, scales, need_dx: bool, need):
+    """``(dx, dA_q, dB_q, dA_k, dB_k, dA_v, dB_v)``: ``G = [dy_q B_q | dy_k B_k | dy_v B_v]`` ([T, sum r], zero
+    where an output got no gradient), ``dx = sum dy_j W_j + G [s_q A_q; s_k A_k; s_v A_v]`` (one LoRA GEMM),
+    ``dA = G^T x`` once, split and scaled per adapter, ``dB_j = s_j dy_j^T xa_j``."""
+    dtype = x.dtype
+    G = torch.cat([torch.mm(dy, B.to(dtype)) if dy is not None else x.new_zeros((x.shape[0], B.shape[1]))
+                   for dy, B in zip(dys, Bs)], dim=1)
+    dx = None
+    if need_dx:
+        for dy, layer in zip(dys, layers):
+            if dy is not None:
+                w = base_weight(layer).to(dtype)
+                dx = torch.mm(dy, w) if dx is None else dx.addmm_(dy, w)
+                del w
+        A_scaled = torch.cat([(A.float() * s).to(dtype) for A, s in zip(As, scales)])
+        dx = torch.mm(G, A_scaled) if dx is None else dx.addmm_(G, A_scaled)
+    dA_all = _mm_to(G.t(), x, torch.float32) if any(need[0::2]) else None  # [sum r, H], x read once
+    grads = []
+    for j, (dy, xa, A, B, scale, cols) in enumerate(zip(dys, xas, As, Bs, scales, _rank_slices(As))):
+        used = dy is not None  # an unused output gives its adapter no gradient, as in PEFT
+        grads.append((dA_all[cols] * scale).to(A.dtype) if need[2 * j] and used else None)
+        grads.append(_scaled_mm(dy.t(), xa, scale, B.dtype) if need[2 * j + 1] and used else None)
+    return (dx, *grads)
+
+
 def _specs(layers, As, Bs, scales) -> tuple[LoRASpec, ...]:
     return tuple(LoRASpec(*parts) for parts in zip(layers, As, Bs, scales))
 
@@ -608,6 +682,33 @@ def lora_mlp(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec, acti
     with _no_autocast(x.device.type):
         h = _LoRAMLPFunction.apply(x2, gate.A, gate.B, up.A, up.B, down.A, down.B, layers, scales, activation)
     return h.reshape(*x.shape[:-1], h.shape[-1]).to(out)
+
+
+def lora_qkv_reference(x: torch.Tensor, q: LoRASpec, k: LoRASpec, v: LoRASpec) -> tuple[torch.Tensor, ...]:
+    """PEFT's three LoRA layers on the same input."""
+    return tuple(lora_linear_reference(x, *spec) for spec in (q, k, v))
+
+
+def lora_qkv(x: torch.Tensor, q: LoRASpec, k: LoRASpec, v: LoRASpec) -> tuple[torch.Tensor, ...]:
+    """The q, k, v LoRA linears of an attention on the same ``x`` [..., H], in one autograd function: ``x`` is
+    read once for the three ``x A^T`` (concatenated adapters), and the backward reads it once for the three
+    ``dA`` and adds the three LoRA input-gradient terms with one GEMM. Each output equals :func:`lora_linear` of
+    its projection (same roundings, up to the rounding of ``s A`` in the input gradient). When the three cannot
+    run fused together (a reference-path projection, different compute/output dtypes) each runs
+    :func:`lora_linear` on its own."""
+    specs = tuple(LoRASpec(sp.base_layer, sp.A, sp.B, float(sp.scale)) for sp in (q, k, v))
+    for name, spec in zip(("q", "k", "v"), specs):
+        _check_spec(name, spec, x.shape[-1])
+    dtypes = [_fused_dtypes(x, spec) for spec in specs]
+    if dtypes[0] is None or any(d != dtypes[0] for d in dtypes) or x.numel() == 0:
+        return tuple(lora_linear(x, *spec) for spec in specs)
+    compute, out = dtypes[0]
+    x2 = x.reshape(-1, x.shape[-1]).to(compute)
+    params = [t for spec in specs for t in (spec.A, spec.B)]
+    with _no_autocast(x.device.type):
+        ys = _LoRAQKVFunction.apply(x2, *params, tuple(sp.base_layer for sp in specs),
+                                    tuple(sp.scale for sp in specs))
+    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]).to(out) for y in ys)
 
 
 # --------------------------------------------------------------------------------------------- PEFT layers

@@ -93,8 +93,9 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
     with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``) whose output goes
     into the residual add that ends the layer (or first through the norm ``post_mlp_norm_attr`` where a layer has
     one), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs) as fused functions, and the
-    causal-LM head's fused loss with the ``head`` facts. Architectures that
-    differ list their :class:`PatternUse` s in an :class:`Architecture` and call :func:`register` themselves."""
+    causal-LM head's fused loss with the ``head`` facts. Architectures that differ list their :class:`PatternUse` s
+    in an :class:`Architecture` and call :func:`register` themselves (``LORA_QKV`` is in no default list: see
+    :mod:`sloth_core.registry.patterns.lora`)."""
     from .patterns import CAUSAL_LM_LOSS, GATED_MLP, LORA_LINEAR, LORA_MLP, RMS_NORM, ROPE
 
     offset = {"llama": 0.0, "gemma": 1.0}[norm]

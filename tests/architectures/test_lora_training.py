@@ -159,3 +159,70 @@ def test_offloading_layers_run_the_mlp_backward_before_the_recompute(model_type,
             if p.requires_grad:
                 assert grads[n] is not None, n
                 assert_close(n, grads[n], p.grad, torch.float32)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_attention_computes_q_k_v_in_one_function(model_type, device, monkeypatch):
+    """``lora_qkv`` (``opt_in``; not applied by default): every attention call computes its three LoRA
+    projections with one fused function (the o projection alone with lora_linear); the loss and every LoRA
+    gradient equal PEFT's."""
+    assert "lora_qkv" not in {r.pattern for r in sloth_core.report(
+        sloth_core.optimize(_lora(tiny_model(model_type, device=device))))}
+    from sloth_core.kernels import lora
+    from sloth_core.tolerances import assert_close
+
+    calls = {"qkv": 0, "linear": 0}
+    for name, key in (("_LoRAQKVFunction", "qkv"), ("_LoRALinearFunction", "linear")):
+        cls = getattr(lora, name)
+        original = cls.apply
+
+        def counting(*args, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(cls, "apply", counting)
+    ref = _lora(tiny_model(model_type, device=device))
+    model = sloth_core.optimize(copy.deepcopy(ref), opt_in="lora_qkv")
+    rows = [r for r in sloth_core.report(model) if r.pattern == "lora_qkv"]
+    layers = ref.config.num_hidden_layers
+    assert len(rows) == layers and all(r.status == "replaced" for r in rows), rows
+    ids, labels = token_batch(device)
+    calls.update(qkv=0, linear=0)  # the verification probes of optimize() called them too
+    losses = []
+    for m in (ref, model):
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert calls == {"qkv": layers, "linear": layers}, calls
+    assert_close("loss", losses[1], losses[0], torch.float32)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert grads[n] is not None, n
+            assert_close(n, grads[n], p.grad, torch.float32)
+
+
+def test_qkv_group_answers_only_for_the_same_unchanged_input(device):
+    """Inside an attention call the group hands k and v the outputs computed with q only when they are called with
+    the same tensor, unmodified since; otherwise they compute on what they are given."""
+    from sloth_core.kernels import lora
+    from sloth_core.registry.patterns.lora import _grouping
+
+    model = sloth_core.optimize(_lora(tiny_model("llama", device=device)), opt_in=["lora_qkv"])
+    attn = model.base_model.model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 3, q.in_features, generator=gen).to(device) for _ in range(2))
+
+    def alone(module, t):
+        return lora.lora_linear(t, *lora.lora_spec(module))
+
+    with torch.no_grad(), _grouping(attn):
+        q(x)
+        assert torch.equal(k(y), alone(k, y))  # another tensor
+        q(x)
+        x.mul_(2.0)  # changed in place after q saw it
+        assert torch.equal(v(x), alone(v, x))
+        q(x)
+        assert torch.equal(k(x), alone(k, x)) and torch.equal(v(x), alone(v, x))
+        assert attn.o_proj(x[..., : attn.o_proj.in_features]).shape[-1] == attn.o_proj.out_features

@@ -359,6 +359,77 @@ def test_wrong_shapes_raise(device):
         L.lora_mlp(x, spec, spec, down, "relu")
 
 
+# --------------------------------------------------------------------------------------------- lora_qkv
+
+
+def _qkv_run(fn, x, specs, dys):
+    """Outputs of ``fn(x)`` (three) and the gradients of x (when it requires grad) and of every A, B for the seeds
+    ``dys`` (``None``: that output unused); an adapter that gets no gradient gives ``None``."""
+    ys = fn(x)
+    wrt = ([x] if x.requires_grad else []) + [t for sp in specs for t in (sp.A, sp.B)]
+    total = sum((y * dy.to(y.dtype)).sum() for y, dy in zip(ys, dys) if dy is not None)
+    return ys, torch.autograd.grad(total, wrt, allow_unused=True)
+
+
+@profile
+@given(tokens=st.integers(1, 12), in_f=st.sampled_from([16, 40]), outs=st.sampled_from([(40, 8, 8), (24, 24, 16)]),
+       ranks=st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(2, 6)),
+       used=st.sampled_from([(1, 1, 1), (1, 0, 1), (0, 1, 0)]), dtype=st.sampled_from(BASE_DTYPES),
+       quant=st.sampled_from([None, "nf4"]), x_grad=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_lora_qkv_matches_peft(tokens, in_f, outs, ranks, used, dtype, quant, x_grad, seed, device):
+    """Three LoRA linears on one input as one function (ranks may differ; some outputs may be unused): outputs and
+    gradients match PEFT's three layers and float64 (errors against the terms' magnitudes); adapters of unused
+    outputs get no gradient, as in PEFT."""
+    if quant is not None:  # bitsandbytes' CPU 4-bit kernel indexes blocks per row: in_features a multiple of 64
+        dtype, in_f = (torch.bfloat16 if dtype == torch.float32 else dtype), 64
+    gen = torch.Generator().manual_seed(seed)
+    layers = [peft_linear(in_f, o, dtype, device, gen, quant=quant, r=r, lora_alpha=8) for o, r in zip(outs, ranks)]
+    specs = [spec_of(layer) for layer in layers]
+    x = inputs((tokens, in_f), dtype, device, gen, x_grad)
+    dys = [_randn((tokens, o), gen, tokens ** -0.5).to(device) if u else None for o, u in zip(outs, used)]
+    ours = _qkv_run(lambda t: L.lora_qkv(t, *specs), x, specs, dys)
+    assert fused_path_taken(next(y for y, dy in zip(ours[0], dys) if dy is not None), "_LoRAQKVFunctionBackward")
+    theirs = _qkv_run(lambda t: tuple(layer(t) for layer in layers), x, specs, dys)
+    s64 = [float64_spec(sp) for sp in specs]
+    x64 = x.detach().double().requires_grad_(x.requires_grad)
+    expected = _qkv_run(lambda t: L.lora_qkv_reference(t, *s64), x64, s64, [None if d is None else d.double()
+                                                                           for d in dys])
+    mags = [term_magnitudes(sp, x64, (d if d is not None else torch.zeros(tokens, o)).double().to(device))
+            for sp, d, o in zip(s64, dys, outs)]
+    for j in range(3):
+        check(f"y{j}", ours[0][j], theirs[0][j], dtype, 2.0, mags[j][0])
+        check(f"y{j} vs float64", ours[0][j], expected[0][j], dtype, 1.0, mags[j][0])
+    grads_mag = []
+    if x.requires_grad:
+        grads_mag.append(sum(m[1][0].square() for m in mags).sqrt())
+    for m in mags:
+        grads_mag += m[1][-2:]
+    names = (["x"] if x.requires_grad else []) + [f"{p}{j}" for j in range(3) for p in "AB"]
+    for name, a, p, e, mag in zip(names, ours[1], theirs[1], expected[1], grads_mag):
+        assert (a is None) == (p is None) == (e is None), name
+        if a is not None:
+            check(f"d{name} vs PEFT", a, p, dtype, 2.0, mag)
+            check(f"d{name} vs float64", a, e, dtype, 1.0, mag)
+
+
+def test_lora_qkv_mixed_paths_fall_back_per_projection(device):
+    """A projection the fused path cannot run (a trainable base here) makes the three run lora_linear one by
+    one, with the same results; a wrong shape names the projection."""
+    gen = torch.Generator().manual_seed(11)
+    layers = [peft_linear(16, n, torch.float32, device, gen) for n in (8, 4, 4)]
+    specs = [spec_of(layer) for layer in layers]
+    x = inputs((3, 16), torch.float32, device, gen)
+    assert fused_path_taken(L.lora_qkv(x, *specs)[0], "_LoRAQKVFunctionBackward")
+    layers[2].base_layer.weight.requires_grad_(True)
+    mixed = L.lora_qkv(x, *specs)
+    assert not any(fused_path_taken(y, "_LoRAQKVFunctionBackward") for y in mixed)
+    assert fused_path_taken(mixed[0], "_LoRALinearFunctionBackward")
+    for y, spec in zip(mixed, specs):
+        assert torch.equal(y, L.lora_linear(x, *spec))
+    with pytest.raises(ValueError, match=r"^k"):
+        L.lora_qkv(x, specs[0], spec_of(peft_linear(12, 8, torch.float32, device, gen)), specs[1])
+
+
 # --------------------------------------------------------------------------------------------- lora_mlp
 
 

@@ -5,6 +5,16 @@
   only ``x`` and ``x A^T`` saved, hand-derived gradients for ``x``, ``A``, ``B`` (:mod:`sloth_core.kernels.lora`).
 * ``lora_mlp``: a gated MLP whose three projections are all such LoRA layers runs as one function with the fused
   activation kernel; the backward recomputes ``act(g) * u``. It supersedes ``gated_mlp`` on the module.
+* ``lora_qkv``: an attention module whose ``q_proj``, ``k_proj``, ``v_proj`` are such LoRA layers on the same
+  input: its forward runs as it is, but inside it the first of the three projections to be called computes all
+  three in one function (:func:`lora_qkv`: the input read once for the three ``x A^T`` and the three ``dA``) and
+  the other two return their share when called with the same, unmodified input tensor; anything else (another
+  input, an in-place change of it, a projection called alone) computes as ``lora_linear``. The group lives for
+  one call of the attention forward, so nothing is kept between calls. OPT-IN: no built-in architecture lists it.
+  Measured on one H200 (Llama-3-8B shape, batch 4 x 2048, ``sloth-core bench train``, 2026-11-29): the training
+  step was slower with it than without (LoRA 11,537-11,618 vs 12,563 tokens/s; QLoRA 11,167-11,331 vs 12,318;
+  ``benchmarks/results/train_llama-3-8b_20261129_s3c/s3d``), the cause not yet profiled. Turn it on with
+  ``sloth_core.optimize(model, opt_in="lora_qkv")`` (``profile_train_step.py --opt-in lora_qkv``).
 
 Supported: ``lora_dropout=0``, no LoRA bias, no DoRA, one active adapter (rsLoRA is just its scaling), adapters
 neither merged nor disabled. Anything else keeps PEFT's path and the report says why. The replacement forwards
@@ -13,9 +23,12 @@ disabling them later falls back to the module's own forward instead of computing
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from torch import nn
 
-from ...kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_spec
+from ...kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_qkv, lora_spec
 from ..pattern import Match, Pattern, Probe, Skip
 from . import gated_mlp
 from ._probe import module_dtype_device, randn
@@ -43,13 +56,17 @@ def find_linear(module: nn.Module, params) -> Match | Skip | None:
     return Match({"r": spec.A.shape[0], "scale": spec.scale, "in": base.in_features}, sig)
 
 
-def _linear_with(fn):
+def _linear_with(fn, grouped: bool = False):
+    """The forward of a LoRA linear through ``fn``; ``grouped``: inside a ``lora_qkv`` attention call the q/k/v
+    group answers first."""
     def make(m: Match):
         def forward(self, x, *args, **kwargs):
             spec = lora_spec(self)
             if isinstance(spec, str) or args or kwargs:
                 return type(self).forward(self, x, *args, **kwargs)
-            return fn(x, *spec)
+            group = getattr(_QKV_GROUP, "active", None) if grouped else None
+            out = group.project(self, x) if group is not None else None
+            return fn(x, *spec) if out is None else out
 
         return forward
 
@@ -68,7 +85,7 @@ LORA_LINEAR = Pattern(
     kernel="triton:lora_linear",
     find=find_linear,
     reference=_linear_with(lora_linear_reference),
-    replacement=_linear_with(lora_linear),
+    replacement=_linear_with(lora_linear, grouped=True),
     original=lambda module, m: module.forward,
     probe=_probe_linear,
     defaults={},
@@ -125,4 +142,102 @@ LORA_MLP = Pattern(
     probe=_probe_mlp,
     defaults={"activation": "auto"},
     supersedes=("gated_mlp",),
+)
+
+
+# --- lora_qkv ---------------------------------------------------------------------------------------------------
+_QKV = ("q_proj", "k_proj", "v_proj")
+_QKV_GROUP = threading.local()  # the group of the attention call running on this thread (the recompute: autograd's)
+
+
+class _QKVGroup:
+    """The q, k, v projections of one attention call (see the module docstring)."""
+
+    def __init__(self, attention: nn.Module):
+        self.modules = tuple(getattr(attention, name) for name in _QKV)
+        self.pending: dict[int, object] = {}
+        self.x = self.version = None
+
+    def project(self, module: nn.Module, x):
+        """``module(x)`` from the group, or ``None`` when the group cannot answer (the caller computes it)."""
+        index = next((i for i, m in enumerate(self.modules) if m is module), None)
+        if index is None:
+            return None
+        if self.x is x and self.version == x._version and index in self.pending:
+            return self.pending.pop(index)
+        specs = [lora_spec(m) for m in self.modules]
+        if any(isinstance(spec, str) for spec in specs) or len({spec.A.shape[1] for spec in specs}) != 1:
+            return None
+        outs = lora_qkv(x, *specs)
+        self.x, self.version = x, x._version
+        self.pending = {i: out for i, out in enumerate(outs) if i != index}
+        return outs[index]
+
+
+@contextlib.contextmanager
+def _grouping(attention: nn.Module):
+    previous = getattr(_QKV_GROUP, "active", None)
+    _QKV_GROUP.active = _QKVGroup(attention)
+    try:
+        yield
+    finally:
+        _QKV_GROUP.active = previous
+
+
+def find_qkv(module: nn.Module, params) -> Match | Skip | None:
+    projections = [getattr(module, name, None) for name in _QKV]
+    if not all(isinstance(p, nn.Module) and _is_lora_layer(p) for p in projections):
+        return None
+    if not isinstance(getattr(module, "head_dim", None), int):
+        return None  # not an attention module this pattern can probe
+    specs = [lora_spec(p) for p in projections]
+    bad = [f"{name}: {spec}" for name, spec in zip(_QKV, specs) if isinstance(spec, str)]
+    if bad:
+        return Skip(bad[0])
+    hidden = {spec.base_layer.in_features for spec in specs}
+    if len(hidden) != 1:
+        return Skip(f"q/k/v take inputs of different widths {sorted(hidden)}")
+    dtype, device = module_dtype_device(specs[0].base_layer)
+    sig = (type(module), dtype, device, module.head_dim) + tuple(
+        (type(s.base_layer), s.base_layer.out_features, tuple(s.A.shape), s.A.dtype, s.scale) for s in specs)
+    return Match({"hidden": hidden.pop(), "head_dim": module.head_dim,
+                  "r": tuple(s.A.shape[0] for s in specs)}, sig)
+
+
+def _attention_with(grouped: bool):
+    def make(m: Match):
+        def forward(self, *args, **kwargs):
+            if not grouped:
+                return type(self).forward(self, *args, **kwargs)
+            with _grouping(self):
+                return type(self).forward(self, *args, **kwargs)
+
+        return forward
+
+    return make
+
+
+def _probe_qkv(module: nn.Module, m: Match, gen) -> Probe:
+    dtype, device = module_dtype_device(module)
+    hidden = randn((2, 3, m["hidden"]), dtype, device, gen).requires_grad_()
+    cos, sin = (randn((2, 3, m["head_dim"]), dtype, device, gen) for _ in range(2))
+    specs = [lora_spec(getattr(module, name)) for name in _QKV]
+    return Probe(inputs=(hidden, cos, sin), params=_trainable(*specs), dtype=dtype)
+
+
+def _attention_output(fn):
+    """An attention forward as a function of ``(hidden, cos, sin)`` returning the attention output (no mask)."""
+    return lambda hidden, cos, sin: fn(hidden, (cos, sin), None)[0]
+
+
+LORA_QKV = Pattern(
+    name="lora_qkv",
+    kernel="triton:lora_qkv",
+    find=find_qkv,
+    reference=_attention_with(grouped=False),
+    replacement=_attention_with(grouped=True),
+    original=lambda module, m: module.forward,
+    probe=_probe_qkv,
+    defaults={},
+    adapt=_attention_output,
 )
