@@ -64,7 +64,8 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     known = {p.name for p in OPT_IN_PATTERNS}
     unknown = sorted(set(opts["opt_in"]) - known)
     if unknown:
-        raise ValueError(f"sloth_core.optimize(opt_in=...): unknown opt-in pattern(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(f"sloth_core.optimize(opt_in=...): unknown opt-in pattern(s) {unknown}; "
+                         f"known: {sorted(known)}")
     return opts
 
 

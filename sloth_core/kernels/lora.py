@@ -416,7 +416,8 @@ class _LoRAMLPFunction(torch.autograd.Function):
 # The chunked recompute-backward: the intermediate dimension I is cut into RECOMPUTE_CHUNKS column ranges of a
 # multiple of CHUNK_MULTIPLE columns (GEMM tiles; a 4-bit weight's row ranges then start at quantization blocks).
 # Two chunks: three [T, I/2] temporaries stay below the forward's peak (g, u: two [T, I]); more chunks cost GEMM
-# efficiency (H200, Llama-3-8B shapes: four chunks made the dx GEMMs 17% slower, scratch measurement).
+# efficiency (H200, Llama-3-8B shapes: four chunks made the dx GEMMs 17% slower:
+# benchmarks/results/lora_gemm_shapes_h200_20261129.txt).
 RECOMPUTE_CHUNKS = 2
 CHUNK_MULTIPLE = 128
 
