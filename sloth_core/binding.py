@@ -68,6 +68,25 @@ def records(module: nn.Module) -> list[BindingRecord]:
     return module.__dict__.get(RECORD_ATTR, [])
 
 
+_FORWARD_ATTRS = ("forward", "_old_forward")
+
+
+def previous_forward(module: nn.Module, pattern: str) -> Callable:
+    """The forward a ``pattern`` forward replacement wraps, bound to ``module``: the one ``module`` had when the
+    pattern was installed (another pattern's binding, e.g. a ``global:`` rebinding of the same forward), or, before
+    the install (verification), the one it has now; the class's when there was none. Looked up on the instance,
+    so a deep copy calls its own."""
+    for rec in reversed(records(module)):
+        if rec.pattern == pattern and rec.attr in _FORWARD_ATTRS:
+            if callable(rec.previous) and rec.previous is not _MISSING:
+                return rec.previous
+            return types.MethodType(type(module).forward, module)
+    current = module.__dict__.get(_forward_attr(module))
+    if isinstance(current, types.MethodType) and current.__self__ is module:
+        return current
+    return types.MethodType(type(module).forward, module)
+
+
 def is_bound(module: nn.Module, pattern: str) -> bool:
     return any(r.pattern == pattern for r in records(module))
 

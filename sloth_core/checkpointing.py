@@ -66,7 +66,6 @@ import contextlib
 import dataclasses
 import functools
 import threading
-import types
 import warnings
 import weakref
 from typing import Any, Callable
@@ -83,7 +82,6 @@ KERNEL = "torch.utils.checkpoint"
 MODES = ("off", "on", "offload")
 STATE_ATTR = "_sloth_core_checkpointing"
 HF_FLAG = "gradient_checkpointing"
-_FORWARD_ATTRS = ("forward", "_old_forward")
 _FALLBACK_CONTAINERS = ("layers", "h")
 _CACHE_KWARGS = ("past_key_values", "layer_past")
 
@@ -319,12 +317,7 @@ def _undo(module: nn.Module, rec: binding.BindingRecord) -> None:
 
 def _inner_forward(layer: nn.Module) -> Callable:
     """The forward the wrapper replaced (looked up on the instance, so a deep copy calls its own)."""
-    for rec in reversed(binding.records(layer)):
-        if rec.pattern == PATTERN and rec.attr in _FORWARD_ATTRS:
-            if callable(rec.previous) and not _is_missing(rec.previous):
-                return rec.previous
-            break
-    return types.MethodType(type(layer).forward, layer)
+    return binding.previous_forward(layer, PATTERN)
 
 
 def _hf_checkpoints_this_call(layer: nn.Module) -> bool:

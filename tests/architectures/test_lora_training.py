@@ -164,16 +164,19 @@ def test_offloading_layers_run_the_mlp_backward_before_the_recompute(model_type,
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_attention_computes_q_k_v_in_one_function(model_type, device, monkeypatch):
     """``lora_qkv`` (``opt_in``; not applied by default): every attention call computes its three LoRA
-    projections with one fused function (the o projection alone with lora_linear); the loss and every LoRA
-    gradient equal PEFT's."""
+    projections with one fused function (the o projection alone with lora_linear) and keeps the other patterns'
+    kernels (rope); the loss and every LoRA gradient equal PEFT's."""
     assert "lora_qkv" not in {r.pattern for r in sloth_core.report(
         sloth_core.optimize(_lora(tiny_model(model_type, device=device))))}
     from sloth_core.kernels import lora
     from sloth_core.tolerances import assert_close
 
-    calls = {"qkv": 0, "linear": 0}
-    for name, key in (("_LoRAQKVFunction", "qkv"), ("_LoRALinearFunction", "linear")):
-        cls = getattr(lora, name)
+    from sloth_core.kernels import rope
+
+    calls = {"qkv": 0, "linear": 0, "rope": 0}
+    for module, name, key in ((lora, "_LoRAQKVFunction", "qkv"), (lora, "_LoRALinearFunction", "linear"),
+                              (rope, "_RopeFunction", "rope")):
+        cls = getattr(module, name)
         original = cls.apply
 
         def counting(*args, _original=original, _key=key):
@@ -187,13 +190,14 @@ def test_attention_computes_q_k_v_in_one_function(model_type, device, monkeypatc
     layers = ref.config.num_hidden_layers
     assert len(rows) == layers and all(r.status == "replaced" for r in rows), rows
     ids, labels = token_batch(device)
-    calls.update(qkv=0, linear=0)  # the verification probes of optimize() called them too
+    calls.update(qkv=0, linear=0, rope=0)  # the verification probes of optimize() called them too
     losses = []
     for m in (ref, model):
         loss = m(input_ids=ids, labels=labels).loss
         loss.backward()
         losses.append(loss.detach())
-    assert calls == {"qkv": layers, "linear": layers}, calls
+    # ... and the attention still runs the rope kernel (lora_qkv wraps the forward rope rebound, not the class's)
+    assert calls == {"qkv": layers, "linear": layers, "rope": layers}, calls
     assert_close("loss", losses[1], losses[0], torch.float32)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for n, p in ref.named_parameters():

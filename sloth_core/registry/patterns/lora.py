@@ -13,7 +13,9 @@
   one call of the attention forward, so nothing is kept between calls. OPT-IN: no built-in architecture lists it.
   Measured on one H200 (Llama-3-8B shape, batch 4 x 2048, ``sloth-core bench train``, 2026-11-29): the training
   step was slower with it than without (LoRA 11,537-11,618 vs 12,563 tokens/s; QLoRA 11,167-11,331 vs 12,318;
-  ``benchmarks/results/train_llama-3-8b_20261129_s3c/s3d``), the cause not yet profiled. Turn it on with
+  ``benchmarks/results/train_llama-3-8b_20261129_s3c/s3d``) -- but those runs had a bug found afterwards: its
+  attention wrapper called the class's forward, not the one ``rope`` rebinds, so HF's eager RoPE ran instead of
+  the kernel (same values; test now). Fixed, not re-measured: it stays opt-in until it is. Turn it on with
   ``sloth_core.optimize(model, opt_in="lora_qkv")`` (``profile_train_step.py --opt-in lora_qkv``).
 
 Supported: ``lora_dropout=0``, no LoRA bias, no DoRA, one active adapter (rsLoRA is just its scaling), adapters
@@ -28,6 +30,7 @@ import threading
 
 from torch import nn
 
+from ... import binding
 from ...kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_qkv, lora_spec
 from ..pattern import Match, Pattern, Probe, Skip
 from . import gated_mlp
@@ -205,12 +208,15 @@ def find_qkv(module: nn.Module, params) -> Match | Skip | None:
 
 
 def _attention_with(grouped: bool):
+    """The attention's own forward -- the one bound before this pattern (``rope`` rebinds it), not the class's --
+    run inside a q/k/v group when ``grouped``."""
     def make(m: Match):
         def forward(self, *args, **kwargs):
+            inner = binding.previous_forward(self, "lora_qkv")
             if not grouped:
-                return type(self).forward(self, *args, **kwargs)
+                return inner(*args, **kwargs)
             with _grouping(self):
-                return type(self).forward(self, *args, **kwargs)
+                return inner(*args, **kwargs)
 
         return forward
 
