@@ -324,6 +324,16 @@ def _kernel_into(weight_data: torch.Tensor, quant_state, out: torch.Tensor, firs
         _launch(weight_data, quant_state, out, first_block)
 
 
+def _kernel_into_target(weight_data: torch.Tensor, quant_state, target: torch.Tensor,
+                        first_block: int = 0) -> torch.Tensor:
+    """:func:`_kernel_into` ``target`` of any layout (through a contiguous temporary when it is not contiguous)."""
+    dense = target if target.is_contiguous() else new_empty(target.shape, target.dtype, target.device)
+    _kernel_into(weight_data.contiguous(), quant_state, dense, first_block)
+    if dense is not target:
+        target.copy_(dense)
+    return target
+
+
 def dequantize_4bit(weight_data: torch.Tensor, quant_state, out: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize a bitsandbytes 4-bit weight; bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
@@ -341,11 +351,7 @@ def dequantize_4bit(weight_data: torch.Tensor, quant_state, out: torch.Tensor | 
     if not (triton_ok(target) and dtype in OUT_DTYPES):
         target.copy_(dequantize_4bit_reference(weight_data, quant_state, dtype))
         return target
-    dense = target if target.is_contiguous() else new_empty(target.shape, dtype, target.device)
-    _kernel_into(weight_data.contiguous(), quant_state, dense)
-    if dense is not target:
-        target.copy_(dense)
-    return target
+    return _kernel_into_target(weight_data, quant_state, target)
 
 
 def dequantize_4bit_rows(weight_data: torch.Tensor, quant_state, start: int, stop: int,
@@ -371,11 +377,7 @@ def dequantize_4bit_rows(weight_data: torch.Tensor, quant_state, start: int, sto
     if not (triton_ok(target) and dtype in OUT_DTYPES) or (start * cols) % quant_state.blocksize:
         target.copy_(dequantize_4bit(weight_data, quant_state, dtype=dtype)[start:stop])
         return target
-    dense = target if target.is_contiguous() else new_empty(shape, dtype, target.device)
-    _kernel_into(weight_data.contiguous(), quant_state, dense, first_block=start * cols // quant_state.blocksize)
-    if dense is not target:
-        target.copy_(dense)
-    return target
+    return _kernel_into_target(weight_data, quant_state, target, first_block=start * cols // quant_state.blocksize)
 
 
 # --------------------------------------------------------------------------------------------- workspace

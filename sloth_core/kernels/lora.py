@@ -291,27 +291,41 @@ def _base_bias(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
     return None if bias is None else bias.to(dtype)
 
 
+def _base_plus_lora(x: torch.Tensor, xa: torch.Tensor, layer: nn.Module, B: torch.Tensor, scale: float,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``x W^T + b + s * xa B^T`` given ``xa = x A^T``, in ``x``'s dtype; with ``rows = (c0, c1)`` only the output
+    features ``c0:c1`` (rows of ``W``, ``b``, ``B``)."""
+    bias = _base_bias(layer, x.dtype)
+    if rows is not None:
+        bias = None if bias is None else bias[rows[0]:rows[1]]
+        B = B[rows[0]:rows[1]]
+    w = base_weight(layer, rows).to(x.dtype)
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    del w  # a dequantized weight is used once, never kept
+    return y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)
+
+
 def _project(x: torch.Tensor, spec: LoRASpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of one LoRA linear on 2-D ``x`` in the compute dtype: ``(y, xa)``."""
     layer, A, B, scale = spec
-    dtype = x.dtype
-    bias = _base_bias(layer, dtype)
-    w = base_weight(layer).to(dtype)
-    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
-    del w  # a dequantized weight is used once, never kept
-    xa = torch.mm(x, A.to(dtype).t())
-    y.addmm_(xa, B.to(dtype).t(), alpha=scale)
-    return y, xa
+    xa = torch.mm(x, A.to(x.dtype).t())
+    return _base_plus_lora(x, xa, layer, B, scale), xa
+
+
+def _base_input_grad(dy: torch.Tensor, layer: nn.Module, accumulate: torch.Tensor | None = None,
+                     rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``dy W`` (``W``'s rows ``c0:c1`` with ``rows = (c0, c1)``), added to ``accumulate`` in place when given."""
+    w = base_weight(layer, rows).to(dy.dtype)
+    dx = torch.mm(dy, w) if accumulate is None else accumulate.addmm_(dy, w)
+    del w
+    return dx
 
 
 def _input_grad(dy: torch.Tensor, dyB: torch.Tensor, spec: LoRASpec,
                 accumulate: torch.Tensor | None = None) -> torch.Tensor:
     """``dy W + s * dyB A`` (added to ``accumulate`` in place when given)."""
     layer, A, _, scale = spec
-    w = base_weight(layer).to(dy.dtype)
-    dx = torch.mm(dy, w) if accumulate is None else accumulate.addmm_(dy, w)
-    del w
-    return dx.addmm_(dyB, A.to(dy.dtype), alpha=scale)
+    return _base_input_grad(dy, layer, accumulate).addmm_(dyB, A.to(dy.dtype), alpha=scale)
 
 
 def _project_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, spec: LoRASpec,
@@ -429,22 +443,6 @@ def chunk_bounds(inter: int) -> list[tuple[int, int]]:
     return [(c0, min(inter, c0 + width)) for c0 in range(0, inter, width)]
 
 
-def _project_rows(x: torch.Tensor, xa: torch.Tensor, spec: LoRASpec, B: torch.Tensor, c0: int, c1: int):
-    """Output columns ``c0:c1`` of one LoRA linear: ``x W[c0:c1]^T + b[c0:c1] + s * xa B[c0:c1]^T``."""
-    layer, _, _, scale = spec
-    w = base_weight(layer, rows=(c0, c1)).to(x.dtype)
-    bias = _base_bias(layer, x.dtype)
-    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias[c0:c1], x, w.t())
-    del w
-    return y.addmm_(xa, B[c0:c1].t(), alpha=scale)
-
-
-def _rows_input_grad(dy: torch.Tensor, spec: LoRASpec, c0: int, c1: int, accumulate: torch.Tensor | None):
-    """``dy W[c0:c1]`` for ``dy`` [T, c1 - c0], added to ``accumulate`` in place when given."""
-    w = base_weight(spec.base_layer, rows=(c0, c1)).to(dy.dtype)
-    return torch.mm(dy, w) if accumulate is None else accumulate.addmm_(dy, w)
-
-
 def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activation: str, need):
     """The MLP's gradients ``(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)`` from ``x`` alone, the intermediate
     dimension in column chunks ``c`` (:func:`chunk_bounds`); ``None`` where ``need`` says no. Per chunk::
@@ -478,8 +476,8 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
     w_d = base_weight(down.base_layer).to(dtype)
     for c0, c1 in chunk_bounds(A_d.shape[1]):
         dm = torch.mm(dh, w_d[:, c0:c1]).addmm_(dyB_d, A_d[:, c0:c1], alpha=down.scale)
-        g = _project_rows(x, xa_g, gate, B_g, c0, c1)
-        u = _project_rows(x, xa_u, up, B_u, c0, c1)
+        g = _base_plus_lora(x, xa_g, gate.base_layer, B_g, gate.scale, (c0, c1))
+        u = _base_plus_lora(x, xa_u, up.base_layer, B_u, up.scale, (c0, c1))
         dg, du = _ga._backward(dm, g, u, activation, out=(g, u), h_out=dm)
         m = dm
         if need_Ad:
@@ -496,8 +494,8 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
         if dyB_u is not None:
             dyB_u += _mm_to(du, B_u[c0:c1], torch.float32)
         if need_dx:
-            dx = _rows_input_grad(dg, gate, c0, c1, dx)
-            dx = _rows_input_grad(du, up, c0, c1, dx)
+            dx = _base_input_grad(dg, gate.base_layer, dx, (c0, c1))
+            dx = _base_input_grad(du, up.base_layer, dx, (c0, c1))
         del dg, du, g, u
     del w_d
     dB_d = _scaled_mm(dh.t(), ma.to(dtype), down.scale, down.B.dtype) if need_Bd else None
@@ -517,13 +515,7 @@ class _LoRAQKVFunction(torch.autograd.Function):
         xa = torch.mm(x, torch.cat([A.to(x.dtype) for A in As]).t())  # [T, r_q + r_k + r_v]: x read once
         xas = [xa[:, cols].contiguous() for cols in _rank_slices(As)]  # [T, r] each (cuBLAS-friendly, tiny)
         del xa
-        outs = []
-        for layer, B, scale, xa_j in zip(layers, Bs, scales, xas):
-            bias = _base_bias(layer, x.dtype)
-            w = base_weight(layer).to(x.dtype)
-            y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
-            del w
-            outs.append(y.addmm_(xa_j, B.to(x.dtype).t(), alpha=scale))
+        outs = [_base_plus_lora(x, xa_j, layer, B, scale) for layer, B, scale, xa_j in zip(layers, Bs, scales, xas)]
         ctx.save_for_backward(x, *xas, *As, *Bs)
         ctx.layers, ctx.scales = layers, scales
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero [T, out] tensor)
@@ -556,9 +548,7 @@ def _qkv_backward(dys, x, xas, As, Bs, layers, scales, need_dx: bool, need):
     if need_dx:
         for dy, layer in zip(dys, layers):
             if dy is not None:
-                w = base_weight(layer).to(dtype)
-                dx = torch.mm(dy, w) if dx is None else dx.addmm_(dy, w)
-                del w
+                dx = _base_input_grad(dy, layer, dx)
         A_scaled = torch.cat([(A.float() * s).to(dtype) for A, s in zip(As, scales)])
         dx = torch.mm(G, A_scaled) if dx is None else dx.addmm_(G, A_scaled)
     dA_all = _mm_to(G.t(), x, torch.float32) if any(need[0::2]) else None  # [sum r, H], x read once
