@@ -9,7 +9,7 @@ checkpointing; then, in one process:
    copies, elementwise, other);
 3. a CUDA memory snapshot of one step: what is alive at the peak, by allocation site.
 
-    python benchmarks/profile_train_step.py [--quant nf4] [--layers 32] [--batch 4 --seq 2048] [--opt-in lora_qkv]
+    python benchmarks/profile_train_step.py [--quant nf4] [--layers 32] [--batch 4 --seq 2048] [--exclude lora_qkv]
 """
 from __future__ import annotations
 
@@ -104,8 +104,11 @@ def profile(model, ids, opt):
     from torch.profiler import ProfilerActivity, profile as prof_ctx
 
     with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
         _step(model, ids, opt)
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t) * 1e3
     kernels = collections.Counter()
     counts = collections.Counter()
     for e in prof.events():
@@ -124,8 +127,48 @@ def profile(model, ids, opt):
     print("top kernels:")
     for name, us in kernels.most_common(30):
         print(f"  {us / 1e3:8.2f} ms {counts[name]:5d}x  {name[:110]}")
-    return {"total_ms": total / 1e3, "groups_ms": {g: us / 1e3 for g, us in groups.items()},
-            "top": [(n[:200], us / 1e3, counts[n]) for n, us in kernels.most_common(40)]}
+    result = {"total_ms": total / 1e3, "wall_ms": wall_ms, "groups_ms": {g: us / 1e3 for g, us in groups.items()},
+              "top": [(n[:200], us / 1e3, counts[n]) for n, us in kernels.most_common(40)]}
+    try:
+        result["streams"] = stream_gaps(prof, wall_ms)
+    except Exception as exc:  # the kineto event API differs between torch versions: keep the rest
+        print(f"(no per-stream timeline: {type(exc).__name__}: {exc})")
+    return result
+
+
+def stream_gaps(prof, wall_ms: float, min_gap_us: float = 5.0, top: int = 12) -> dict:
+    """Per CUDA stream of the profiled step: busy time (the union of its kernels and copies) and where the stream
+    sat idle: the gaps between consecutive operations longer than ``min_gap_us``, the largest named by the
+    operations on either side -- where the step waits for the host (launch latency, Python) or for a copy."""
+    by_stream = collections.defaultdict(list)
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type().name != "CUDA":
+            continue
+        start = e.start_ns() / 1e3
+        by_stream[e.device_resource_id()].append((start, start + e.duration_ns() / 1e3, e.name()))
+    out = {}
+    print(f"\nstep wall time {wall_ms:.1f} ms; per CUDA stream: busy, idle between its first and last operation")
+    for stream, evs in sorted(by_stream.items(), key=lambda kv: -sum(b - a for a, b, _ in kv[1])):
+        evs.sort()
+        busy, gaps, end, prev = 0.0, [], evs[0][0], None
+        for a, b, name in evs:
+            if a > end:
+                if a - end > min_gap_us:
+                    gaps.append((a - end, prev, name))
+            busy += max(0.0, b - max(a, end))
+            if b > end:
+                end, prev = b, name
+        idle = sum(g for g, _, _ in gaps)
+        span = end - evs[0][0]
+        print(f"  stream {stream}: {len(evs)} ops, span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle "
+              f"{idle / 1e3:.1f} ms in {len(gaps)} gaps > {min_gap_us:g} us")
+        gaps.sort(key=lambda g: -g[0])
+        if len(out) == 0:  # the compute stream (the busiest): its largest gaps
+            for g, before, after in gaps[:top]:
+                print(f"      {g / 1e3:7.2f} ms  after {before[:60]}  before {after[:60]}")
+        out[str(stream)] = {"ops": len(evs), "span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": idle / 1e3,
+                            "gaps": len(gaps), "largest": [(g / 1e3, b[:120], a[:120]) for g, b, a in gaps[:top]]}
+    return out
 
 
 def _site(frames) -> str:
@@ -148,23 +191,43 @@ def memory_peak(model, ids, opt):
         torch.cuda.memory._record_memory_history(enabled=None)
     trace = snap["device_traces"][torch.cuda.current_device()]
     live, cur, peak, peak_live, peak_at = {}, start, start, {}, 0
+    segments = 10  # the step's trace in equal slices of events: the highest point of each, and what it held
+    seg_len = max(1, -(-len(trace) // segments))
+    seg_peaks = [(start, {}, 0)] * segments
     for i, ev in enumerate(trace):
         if ev["action"] == "alloc":
             live[ev["addr"]] = (ev["size"], _site(ev.get("frames", [])))
             cur += ev["size"]
             if cur > peak:
                 peak, peak_live, peak_at = cur, dict(live), i
+            k = min(segments - 1, i // seg_len)
+            if cur > seg_peaks[k][0]:
+                seg_peaks[k] = (cur, dict(live), i)
         elif ev["action"] == "free_requested" and ev["addr"] in live:
             cur -= live.pop(ev["addr"])[0]
-    by_site = collections.Counter()
-    for size, site in peak_live.values():
-        by_site[site] += size
+
+    def by_site(alive):
+        sites = collections.Counter()
+        for size, site in alive.values():
+            sites[site] += size
+        return sites
+
+    at_peak = by_site(peak_live)
     print(f"\nmemory: {start / 2**30:.2f} GiB allocated before the step; peak {peak / 2**30:.2f} GiB at event "
-          f"{peak_at}/{len(trace)}; alive at the peak from this step: {sum(by_site.values()) / 2**30:.2f} GiB")
-    for site, size in by_site.most_common(25):
+          f"{peak_at}/{len(trace)}; alive at the peak from this step: {sum(at_peak.values()) / 2**30:.2f} GiB")
+    for site, size in at_peak.most_common(25):
         print(f"  {size / 2**20:9.1f} MiB  {site[:150]}")
+    print("highest point of each tenth of the step's allocation events (GiB): "
+          + " ".join(f"{p / 2**30:.2f}" for p, _, _ in seg_peaks))
+    others = sorted((p for p in seg_peaks if abs(p[2] - peak_at) > seg_len), key=lambda p: -p[0])
+    if others:  # the next highest point away from the peak: where the peak would move to
+        p, alive, at = others[0]
+        print(f"next highest point away from the peak: {p / 2**30:.2f} GiB at event {at}; alive there:")
+        for site, size in by_site(alive).most_common(12):
+            print(f"  {size / 2**20:9.1f} MiB  {site[:150]}")
     return {"start_GiB": start / 2**30, "peak_GiB": peak / 2**30,
-            "alive_at_peak": [(s, b / 2**20) for s, b in by_site.most_common(40)]}
+            "alive_at_peak": [(s, b / 2**20) for s, b in at_peak.most_common(40)],
+            "segment_peaks_GiB": [p / 2**30 for p, _, _ in seg_peaks]}
 
 
 def main(argv=None) -> int:
@@ -177,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--sdpa", nargs="*", default=[], help="also time these SDPBackend names (FLASH_ATTENTION, ...)")
-    ap.add_argument("--opt-in", nargs="*", default=[], help="opt-in patterns to apply too (lora_qkv)")
+    ap.add_argument("--opt-in", nargs="*", default=[], help="patterns in no default list to apply too")
+    ap.add_argument("--exclude", nargs="*", default=[], help="default patterns to leave out (e.g. lora_qkv)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -193,7 +257,7 @@ def main(argv=None) -> int:
     model.train()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
-    sloth_core.optimize(model, gradient_checkpointing="offload", opt_in=args.opt_in)
+    sloth_core.optimize(model, gradient_checkpointing="offload", opt_in=args.opt_in, exclude=args.exclude)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     ids = ids.cuda()

@@ -101,12 +101,24 @@ ATTN_IMPLEMENTATION = {"gemma-2-9b": "eager"}  # see the module docstring; every
 # ---------------------------------------------------------------------------------------------- models
 
 
+def _sloth_options(opt_in: Sequence[str], exclude: Sequence[str]) -> dict:
+    """``optimize``'s ``opt_in`` / ``exclude`` options, the names checked before anything is built."""
+    from ..registry.patterns import ALL_PATTERNS, OPT_IN_PATTERNS
+
+    options = {}
+    if opt_in:
+        options["opt_in"] = tuple(_known(opt_in, [p.name for p in OPT_IN_PATTERNS], "opt-in pattern"))
+    if exclude:
+        options["exclude"] = tuple(_known(exclude, [p.name for p in ALL_PATTERNS], "pattern"))
+    return options
+
+
 def _known(values: Iterable[str] | str, known: Iterable[str], what: str) -> list[str]:
     values = [values] if isinstance(values, str) else list(values)
     known = list(known)
     unknown = [v for v in values if v not in known]
     if unknown:
-        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(known) or '(none)'}")
     if not values:
         raise ValueError(f"no {what} given; known: {', '.join(known)}")
     return list(dict.fromkeys(values))
@@ -258,22 +270,20 @@ def _hf_checkpointing(model, on: bool) -> None:
         base.disable_input_require_grads()
 
 
-def _use_hf_peft(model, checkpointing: bool, sloth_checkpointing: str, opt_in=()):
+def _use_hf_peft(model, checkpointing: bool, sloth_checkpointing: str, sloth_options: dict):
     _hf_checkpointing(model, checkpointing)
     return (lambda: _hf_checkpointing(model, False)), {}
 
 
-def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str, opt_in=()):
+def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str, sloth_options: dict):
     import sloth_core
     from sloth_core.checkpointing import clear_host_pool
 
-    options = {}
+    options = dict(sloth_options)
     if sloth_checkpointing == "hf":
         _hf_checkpointing(model, checkpointing)
     else:
         options["gradient_checkpointing"] = sloth_checkpointing
-    if opt_in:
-        options["opt_in"] = tuple(opt_in)
 
     def undo():
         sloth_core.restore(model)
@@ -289,7 +299,7 @@ def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str, opt_in
     return undo, {"replaced": statuses.count("replaced"), "skipped": statuses.count("skipped")}
 
 
-def _use_liger(model, checkpointing: bool, sloth_checkpointing: str, opt_in=()):
+def _use_liger(model, checkpointing: bool, sloth_checkpointing: str, sloth_options: dict):
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     base = _base(model)
@@ -333,12 +343,12 @@ def available_providers() -> list[str]:
 
 
 def _measure(provider: str, model, batches, *, lr: float, warmup: int, checkpointing: bool,
-             sloth_checkpointing: str, opt_in: Sequence[str] = ()) -> dict:
+             sloth_checkpointing: str, sloth_options: dict | None = None) -> dict:
     """Prepare ``model`` for ``provider``, run the steps, undo; ``error`` instead of figures when it fails."""
     device = batches[0].device
     t = time.perf_counter()
     try:
-        undo, extra = _USE[provider](model, checkpointing, sloth_checkpointing, opt_in)
+        undo, extra = _USE[provider](model, checkpointing, sloth_checkpointing, sloth_options or {})
     except Exception as exc:  # noqa: BLE001 - one failing provider must not lose the others' results
         return {"error": f"setup: {type(exc).__name__}: {exc}"}
     extra["setup_s"] = time.perf_counter() - t
@@ -391,7 +401,8 @@ def _rows(model: str, quant: str, batch: int, seq: int, rank: int, measured: dic
 def run(presets: Iterable[str] | str, quants: Iterable[str] | str = ("none", "nf4"), *, batch: int = 4,
         seq: int = 2048, rank: int = 16, steps: int = 10, providers: Iterable[str] | None = None, device="cuda",
         dtype: torch.dtype | None = None, warmup: int = WARMUP, layers: int | None = None,
-        checkpointing: bool = True, sloth_checkpointing: str = "offload", opt_in: Sequence[str] = (), lr: float = LR,
+        checkpointing: bool = True, sloth_checkpointing: str = "offload", opt_in: Sequence[str] = (),
+        exclude: Sequence[str] = (), lr: float = LR,
         seed: int = 0) -> dict:
     """Measure every (preset, quant) with every provider; a results dict (``env``, ``settings``, ``rows``).
 
@@ -399,8 +410,8 @@ def run(presets: Iterable[str] | str, quants: Iterable[str] | str = ("none", "nf
     :func:`available_providers`; they always run in the order of :data:`PROVIDERS`. ``dtype``: default bf16 on
     CUDA, fp32 elsewhere. ``layers`` overrides the number of decoder layers. ``checkpointing``: HF's checkpointing
     for ``hf_peft`` / ``liger``; ``sloth_checkpointing``: ``"offload"`` / ``"on"`` (sloth_core's own, passed to
-    ``optimize``) or ``"hf"`` (as ``hf_peft``). ``opt_in``: sloth_core's opt-in patterns, passed to ``optimize``
-    (``sloth_core.registry.patterns.OPT_IN_PATTERNS``)."""
+    ``optimize``) or ``"hf"`` (as ``hf_peft``). ``opt_in`` / ``exclude``: pattern names passed to
+    ``optimize`` (patterns in no default list to apply too / default patterns to leave out)."""
     from .env import environment
 
     presets = _known(presets, PRESETS, "preset")
@@ -411,10 +422,7 @@ def run(presets: Iterable[str] | str, quants: Iterable[str] | str = ("none", "nf
     if missing:
         raise ValueError(f"provider(s) {', '.join(missing)} not available here (liger needs liger_kernel)")
     _known(sloth_checkpointing, SLOTH_CHECKPOINTING, "sloth_checkpointing")
-    if opt_in:
-        from ..registry.patterns import OPT_IN_PATTERNS
-
-        _known(opt_in, [p.name for p in OPT_IN_PATTERNS], "opt-in pattern")
+    sloth_options = _sloth_options(opt_in, exclude)
     if min(batch, seq, rank, steps) < 1 or warmup < 0:
         raise ValueError(f"batch, seq, rank, steps must be positive and warmup >= 0 (got batch={batch}, seq={seq}, "
                          f"rank={rank}, steps={steps}, warmup={warmup})")
@@ -426,17 +434,19 @@ def run(presets: Iterable[str] | str, quants: Iterable[str] | str = ("none", "nf
         for quant in quants:
             rows += _run_case(preset, quant, wanted, batch=batch, seq=seq, rank=rank, steps=steps, device=device,
                               dtype=dtype, warmup=warmup, layers=layers, checkpointing=checkpointing,
-                              sloth_checkpointing=sloth_checkpointing, opt_in=tuple(opt_in), lr=lr, seed=seed)
+                              sloth_checkpointing=sloth_checkpointing, sloth_options=sloth_options, lr=lr,
+                              seed=seed)
     settings = dict(presets=presets, quants=quants, providers=wanted, batch=batch, seq=seq, rank=rank,
                     lora_alpha=rank, lora_dropout=0.0, targets=TARGETS, steps=steps, warmup=warmup, lr=lr,
                     layers=layers, dtype=str(dtype).replace("torch.", ""), device=str(device),
                     checkpointing=checkpointing, sloth_checkpointing=sloth_checkpointing, opt_in=list(opt_in),
+                    exclude=list(exclude),
                     attention={p: ATTN_IMPLEMENTATION.get(p, "sdpa") for p in presets})
     return {"env": environment(), "settings": settings, "rows": rows}
 
 
 def _run_case(preset: str, quant: str, providers: list[str], *, batch, seq, rank, steps, device, dtype, warmup,
-              layers, checkpointing, sloth_checkpointing, opt_in, lr, seed) -> list[dict]:
+              layers, checkpointing, sloth_checkpointing, sloth_options, lr, seed) -> list[dict]:
     name = model_name(preset, layers)
     model = error = None
     try:
@@ -454,7 +464,7 @@ def _run_case(preset: str, quant: str, providers: list[str], *, batch, seq, rank
             _load_lora_weights(model, lora0)
             measured[provider] = _measure(provider, model, batches, lr=lr, warmup=warmup,
                                           checkpointing=checkpointing, sloth_checkpointing=sloth_checkpointing,
-                                          opt_in=opt_in)
+                                          sloth_options=sloth_options)
     finally:
         del model
         _free(device)
@@ -486,8 +496,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--sloth-checkpointing", choices=SLOTH_CHECKPOINTING, default="offload",
                         help="sloth_core's checkpointing: offload, on, or hf (HF's, as hf_peft); default: %(default)s")
     parser.add_argument("--opt-in", nargs="+", default=[], metavar="PATTERN",
-                        help="sloth_core patterns that are off by default to apply too (optimize(opt_in=...)), "
-                             "e.g. lora_qkv")
+                        help="sloth_core patterns in no default list to apply too (optimize(opt_in=...))")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
+                        help="sloth_core patterns to leave out (optimize(exclude=...)), e.g. lora_qkv")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cuda, or cpu for a quick check with tiny-llama (fp32); default: %(default)s")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -527,7 +538,7 @@ def main(args: argparse.Namespace) -> int:
         results = run(args.preset, args.quant, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
                       providers=args.provider, device=args.device, warmup=args.warmup, layers=args.layers,
                       checkpointing=not args.no_checkpointing, sloth_checkpointing=args.sloth_checkpointing,
-                      opt_in=args.opt_in)
+                      opt_in=args.opt_in, exclude=args.exclude)
     except ValueError as exc:
         print(f"sloth-core bench train: {exc}", file=sys.stderr)
         return 2
@@ -535,7 +546,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nbatch {s['batch']} x {s['seq']}, LoRA r={s['rank']} on {','.join(TARGETS)}, {s['steps']} steps "
           f"(median of the last {s['steps'] - min(s['warmup'], s['steps'] - 1)}), HF checkpointing "
           f"{'on' if s['checkpointing'] else 'off'}, sloth_core checkpointing {s['sloth_checkpointing']}"
-          f"{''.join(' +' + n for n in s['opt_in'])}; "
+          f"{''.join(' +' + n for n in s['opt_in'])}{''.join(' -' + n for n in s['exclude'])}; "
           f"{results['env'].get('gpu')}")
     print(format_table(results))
     stem = args.name or f"train_{'_'.join(args.preset)}_{time.strftime('%Y%m%d_%H%M%S')}"

@@ -30,22 +30,23 @@ Results are BIT-IDENTICAL to ``bitsandbytes.functional.dequantize_4bit`` (0.50).
 float32 to bf16/fp16 itself (``cvt.rn``). Under Triton's interpreter a float32 -> bf16 cast truncates instead of
 rounding, so there (only) a bf16 result is produced in float32 by the kernel and rounded by torch.
 
-Output buffers: :func:`dequantize_weight` writes into a per-(device, dtype, numel) workspace so that dequantizing
-every layer of a model reuses the same memory; its result is only valid until the next :func:`dequantize_weight`
-of a weight with the same number of elements, dtype and device (the LoRA autograd consumes it immediately).
-Callers that keep the weight pass their own ``out=`` to :func:`dequantize_4bit`.
+Output buffers: :func:`dequantize_weight` returns a tensor of PyTorch's caching allocator, which the caller
+drops as soon as its GEMM is queued (the LoRA autograd uses a dequantized weight once, never keeps it). The
+allocator hands the same blocks back for the next weight of that size, so dequantizing every layer of a model
+reuses the same device memory step after step -- and between two uses that memory is free for everything else
+(persistent per-size buffers -- q/o, k/v, gate/up/down and row ranges of a Llama layer -- stayed allocated
+through the attention backward, where a QLoRA step's memory peaks). Callers that want a buffer of their own pass ``out=`` to :func:`dequantize_4bit`.
 """
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
-from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, poisoning, triton_ok
+from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
@@ -380,47 +381,7 @@ def dequantize_4bit_rows(weight_data: torch.Tensor, quant_state, start: int, sto
     return _kernel_into_target(weight_data, quant_state, target, first_block=start * cols // quant_state.blocksize)
 
 
-# --------------------------------------------------------------------------------------------- workspace
-
-
-class _Workspace:
-    """A few reusable output buffers keyed by ``(device, dtype, numel)``, least recently used evicted first."""
-
-    def __init__(self, max_entries: int = 8):
-        self.max_entries = max_entries
-        self._buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-    def get(self, shape, dtype: torch.dtype, device: torch.device, slot: str = "") -> torch.Tensor:
-        numel = math.prod(shape)
-        key = (torch.device(device), dtype, numel, slot)
-        buf = self._buffers.pop(key, None)
-        if buf is None:
-            buf = new_empty((numel,), dtype, device)
-        elif poisoning() and buf.is_floating_point():
-            buf.fill_(float("nan"))  # an element the kernel forgets to write must not keep an old value
-        self._buffers[key] = buf
-        while len(self._buffers) > self.max_entries:
-            self._buffers.popitem(last=False)
-        return buf.view(shape)
-
-    def clear(self) -> None:
-        self._buffers.clear()
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-
-_WORKSPACE = _Workspace()
-
-
-def clear_workspace() -> None:
-    """Free the buffers :func:`dequantize_weight` reuses."""
-    _WORKSPACE.clear()
-
-
-def workspace_nbytes() -> int:
-    """Bytes held by :func:`dequantize_weight`'s reusable buffers."""
-    return _WORKSPACE.nbytes()
+# --------------------------------------------------------------------------------------------- modules
 
 
 def _param_and_state(module_or_param):
@@ -441,10 +402,8 @@ def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
     ``quant_state.shape``, in ``dtype`` (default ``quant_state.dtype``); ``rows=(start, stop)``: only those rows
     of the 2-D weight (:func:`dequantize_4bit_rows`).
 
-    The result lives in a REUSED workspace buffer: it is only valid until the next ``dequantize_weight`` of a
-    weight with the same number of elements, dtype and device (a model's same-sized layers share one buffer).
-    Row ranges have buffers of their own: a whole weight stays valid while row ranges of others are
-    dequantized. Use it immediately, or call :func:`dequantize_4bit` with your own ``out=``."""
+    A fresh tensor (from the caching allocator: dropping it right after use lets the next dequantization, or
+    anything else, reuse its memory)."""
     param, state = _param_and_state(module_or_param)
     data = param.data
     if data.dtype != torch.uint8 and data.dtype == getattr(param, "quant_storage", None):
@@ -452,9 +411,5 @@ def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
     _check_inputs(data, state)
     dtype = dtype or state.dtype
     if rows is None:
-        out = _WORKSPACE.get(tuple(state.shape), dtype, data.device)
-        return dequantize_4bit(data, state, out=out, dtype=dtype)
-    start, stop = rows
-    shape = (max(0, stop - start), *tuple(state.shape)[1:])
-    out = _WORKSPACE.get(shape, dtype, data.device, slot="rows")
-    return dequantize_4bit_rows(data, state, start, stop, out=out, dtype=dtype)
+        return dequantize_4bit(data, state, dtype=dtype)
+    return dequantize_4bit_rows(data, state, *rows, dtype=dtype)

@@ -20,7 +20,7 @@ Backward, given ``dy`` [T, out]::
 
 The frozen base gets no gradient. Saved for backward: ``x``, ``xa`` (and the parameters ``A``, ``B``, and a
 reference to the base layer). The dequantized ``W`` of a 4-bit base is never kept from forward to backward: it is
-dequantized once in the forward and once in the backward (each use), into the dequantizer's reused buffer.
+dequantized once in the forward and once in the backward (each use), into a temporary dropped right after its GEMM.
 Gradients are computed only for the inputs that require them (``dx`` if ``x`` does, ``dA``/``dB`` if the
 adapter does).
 
@@ -166,8 +166,8 @@ def base_weight(base_layer: nn.Module, rows: tuple[int, int] | None = None) -> t
     ``nn.Linear``; for a bitsandbytes ``Linear4bit`` the dequantized weight (Triton dequantizer when available,
     else ``bitsandbytes.functional.dequantize_4bit``).
 
-    A dequantized weight may live in a buffer the next dequantization reuses: use it at once, never keep it
-    (a whole weight stays valid while row ranges are dequantized: :func:`dequant.dequantize_weight`)."""
+    A dequantized weight is a temporary: use it at once and drop it, so the next dequantization (or anything
+    else) reuses its memory (:func:`dequant.dequantize_weight`)."""
     if not _is_4bit(base_layer):
         return base_layer.weight if rows is None else base_layer.weight[rows[0]:rows[1]]
     dequantize = _triton_dequantizer()

@@ -92,11 +92,11 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
     """Register the usual decoder-only layout: RMSNorm (``norm``: ``"llama"`` or ``"gemma"`` casting, the latter
     with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``) whose output goes
     into the residual add that ends the layer (or first through the norm ``post_mlp_norm_attr`` where a layer has
-    one), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs) as fused functions, and the
+    one), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs, and
+    the q/k/v LoRA projections of an attention call together) as fused functions, and the
     causal-LM head's fused loss with the ``head`` facts. Architectures that differ list their :class:`PatternUse` s
-    in an :class:`Architecture` and call :func:`register` themselves (``LORA_QKV`` is in no default list: see
-    :mod:`sloth_core.registry.patterns.lora`)."""
-    from .patterns import CAUSAL_LM_LOSS, GATED_MLP, LORA_LINEAR, LORA_MLP, RMS_NORM, ROPE
+    in an :class:`Architecture` and call :func:`register` themselves."""
+    from .patterns import CAUSAL_LM_LOSS, GATED_MLP, LORA_LINEAR, LORA_MLP, LORA_QKV, RMS_NORM, ROPE
 
     offset = {"llama": 0.0, "gemma": 1.0}[norm]
     head = head or HeadFacts()
@@ -104,7 +104,7 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
         name=name,
         model_types=tuple(model_types),
         patterns=(RMS_NORM.using(cast=norm, offset=offset), LORA_MLP.using(activation=activation),
-                  GATED_MLP.using(activation=activation), LORA_LINEAR.using(), ROPE.using(),
+                  GATED_MLP.using(activation=activation), LORA_LINEAR.using(), ROPE.using(), LORA_QKV.using(),
                   CAUSAL_LM_LOSS.using(softcap_attr=head.softcap_attr, logit_scale_attr=head.logit_scale_attr)),
         head=head,
         layer=LayerFacts(mlp_output_into_residual=True, post_mlp_norm_attr=post_mlp_norm_attr),

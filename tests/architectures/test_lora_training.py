@@ -163,11 +163,11 @@ def test_offloading_layers_run_the_mlp_backward_before_the_recompute(model_type,
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_attention_computes_q_k_v_in_one_function(model_type, device, monkeypatch):
-    """``lora_qkv`` (``opt_in``; not applied by default): every attention call computes its three LoRA
+    """``lora_qkv`` (a default pattern; ``exclude`` leaves it out): every attention call computes its three LoRA
     projections with one fused function (the o projection alone with lora_linear) and keeps the other patterns'
     kernels (rope); the loss and every LoRA gradient equal PEFT's."""
     assert "lora_qkv" not in {r.pattern for r in sloth_core.report(
-        sloth_core.optimize(_lora(tiny_model(model_type, device=device))))}
+        sloth_core.optimize(_lora(tiny_model(model_type, device=device)), exclude="lora_qkv"))}
     from sloth_core.kernels import lora
     from sloth_core.tolerances import assert_close
 
@@ -185,7 +185,7 @@ def test_attention_computes_q_k_v_in_one_function(model_type, device, monkeypatc
 
         monkeypatch.setattr(cls, "apply", counting)
     ref = _lora(tiny_model(model_type, device=device))
-    model = sloth_core.optimize(copy.deepcopy(ref), opt_in="lora_qkv")
+    model = sloth_core.optimize(copy.deepcopy(ref))
     rows = [r for r in sloth_core.report(model) if r.pattern == "lora_qkv"]
     layers = ref.config.num_hidden_layers
     assert len(rows) == layers and all(r.status == "replaced" for r in rows), rows
@@ -212,7 +212,7 @@ def test_qkv_group_answers_only_for_the_same_unchanged_input(device):
     from sloth_core.kernels import lora
     from sloth_core.registry.patterns.lora import _grouping
 
-    model = sloth_core.optimize(_lora(tiny_model("llama", device=device)), opt_in=["lora_qkv"])
+    model = sloth_core.optimize(_lora(tiny_model("llama", device=device)))
     attn = model.base_model.model.model.layers[0].self_attn
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     gen = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ from sloth_core.tolerances import assert_close
 from tests.batches import token_batch
 
 EXPECTED = {"rms_norm", "gated_mlp", "rope", "causal_lm_loss"}
-LORA_EXPECTED = {"rms_norm", "lora_mlp", "lora_linear", "rope", "causal_lm_loss"}
+LORA_EXPECTED = {"rms_norm", "lora_mlp", "lora_linear", "rope", "lora_qkv", "causal_lm_loss"}
 
 
 def _batch(device, **kw):

@@ -55,7 +55,7 @@ def test_qlora_model_parity(saved_llama, device):
     skipped = [(r.module, r.pattern, r.detail) for r in sloth_core.report(model) if r.status == "skipped"]
     assert not skipped
     assert {r.pattern for r in sloth_core.report(model) if r.status == "replaced"} == {
-        "rms_norm", "lora_mlp", "lora_linear", "rope", "causal_lm_loss"}
+        "rms_norm", "lora_mlp", "lora_linear", "rope", "lora_qkv", "causal_lm_loss"}
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
     losses, grads = [], []
     for m in (ref, model):

@@ -7,6 +7,7 @@ import importlib.machinery
 import importlib.util
 import io
 import json
+import re
 import sys
 import types
 
@@ -153,16 +154,17 @@ def test_gemma2_preset_keeps_softcapping_and_uses_eager_attention():
     (dict(presets=["tiny-llama"], quants=["int8"]), "unknown quant 'int8'; known: none, nf4"),
     (dict(presets=["tiny-llama"], providers=["unsloth"]), "unknown provider 'unsloth'"),
     (dict(presets=["tiny-llama"], steps=0), "must be positive"),
-    (dict(presets=["tiny-llama"], opt_in=["lora_qkvo"]), "unknown opt-in pattern 'lora_qkvo'; known: lora_qkv"),
+    (dict(presets=["tiny-llama"], opt_in=["lora_qkv"]), "unknown opt-in pattern 'lora_qkv'; known: (none)"),
+    (dict(presets=["tiny-llama"], exclude=["lora_qkvo"]), "unknown pattern 'lora_qkvo'; known: rms_norm, lora_mlp"),
 ])
 def test_bad_arguments_raise_clear_errors_before_building_anything(kwargs, message, monkeypatch):
     built = _capture_models(monkeypatch)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         train.run(device="cpu", **kwargs)
     assert not built
 
 
-def test_opt_in_patterns_reach_optimize_and_the_settings(monkeypatch):
+def test_excluded_patterns_reach_optimize_and_the_settings(monkeypatch):
     calls = []
     optimize = sloth_core.optimize
 
@@ -172,11 +174,11 @@ def test_opt_in_patterns_reach_optimize_and_the_settings(monkeypatch):
 
     monkeypatch.setattr(sloth_core, "optimize", recording_optimize)
     args = _parse(["--preset", "tiny-llama", "--quant", "none", "--batch", "1", "--seq", "8", "--steps", "1",
-                   "--provider", "sloth_core", "--device", "cpu", "--opt-in", "lora_qkv"])
+                   "--provider", "sloth_core", "--device", "cpu", "--exclude", "lora_qkv"])
     results = train.run(args.preset, args.quant, batch=args.batch, seq=args.seq, steps=args.steps,
-                        providers=args.provider, device=args.device, opt_in=args.opt_in)
-    assert calls == [{"gradient_checkpointing": "offload", "opt_in": ("lora_qkv",)}]
-    assert results["settings"]["opt_in"] == ["lora_qkv"]
+                        providers=args.provider, device=args.device, opt_in=args.opt_in, exclude=args.exclude)
+    assert calls == [{"gradient_checkpointing": "offload", "exclude": ("lora_qkv",)}]
+    assert results["settings"]["exclude"] == ["lora_qkv"] and results["settings"]["opt_in"] == []
     assert "error" not in results["rows"][0]
 
 
@@ -224,7 +226,7 @@ def test_liger_runs_last_on_the_instance_and_its_module_patches_are_undone(monke
 
 
 def test_a_failing_provider_gets_an_error_row_and_the_others_still_run(monkeypatch):
-    def broken(model, checkpointing, sloth_checkpointing, opt_in):
+    def broken(model, checkpointing, sloth_checkpointing, sloth_options):
         raise RuntimeError("boom")
 
     monkeypatch.setitem(train._USE, "sloth_core", broken)

@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 from sloth_core.autotune import override
 from sloth_core.kernels import dequant
 from sloth_core.kernels.dequant import (
-    clear_workspace,
     code_table,
     dequantize_4bit,
     dequantize_4bit_reference,
@@ -278,59 +277,52 @@ def _linear4bit(out_features, in_features, device, quant_type="nf4", seed=0, **k
     return layer.to(device)  # Params4bit quantizes on its first move to a device
 
 
-def test_workspace_reuse(device):
-    clear_workspace()
+def test_dequantize_weight_results_are_independent_tensors(device):
+    """Every call gives a tensor of its own: an earlier result stays intact when weights of the same size, other
+    dtypes or row ranges (of as many elements as a whole weight) are dequantized after it."""
     a, b = _linear4bit(32, 64, device, seed=1), _linear4bit(32, 64, device, seed=2)
     c = _linear4bit(16, 64, device, seed=3)
-    wa = dequantize_weight(a)
-    ptr = wa.data_ptr()
-    assert_bitwise(wa, F.dequantize_4bit(a.weight.data, a.weight.quant_state))
-    wb = dequantize_weight(b)  # same shape: same memory, a's result is overwritten (documented)
-    assert wb.data_ptr() == ptr
-    assert_bitwise(wb, F.dequantize_4bit(b.weight.data, b.weight.quant_state))
-    wc = dequantize_weight(c)  # another size: another buffer, b's result intact
-    assert wc.data_ptr() != ptr and wc.shape == (16, 64)
-    assert_bitwise(wb, F.dequantize_4bit(b.weight.data, b.weight.quant_state))
-    assert_bitwise(wc, F.dequantize_4bit(c.weight.data, c.weight.quant_state))
-    w32 = dequantize_weight(a, dtype=torch.float32)  # another dtype: another buffer
-    assert w32.data_ptr() != ptr and w32.dtype == torch.float32
-    assert dequant.workspace_nbytes() == 32 * 64 * 2 + 16 * 64 * 2 + 32 * 64 * 4
-    clear_workspace()
-    assert dequant.workspace_nbytes() == 0
-
-
-def test_row_ranges_have_their_own_buffers(device):
-    """Row ranges of the same size share a buffer; a whole weight dequantized before them stays intact even when
-    a range has as many elements as the whole weight (the fused LoRA MLP backward keeps the down projection's
-    weight while it dequantizes the gate/up rows chunk by chunk)."""
-    clear_workspace()
-    a, b = _linear4bit(32, 64, device, seed=1), _linear4bit(32, 64, device, seed=2)
     whole_a = F.dequantize_4bit(a.weight.data, a.weight.quant_state)
     whole_b = F.dequantize_4bit(b.weight.data, b.weight.quant_state)
     wa = dequantize_weight(a)
-    rows = dequantize_weight(b, rows=(0, 32))  # as many elements as a's whole weight
-    assert rows.data_ptr() != wa.data_ptr()
-    assert_bitwise(rows, whole_b)
-    first, second = dequantize_weight(b, rows=(8, 16)), dequantize_weight(b, rows=(16, 24))
-    assert first.data_ptr() == second.data_ptr()  # same size: reused
-    assert_bitwise(second, whole_b[16:24])
+    later = [dequantize_weight(b), dequantize_weight(c), dequantize_weight(a, dtype=torch.float32),
+             dequantize_weight(b, rows=(0, 32)), dequantize_weight(b, rows=(8, 16))]
     assert_bitwise(wa, whole_a)
-    clear_workspace()
+    assert len({t.data_ptr() for t in (wa, *later)}) == len(later) + 1
+    assert_bitwise(later[0], whole_b)
+    assert_bitwise(later[3], whole_b)
+    assert_bitwise(later[4], whole_b[8:16])
+    assert later[2].dtype == torch.float32 and later[1].shape == (16, 64)
 
 
-def test_workspace_reuse_is_poisoned_in_tests():
-    """Under the suite's NaN poisoning a reused buffer is refilled with NaN, so a kernel that forgets an element
-    cannot pass on the previous weight's value."""
-    ws = dequant._Workspace()
-    ws.get((3, 4), torch.float32, torch.device("cpu")).fill_(1.0)
-    assert ws.get((4, 3), torch.float32, torch.device("cpu")).isnan().all()
+def test_dequantize_weight_outputs_are_poisoned_in_tests(device, monkeypatch):
+    """The output tensor comes from ``new_empty`` (NaN-filled under the suite's poisoning), so an element the
+    kernel forgets cannot pass with whatever the memory held before."""
+    layer = _linear4bit(32, 64, device)
+    poisoned = {}
+    real = dequant.new_empty
+
+    def recording(shape, dtype, dev):
+        out = real(shape, dtype, dev)
+        poisoned[out.data_ptr()] = bool(out.isnan().all())
+        return out
+
+    monkeypatch.setattr(dequant, "new_empty", recording)
+    for result in (dequantize_weight(layer), dequantize_weight(layer, rows=(0, 16))):
+        assert poisoned.get(result.data_ptr()) is True
+        assert not result.isnan().any()
 
 
-def test_workspace_is_bounded():
-    ws = dequant._Workspace(max_entries=2)
-    for n in (4, 5, 6):
-        ws.get((n,), torch.float32, torch.device("cpu"))
-    assert ws.nbytes() == (5 + 6) * 4
+@pytest.mark.cuda
+def test_dropped_results_give_their_memory_back(device):
+    """The allocator's memory, not a persistent workspace: once dropped, nothing of a result stays allocated."""
+    layer = _linear4bit(256, 512, device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    w = dequantize_weight(layer)
+    assert torch.cuda.memory_allocated(device) >= before + w.numel() * w.element_size()
+    del w
+    assert torch.cuda.memory_allocated(device) == before
 
 
 # --------------------------------------------------------------------------------------------- modules

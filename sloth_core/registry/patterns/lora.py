@@ -10,13 +10,11 @@
   three in one function (:func:`lora_qkv`: the input read once for the three ``x A^T`` and the three ``dA``) and
   the other two return their share when called with the same, unmodified input tensor; anything else (another
   input, an in-place change of it, a projection called alone) computes as ``lora_linear``. The group lives for
-  one call of the attention forward, so nothing is kept between calls. OPT-IN: no built-in architecture lists it.
-  Measured on one H200 (Llama-3-8B shape, batch 4 x 2048, ``sloth-core bench train``, 2026-11-29): the training
-  step was slower with it than without (LoRA 11,537-11,618 vs 12,563 tokens/s; QLoRA 11,167-11,331 vs 12,318;
-  ``benchmarks/results/train_llama-3-8b_20261129_s3c/s3d``) -- but those runs had a bug found afterwards: its
-  attention wrapper called the class's forward, not the one ``rope`` rebinds, so HF's eager RoPE ran instead of
-  the kernel (same values; test now). Fixed, not re-measured: it stays opt-in until it is. Turn it on with
-  ``sloth_core.optimize(model, opt_in="lora_qkv")`` (``profile_train_step.py --opt-in lora_qkv``).
+  one call of the attention forward, so nothing is kept between calls. Measured on one H200 (Llama-3-8B shape,
+  batch 4 x 2048, ``sloth-core bench train``, 2026-11-29, two runs minutes apart, HF + PEFT 6,459 / 6,450 and
+  6,538 / 6,543 tokens/s): LoRA 12,437 tokens/s with it vs 12,229 without, QLoRA 12,171 vs 12,027
+  (``benchmarks/results/train_llama-3-8b_20261129_s4_qkv`` / ``_s4_default``), so it is in the default list.
+  ``optimize(model, exclude="lora_qkv")`` leaves the three projections to ``lora_linear``.
 
 Supported: ``lora_dropout=0``, no LoRA bias, no DoRA, one active adapter (rsLoRA is just its scaling), adapters
 neither merged nor disabled. Anything else keeps PEFT's path and the report says why. The replacement forwards
