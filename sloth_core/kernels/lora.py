@@ -9,12 +9,13 @@ optional frozen bias ``b``, adapter ``A`` [r, in], ``B`` [out, r] and ``s = scal
 Forward (:func:`lora_linear`)::
 
     xa = x A^T                                   [T, r]    saved for dB
-    y  = addmm(b, x, W^T);  y += s * xa B^T      (torch.addmm with alpha: one rounding of y)
+    y  = s * xa B^T (+ b);  y += x W^T           (the LoRA term rounded once, then the base GEMM adds into it
+                                                  with beta = 1: no extra memory pass over y)
 
 Backward, given ``dy`` [T, out]::
 
     dyB = dy B                                   [T, r]
-    dx  = dy W + s * dyB A                       (W dequantized again; the LoRA term added by addmm with alpha)
+    dx  = s * dyB A;  dx += dy W                 (W dequantized again; the LoRA term first, as in the forward)
     dA  = s * dyB^T x                            [r, in]
     dB  = s * dy^T xa                            [out, r]
 
@@ -294,15 +295,22 @@ def _base_bias(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
 def _base_plus_lora(x: torch.Tensor, xa: torch.Tensor, layer: nn.Module, B: torch.Tensor, scale: float,
                     rows: tuple[int, int] | None = None) -> torch.Tensor:
     """``x W^T + b + s * xa B^T`` given ``xa = x A^T``, in ``x``'s dtype; with ``rows = (c0, c1)`` only the output
-    features ``c0:c1`` (rows of ``W``, ``b``, ``B``)."""
+    features ``c0:c1`` (rows of ``W``, ``b``, ``B``).
+
+    The small LoRA term is written first (``s * xa B^T``, rounded once) and the base GEMM adds into it (``beta =
+    1``: cuBLAS reads it in the epilogue of a compute-bound GEMM). Adding the LoRA term afterwards would read and
+    write the whole ``[T, out]`` output once more in a memory-bound kernel of its own."""
     bias = _base_bias(layer, x.dtype)
     if rows is not None:
         bias = None if bias is None else bias[rows[0]:rows[1]]
         B = B[rows[0]:rows[1]]
+    y = _scaled_mm(xa, B.to(x.dtype).t(), scale, x.dtype)
+    if bias is not None:
+        y += bias
     w = base_weight(layer, rows).to(x.dtype)
-    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    y.addmm_(x, w.t())
     del w  # a dequantized weight is used once, never kept
-    return y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)
+    return y
 
 
 def _project(x: torch.Tensor, spec: LoRASpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,9 +331,14 @@ def _base_input_grad(dy: torch.Tensor, layer: nn.Module, accumulate: torch.Tenso
 
 def _input_grad(dy: torch.Tensor, dyB: torch.Tensor, spec: LoRASpec,
                 accumulate: torch.Tensor | None = None) -> torch.Tensor:
-    """``dy W + s * dyB A`` (added to ``accumulate`` in place when given)."""
+    """``dy W + s * dyB A`` (added to ``accumulate`` in place when given): the LoRA term first, the base GEMM
+    adding into it (as :func:`_base_plus_lora`)."""
     layer, A, _, scale = spec
-    return _base_input_grad(dy, layer, accumulate).addmm_(dyB, A.to(dy.dtype), alpha=scale)
+    if accumulate is None:
+        lora = _scaled_mm(dyB, A.to(dy.dtype), scale, dy.dtype)
+    else:
+        lora = accumulate.addmm_(dyB, A.to(dy.dtype), alpha=scale)
+    return _base_input_grad(dy, layer, lora)
 
 
 def _project_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, spec: LoRASpec,
@@ -475,7 +488,7 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
     dx = None
     w_d = base_weight(down.base_layer).to(dtype)
     for c0, c1 in chunk_bounds(A_d.shape[1]):
-        dm = torch.mm(dh, w_d[:, c0:c1]).addmm_(dyB_d, A_d[:, c0:c1], alpha=down.scale)
+        dm = _scaled_mm(dyB_d, A_d[:, c0:c1], down.scale, dtype).addmm_(dh, w_d[:, c0:c1])
         g = _base_plus_lora(x, xa_g, gate.base_layer, B_g, gate.scale, (c0, c1))
         u = _base_plus_lora(x, xa_u, up.base_layer, B_u, up.scale, (c0, c1))
         dg, du = _ga._backward(dm, g, u, activation, out=(g, u), h_out=dm)
@@ -545,12 +558,11 @@ def _qkv_backward(dys, x, xas, As, Bs, layers, scales, need_dx: bool, need):
     G = torch.cat([torch.mm(dy, B.to(dtype)) if dy is not None else x.new_zeros((x.shape[0], B.shape[1]))
                    for dy, B in zip(dys, Bs)], dim=1)
     dx = None
-    if need_dx:
+    if need_dx:  # the LoRA terms first, the base GEMMs adding into them (as _base_plus_lora)
+        dx = torch.mm(G, torch.cat([(A.float() * s).to(dtype) for A, s in zip(As, scales)]))
         for dy, layer in zip(dys, layers):
             if dy is not None:
                 dx = _base_input_grad(dy, layer, dx)
-        A_scaled = torch.cat([(A.float() * s).to(dtype) for A, s in zip(As, scales)])
-        dx = torch.mm(G, A_scaled) if dx is None else dx.addmm_(G, A_scaled)
     dA_all = _mm_to(G.t(), x, torch.float32) if any(need[0::2]) else None  # [sum r, H], x read once
     grads = []
     for j, (dy, xa, A, B, scale, cols) in enumerate(zip(dys, xas, As, Bs, scales, _rank_slices(As))):
