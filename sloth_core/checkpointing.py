@@ -34,8 +34,7 @@ hooks around the checkpoint call that catch exactly the layer input:
   stream (the input is complete), and ``record_stream`` keeps the caching allocator from handing the input's memory
   to anyone else before the copy has read it. The device tensor is then no longer referenced by the graph.
 * unpack (start of the layer's recompute, in the backward): the input is copied back on the side stream into a fresh
-  device tensor and the compute stream waits on that copy's event. At that moment the copy-back of the *previous*
-  layer's input is started too (prefetch), so it overlaps this layer's recompute and backward.
+  device tensor (unless a prefetch already started that) and the compute stream waits on that copy's event.
 * A pinned buffer returns to the pool when the graph that holds it is freed. All copies into and out of the pool's
   buffers of one device run on that device's single side stream, so a reused buffer is never written before the
   copies that read it earlier have run.
@@ -43,11 +42,15 @@ hooks around the checkpoint call that catch exactly the layer input:
 * The MLP input too, in layers whose MLP output nothing saved depends on (``LayerFacts``): the wrapper hands the
   layer a stash (:func:`sloth_core.recompute.mlp_input_stash`) that puts the fused LoRA MLP's input into the same
   pool. That MLP then saves nothing through the checkpoint, so its backward (which recomputes gate/up itself) runs
-  before the layer's recompute -- the recomputed attention tensors are not alive during it -- and the prefetch
-  chain (layer input, MLP input, next layer input, ...) brings each copy back while the backward of the next one
-  runs.
+  before the layer's recompute -- the recomputed attention tensors are not alive during it.
+* In those layers, the attention's output and row statistics too (:mod:`sloth_core.attention_offload`, through
+  a wrapper on the layer's ``self_attn``): the recompute takes the output back instead of running the attention.
+* Prefetch: the host copies one layer call makes form a group (:class:`_Group`). In the backward, restoring any
+  copy of a group starts copying back the rest of that group, and restoring a layer input (its recompute starts)
+  starts copying back the previous layer's last copy (its MLP input, or its input) -- each copy overlaps the
+  backward that runs before it is needed, and at most one layer's copies are in flight ahead.
 
-Inputs that are not on a CUDA device (or not contiguous) stay where they are: ``"offload"`` then behaves as ``"on"``.
+Inputs that are not on a CUDA device (or not dense) stay where they are: ``"offload"`` then behaves as ``"on"``.
 For the CPU test suite ``_OFFLOAD_CPU_INPUTS = True`` makes CPU inputs take the whole offload path with plain
 (unpinned) host buffers and synchronous copies.
 
@@ -75,6 +78,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import binding
+from .attention_offload import attention_offload
 from .recompute import checkpointed_layer_scope
 
 PATTERN = "checkpointing"
@@ -83,6 +87,7 @@ MODES = ("off", "on", "offload")
 STATE_ATTR = "_sloth_core_checkpointing"
 HF_FLAG = "gradient_checkpointing"
 _FALLBACK_CONTAINERS = ("layers", "h")
+ATTENTION_ATTR = "self_attn"  # the decoder layer's attention module (transformers' name in every decoder layer)
 _CACHE_KWARGS = ("past_key_values", "layer_past")
 
 # Test hook: route CPU layer inputs through the offload path too (plain host buffers, synchronous copies).
@@ -98,12 +103,14 @@ class CheckpointingStats:
     checkpointed_calls: int = 0  # layer calls run under a checkpoint
     offloaded: int = 0           # tensors copied to host memory: layer inputs and MLP inputs
     mlp_inputs: int = 0          # of those, MLP inputs (kept by the fused LoRA MLP: recompute.mlp_input_stash)
+    attention_tensors: int = 0   # of those, tensors attention nodes saved (sloth_core.attention_offload)
+    attention_reused: int = 0    # attention outputs a recompute took from host memory instead of recomputing
     offloaded_bytes: int = 0
     pinned: int = 0              # of those, into pinned memory
     kept_on_device: int = 0      # "offload" calls whose input stayed on its device
     recomputes: int = 0          # layer recomputes in the backward
-    restored: int = 0            # copies back to the device (one per recompute)
-    prefetched: int = 0          # of those, started before the layer's recompute
+    restored: int = 0            # copies back to the device
+    prefetched: int = 0          # of those, started before they were asked for
     host_allocations: int = 0    # host buffers allocated (pool misses)
 
 
@@ -293,6 +300,16 @@ def _install(layer: nn.Module, state: _LayerState) -> None:
     _push(layer, STATE_ATTR, state)
     _suspend_hf_checkpointing(layer)
     binding.install_forward(layer, _checkpointed_forward, PATTERN, KERNEL)
+    attention = getattr(layer, ATTENTION_ATTR, None)
+    if isinstance(attention, nn.Module) and not binding.is_bound(attention, PATTERN):
+        binding.install_forward(attention, _attention_forward, PATTERN, KERNEL)
+
+
+def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The attention module's forward inside :func:`sloth_core.attention_offload.attention_offload` (a no-op
+    unless an offloading layer with a stash runs it)."""
+    with attention_offload():
+        return binding.previous_forward(self, PATTERN)(*args, **kwargs)
 
 
 def _suspend_hf_checkpointing(layer: nn.Module) -> None:
@@ -379,8 +396,9 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return inner(*args, **kwargs)
     STATS.checkpointed_calls += 1
     offload = state.mode == "offload"
-    hooks = _offloading(hidden) if offload else contextlib.nullcontext()
-    stash = _mlp_input_stash(hidden) if offload and state.mlp_output_unused else None
+    group = _Group(hidden.device) if offload else None
+    hooks = _offloading(hidden, group) if offload else contextlib.nullcontext()
+    stash = _layer_stash(hidden, group) if offload and state.mlp_output_unused else None
     with hooks:
         # The input goes in positionally: the checkpoint keeps it (through the ambient saved-tensor hooks, which
         # is where offloading catches it) and infers from it whose RNG state to preserve.
@@ -414,28 +432,60 @@ class _KeptOnDevice:
         return self._x
 
 
-def _mlp_input_stash(hidden: torch.Tensor) -> Callable[[torch.Tensor], Any] | None:
-    """The stash (:func:`sloth_core.recompute.mlp_input_stash`) of an offloading layer whose input goes to host
-    memory: the MLP's input follows it there (into the same pool, on the same side stream; the prefetch chain
-    brings it back while the next layer's backward runs), or stays on the device when it cannot."""
-    target = _offload_target(hidden)
-    if target is None:
-        return None
+class _LayerStash:
+    """What one call of an offloading layer keeps in host memory besides its input (the same pool, the same side
+    stream, the same prefetch group), shared by the layer's first forward and its recompute:
 
-    def stash(x: torch.Tensor) -> Any:
-        if _offload_target(x) != target:
+    * called as ``stash(x)`` (:func:`sloth_core.recompute.mlp_input_stash`): the fused LoRA MLP's input; the
+      handle's ``restore()`` gives it back in the backward (it stays on the device when it cannot go);
+    * :meth:`host_copy`: a tensor an attention node saves (:mod:`sloth_core.attention_offload`), or ``None``
+      when it cannot go to host memory;
+    * :meth:`keep_output` / :meth:`kept_output`: which of those copies is the ``slot``-th attention call's output,
+      so that the recompute can return it instead of running the attention again."""
+
+    def __init__(self, target: str, group: "_Group"):
+        self.target, self.group = target, group
+        self._outputs: dict[int, _HostCopy] = {}
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        if _offload_target(x) != self.target:
             return _KeptOnDevice(x)
-        return _HostCopy(x, pinned=target == "pinned", mlp_input=True)
+        return _HostCopy(x, pinned=self.target == "pinned", group=self.group, kind="mlp_input")
 
-    return stash
+    def host_copy(self, x: torch.Tensor) -> "_HostCopy | None":
+        if _offload_target(x) != self.target:
+            return None
+        return _HostCopy(x, pinned=self.target == "pinned", group=self.group, kind="attention")
+
+    def keep_output(self, slot: int, copy: "_HostCopy | None") -> None:
+        if copy is not None:
+            self._outputs[slot] = copy
+
+    def kept_output(self, slot: int) -> "_HostCopy | None":
+        return self._outputs.get(slot)
+
+
+def _layer_stash(hidden: torch.Tensor, group: "_Group | None") -> _LayerStash | None:
+    """The stash of an offloading layer whose input goes to host memory (``None`` when it stays on the device)."""
+    target = _offload_target(hidden)
+    return _LayerStash(target, group) if target is not None and group is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Offloading the kept input
 
 
+def _dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """A permutation ``p`` with ``x.permute(p)`` contiguous (``x`` dense in some dimension order, e.g. an attention
+    output [B, H, T, D] laid out as [B, T, H, D]), or ``None``."""
+    if x.is_contiguous():
+        return tuple(range(x.dim()))
+    order = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d])))
+    return order if x.permute(order).is_contiguous() else None
+
+
 def _offload_target(x: torch.Tensor) -> str | None:
-    if not x.is_contiguous():
+    if _dense_order(x) is None:
         return None
     if x.is_cuda:
         return "pinned"
@@ -445,13 +495,13 @@ def _offload_target(x: torch.Tensor) -> str | None:
 
 
 @contextlib.contextmanager
-def _offloading(hidden: torch.Tensor):
+def _offloading(hidden: torch.Tensor, group: "_Group"):
     target = _offload_target(hidden)
     if target is None:
         STATS.kept_on_device += 1
         yield
         return
-    catcher = _InputCatcher(hidden, target)
+    catcher = _InputCatcher(hidden, target, group)
     try:
         with torch.autograd.graph.saved_tensors_hooks(catcher.pack, catcher.unpack):
             yield
@@ -468,9 +518,9 @@ class _InputCatcher:
     """The saved-tensor hooks around one checkpoint call: the layer input goes to host memory, anything else
     passes through."""
 
-    def __init__(self, hidden: torch.Tensor, target: str):
+    def __init__(self, hidden: torch.Tensor, target: str, group: "_Group"):
         self.hidden: torch.Tensor | None = hidden
-        self.target = target
+        self.target, self.group = target, group
         self.caught = False
 
     def _is_input(self, x: torch.Tensor) -> bool:
@@ -483,7 +533,7 @@ class _InputCatcher:
             return x
         self.hidden = None
         self.caught = True
-        return _HostCopy(x, pinned=self.target == "pinned")
+        return _HostCopy(x, pinned=self.target == "pinned", group=self.group, kind="input")
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
@@ -524,7 +574,39 @@ class _HostPool:
 
 _POOL = _HostPool()
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
-_CHAIN = threading.local()  # the last _HostCopy made by this thread's forward
+_CHAIN = threading.local()  # the last _Group made by this thread's forward
+
+
+class _Group:
+    """The host copies one call of an offloading layer made (its input, its MLP input, attention tensors), in
+    the order they were made, and the group of the layer call before it on this thread (forward order).
+
+    Prefetch rule, in the backward (which visits the groups in reverse): restoring any copy of a group starts the
+    copies back of the rest of its group; restoring a group's layer input (the start of the layer's recompute)
+    also starts the copy back of the previous group's last copy -- the first one the previous layer's backward
+    asks for (its MLP input, or its layer input when it has nothing else)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.members: list[weakref.ref] = []
+        last = getattr(_CHAIN, "last", None)
+        last = last() if last is not None else None
+        self.previous = weakref.ref(last) if last is not None and last.device == device else None
+        _CHAIN.last = weakref.ref(self)
+
+    def live(self) -> list["_HostCopy"]:
+        return [c for c in (m() for m in self.members) if c is not None]
+
+    def prefetch_rest(self, restoring: "_HostCopy") -> None:
+        for c in self.live():
+            if c is not restoring and c.restores == 0:
+                c.prefetch()
+
+    def prefetch_previous(self) -> None:
+        previous = self.previous() if self.previous is not None else None
+        copies = previous.live() if previous is not None else []
+        if copies and copies[-1].restores == 0:
+            copies[-1].prefetch()
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -536,37 +618,43 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 class _HostCopy:
-    """A layer input (or MLP input) held in a pooled host buffer between its layer's forward and its recompute
-    (or its MLP's backward)."""
+    """A tensor of an offloading layer (its input, its MLP input, an attention tensor) held in a pooled host buffer
+    between the layer's forward and the backward that reads it. Dense tensors in any dimension order (e.g. an
+    attention output [B, H, T, D] laid out as [B, T, H, D]) come back with their strides."""
 
-    def __init__(self, x: torch.Tensor, pinned: bool, mlp_input: bool = False):
-        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+    def __init__(self, x: torch.Tensor, pinned: bool, group: _Group | None = None, kind: str = "input"):
+        order = _dense_order(x)
+        self.order = order
+        self.inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+        dense = x.permute(order)
+        self.shape, self.dtype, self.device = dense.shape, x.dtype, x.device
         key, buf = _POOL.acquire(x.numel(), x.dtype, x.device, pinned)
         weakref.finalize(self, _POOL.release, key, buf)
-        self.host = buf[: x.numel()].view(x.shape)
+        self.host = buf[: x.numel()].view(dense.shape)
         self._ahead: tuple[torch.Tensor, Any] | None = None  # a copy back started before it was asked for
+        self._kept: torch.Tensor | None = None  # restored with keep=True: the next restore returns it
         self.restores = 0
+        self.kind = kind
         if x.is_cuda:
             side = _side_stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
             with torch.cuda.stream(side):
-                self.host.copy_(x, non_blocking=True)
+                self.host.copy_(dense, non_blocking=True)
             x.record_stream(side)  # its memory is not reused before the copy has read it
         else:
-            self.host.copy_(x)
+            self.host.copy_(dense)
         STATS.offloaded += 1
-        STATS.mlp_inputs += int(mlp_input)
+        STATS.mlp_inputs += int(kind == "mlp_input")
+        STATS.attention_tensors += int(kind == "attention")
         STATS.offloaded_bytes += x.numel() * x.element_size()
         STATS.pinned += int(pinned)
-        last = getattr(_CHAIN, "last", None)
-        last = last() if last is not None else None
-        self._previous = (weakref.ref(last) if last is not None and last.device == self.device
-                          and last.restores == 0 else None)
-        _CHAIN.last = weakref.ref(self)
+        self.group = weakref.ref(group) if group is not None else None
+        if group is not None:
+            group.members.append(weakref.ref(self))
 
     def prefetch(self) -> None:
-        """Start copying the input back to its device (no-op when already started)."""
-        if self._ahead is not None:
+        """Start copying the tensor back to its device (no-op when already started)."""
+        if self._ahead is not None or self._kept is not None:
             return
         y = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         if self.device.type != "cuda":
@@ -582,8 +670,14 @@ class _HostCopy:
         y.record_stream(side)  # safe to free even if never waited on
         self._ahead = (y, done)
 
-    def restore(self) -> torch.Tensor:
-        """The input on its device, for the recompute; starts the copy back of the previous layer's input."""
+    def restore(self, keep: bool = False) -> torch.Tensor:
+        """The tensor on its device; starts the copies back its group's prefetch rule names (:class:`_Group`).
+        ``keep``: hold on to the device tensor, which the next ``restore`` returns (no second copy)."""
+        if self._kept is not None:
+            y = self._kept
+            self._kept = y if keep else None
+            self.restores += 1
+            return y
         early = self._ahead is not None
         self.prefetch()
         y, done = self._ahead
@@ -593,8 +687,12 @@ class _HostCopy:
         self.restores += 1
         STATS.restored += 1
         STATS.prefetched += int(early)
-        previous = self._previous() if self._previous is not None else None
-        self._previous = None
-        if previous is not None and previous.restores == 0:
-            previous.prefetch()
+        group = self.group() if self.group is not None else None
+        if group is not None:
+            group.prefetch_rest(self)
+            if self.kind == "input":
+                group.prefetch_previous()
+        y = y.permute(self.inverse)
+        if keep:
+            self._kept = y
         return y

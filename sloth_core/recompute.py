@@ -73,6 +73,24 @@ def mlp_input_stash() -> Callable[[torch.Tensor], Any] | None:
     return getattr(_STATE, "stash", None) if mlp_recomputed_in_backward() else None
 
 
+def layer_stash() -> Any:
+    """The host-memory stash of the offloading layer running now (first forward or recompute), or ``None``: the
+    attention offload (:mod:`sloth_core.attention_offload`) keeps attention tensors there."""
+    return getattr(_STATE, "stash", None) if in_checkpointed_layer() else None
+
+
+def next_call_index(kind: str) -> int:
+    """``0, 1, 2, ...`` for the successive calls of ``kind`` in this run of the checkpointed layer (the first
+    forward and each recompute count from 0): the recompute's n-th call finds what the first forward's n-th call
+    kept."""
+    counters = getattr(_STATE, "counters", None)
+    if counters is None:
+        raise RuntimeError("next_call_index: not inside a checkpointed layer")
+    n = counters.get(kind, 0)
+    counters[kind] = n + 1
+    return n
+
+
 @contextlib.contextmanager
 def checkpointed_layer_scope(recompute: bool, mlp_output_unused: bool = False,
                              stash: Callable[[torch.Tensor], Any] | None = None):
@@ -80,12 +98,15 @@ def checkpointed_layer_scope(recompute: bool, mlp_output_unused: bool = False,
     (``mlp_output_unused``: the layer's MLP output feeds nothing its backward needs; ``stash``: see
     :func:`mlp_input_stash`)."""
     prev = (getattr(_STATE, "layer_depth", 0), getattr(_STATE, "recompute_depth", 0),
-            getattr(_STATE, "mlp_output_unused", False), getattr(_STATE, "stash", None))
+            getattr(_STATE, "mlp_output_unused", False), getattr(_STATE, "stash", None),
+            getattr(_STATE, "counters", None))
     _STATE.layer_depth = prev[0] + 1
     _STATE.recompute_depth = prev[1] + (1 if recompute else 0)
     _STATE.mlp_output_unused = bool(mlp_output_unused)
     _STATE.stash = stash
+    _STATE.counters = {}
     try:
         yield
     finally:
-        _STATE.layer_depth, _STATE.recompute_depth, _STATE.mlp_output_unused, _STATE.stash = prev
+        (_STATE.layer_depth, _STATE.recompute_depth, _STATE.mlp_output_unused, _STATE.stash,
+         _STATE.counters) = prev

@@ -1,0 +1,186 @@
+"""Attention tensors kept in host memory instead of recomputed, in offloading checkpointed layers.
+
+A checkpointed decoder layer reruns its forward in the backward to regenerate what autograd saved. The attention
+node (``F.scaled_dot_product_attention``, whatever backend PyTorch picks) saves ``q``, ``k``, ``v``, its output
+``o`` and per-row statistics (the log-sum-exp ``lse``); rerunning it costs an attention forward per layer and step.
+In an offloading layer (:mod:`sloth_core.checkpointing`, mode ``"offload"``, layers whose MLP keeps its input in host
+memory) the attention call runs as :class:`_OffloadedAttention`:
+
+* first forward: the attention runs as usual on detached aliases of ``q``, ``k``, ``v``, under saved-tensor hooks:
+  the node's saved ``q``, ``k``, ``v`` become references to this function's own saved ``q``, ``k``, ``v`` (which
+  go through the checkpoint: the backward gets the recompute's), every other saved tensor of at least
+  :data:`MIN_BYTES` (``o``, ``lse``) goes to the layer's host stash (same pool, side stream and prefetch group as
+  the layer input), smaller ones and the call's other tensors (a mask) stay where they are. The stash remembers
+  which copy is the output.
+* recompute: the attention does not run. Its output is the first forward's ``o``, copied back from host memory
+  (prefetched while the layer's MLP backward ran); ``q``, ``k``, ``v`` are saved as in the first forward. The
+  layer's later modules (the output projection, ...) recompute from that ``o`` as they would from a recomputed one.
+* backward: the first forward's attention node is applied to the output gradient; its saved tensors unpack to the
+  recomputed ``q``, ``k``, ``v`` and the host copies of the rest (``o`` is the tensor the recompute already
+  restored: one copy back).
+
+The kernels called and the tensors they see are the recomputing path's (the attention forward is deterministic),
+so losses and gradients are bit-identical; the attention forward runs once a step instead of twice. The host
+traffic grows by ``o`` and ``lse`` (64 MiB + 1 MiB a layer for Llama-3-8B at 4 x 2048 tokens).
+
+Used only where every condition holds: inside an offloading layer's stash scope (:func:`sloth_core.recompute.
+layer_stash`), gradients enabled and wanted by ``q``, ``k`` or ``v``, ``dropout_p == 0``, tensors the stash takes
+(CUDA, dense). Anything else calls the attention as is. Counters: ``checkpointing.STATS.attention_tensors``,
+``attention_reused``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import recompute
+
+_SDPA = F.scaled_dot_product_attention  # the function the mode routes (calls go through F: tests can count them)
+MIN_BYTES = 1 << 20  # saved tensors below this stay on the device (seeds, offsets, small statistics)
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _Input:
+    """Stands in for the attention node's saved ``q`` / ``k`` / ``v`` (index 0 / 1 / 2)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _NodeHooks:
+    """The saved-tensor hooks around the first forward's attention call (see the module docstring)."""
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...], stash: Any, given: tuple[torch.Tensor, ...] = ()):
+        self.inputs: tuple[torch.Tensor, ...] | None = inputs
+        self.given: tuple[torch.Tensor, ...] | None = given  # other tensors of the call (a mask): kept as they are
+        self.stash = stash
+        self.copies: list[tuple[int, tuple, tuple, Any]] = []  # (data_ptr, shape, stride, host copy)
+        self.now: tuple[torch.Tensor, ...] | None = None  # q, k, v as the backward sees them
+
+    def pack(self, t: torch.Tensor) -> Any:
+        for i, x in enumerate(self.inputs or ()):
+            if t is x or (t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.stride() == x.stride()
+                          and t.dtype == x.dtype):
+                return _Input(i)
+        if any(t is g or (t.data_ptr() == g.data_ptr() and t.shape == g.shape) for g in self.given or ()):
+            return t
+        if t.numel() * t.element_size() >= MIN_BYTES:
+            copy = self.stash.host_copy(t)
+            if copy is not None:
+                self.copies.append((t.data_ptr(), tuple(t.shape), t.stride(), copy))
+                return copy
+        return t
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, _Input):
+            return self.now[packed.index]
+        if isinstance(packed, torch.Tensor):
+            return packed
+        return packed.restore()
+
+    def copy_of(self, t: torch.Tensor) -> Any:
+        """The host copy made of ``t`` (the output), or ``None`` when the node did not save it."""
+        for ptr, shape, stride, copy in self.copies:
+            if ptr == t.data_ptr() and shape == tuple(t.shape) and stride == t.stride():
+                return copy
+        return None
+
+
+class _OffloadedAttention(torch.autograd.Function):
+    """``F.scaled_dot_product_attention(q, k, v, **options)`` whose saved tensors live as the module docstring
+    says; ``stash``: the layer's stash, ``slot``: the call's index in the layer run."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, options, stash, slot):
+        ctx.save_for_backward(q, k, v)  # through the checkpoint: the backward gets the recompute's q, k, v
+        ctx.node = ctx.hooks = None
+        if recompute.recomputing():
+            kept = stash.kept_output(slot)
+            if kept is not None:
+                from .checkpointing import STATS
+
+                STATS.attention_reused += 1
+                return kept.restore(keep=True).detach()  # the cached tensor itself stays out of this graph
+            return F.scaled_dot_product_attention(q, k, v, **options)
+        inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+        hooks = _NodeHooks(inputs, stash, tuple(t for t in options.values() if isinstance(t, torch.Tensor)))
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+            out = F.scaled_dot_product_attention(*inputs, **options)
+        hooks.inputs = hooks.given = None  # the hooks live as long as the node: they must not keep q, k, v alive
+        ctx.node, ctx.hooks = out.grad_fn, hooks
+        stash.keep_output(slot, hooks.copy_of(out))
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        if ctx.node is None:  # pragma: no cover - a recompute's node is never backpropagated
+            raise RuntimeError("sloth_core attention offload: backward of a recompute's attention node")
+        ctx.hooks.now = (q, k, v)
+        try:
+            grads = ctx.node(dout.contiguous() if not _dense(dout) else dout)
+        finally:
+            ctx.hooks.now = None
+        grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+def _dense(t: torch.Tensor) -> bool:
+    from .checkpointing import _dense_order
+
+    return _dense_order(t) is not None
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> dict | None:
+    """``F.scaled_dot_product_attention``'s arguments by name, or ``None`` when they do not bind."""
+    if len(args) > len(_SDPA_PARAMS) or any(k not in _SDPA_PARAMS for k in kwargs):
+        return None
+    bound = dict(zip(_SDPA_PARAMS, args))
+    if any(k in bound for k in kwargs):
+        return None
+    bound.update(kwargs)
+    return bound if all(k in bound for k in ("query", "key", "value")) else None
+
+
+def _offloadable(bound: dict, stash: Any) -> bool:
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return False
+    if float(bound.get("dropout_p", 0.0) or 0.0) != 0.0 or not torch.is_grad_enabled():
+        return False
+    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return q.device == k.device == v.device and stash.target == ("pinned" if q.is_cuda else "host")
+
+
+class _AttentionOffload(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` calls to :class:`_OffloadedAttention` where it applies."""
+
+    def __init__(self, stash: Any):
+        super().__init__()
+        self.stash = stash
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            bound = _sdpa_arguments(args, kwargs)
+            if bound is not None and _offloadable(bound, self.stash):
+                q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+                slot = recompute.next_call_index("attention")
+                return _OffloadedAttention.apply(q, k, v, bound, self.stash, slot)
+        return func(*args, **kwargs)
+
+
+def attention_offload():
+    """A context in which the attention calls of the offloading layer running now keep their tensors in its host
+    stash (a no-op outside such a layer)."""
+    stash = recompute.layer_stash()
+    if stash is None or not hasattr(stash, "host_copy"):
+        return contextlib.nullcontext()
+    return _AttentionOffload(stash)

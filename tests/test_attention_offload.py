@@ -1,0 +1,158 @@
+"""Attention tensors kept in host memory in offloading checkpointed layers (:mod:`sloth_core.attention_offload`):
+the recompute takes the first forward's attention output back instead of running the attention again, with the
+recomputing path's losses and gradients."""
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sloth_core
+from sloth_core import attention_offload as ao
+from sloth_core import checkpointing as ck
+from sloth_core.tiny import tiny_model
+from tests.batches import token_batch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _sdpa_lora_model(model_type, device, **overrides):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(model_type, device=device, **overrides)
+    model.config._attn_implementation = "sdpa"  # the tiny presets use eager attention
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():  # B = 0 at init: give the adapters values so their gradients are not trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture
+def offload_on_cpu(monkeypatch):
+    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the offload path (plain host buffers)
+    monkeypatch.setattr(ao, "MIN_BYTES", 1)  # tiny shapes: every saved tensor goes to the host stash
+
+
+@pytest.fixture
+def attention_runs(monkeypatch):
+    """How often the offloaded attention function ran the attention (its calls go through ``ao.F``)."""
+    count = {"n": 0}
+
+    def counting(*args, **kwargs):
+        count["n"] += 1
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(ao, "F", types.SimpleNamespace(scaled_dot_product_attention=counting))
+    return count
+
+
+def _run(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])
+def test_recompute_reuses_the_attention_output_with_identical_gradients(model_type, device, offload_on_cpu,
+                                                                        attention_runs):
+    ref = _sdpa_lora_model(model_type, device)
+    ids, labels = token_batch(device)
+    on = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on")
+    off = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
+    layers = ref.config.num_hidden_layers
+    loss_on, grads_on = _run(on, ids, labels)
+    assert attention_runs["n"] == 0  # "on": the attention is not routed (it runs, and reruns, as is)
+    ck.reset_checkpointing_stats()
+    model_loss = off(input_ids=ids, labels=labels).loss
+    assert attention_runs["n"] == layers  # the first forward ran it, through the offloaded function
+    model_loss.backward()
+    stats = ck.checkpointing_stats()
+    assert attention_runs["n"] == layers  # ... and the recompute did not
+    assert stats.recomputes == layers and stats.attention_reused == layers
+    assert stats.attention_tensors >= 2 * layers  # at least the output and its row statistics
+    # every copy back but the first one of the backward (the last layer's MLP input) was started ahead
+    assert stats.restored - stats.prefetched == 1, stats
+    assert torch.equal(model_loss.detach(), loss_on)
+    grads = {n: p.grad for n, p in off.named_parameters() if p.requires_grad}
+    assert grads.keys() == grads_on.keys()
+    for n, g in grads_on.items():
+        assert torch.equal(grads[n], g), n
+    ref_loss, ref_grads = _run(ref, ids, labels)  # and PEFT's own path agrees
+    torch.testing.assert_close(model_loss.detach(), ref_loss)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_dropout_and_other_modes_are_not_routed(device, offload_on_cpu, attention_runs):
+    ids, labels = token_batch(device)
+    dropout = sloth_core.optimize(_sdpa_lora_model("llama", device, attention_dropout=0.1).train(),
+                                  gradient_checkpointing="offload")
+    ck.reset_checkpointing_stats()
+    loss, grads = _run(dropout, ids, labels)
+    stats = ck.checkpointing_stats()
+    assert attention_runs["n"] == 0 and stats.attention_tensors == 0 and stats.attention_reused == 0
+    assert stats.recomputes == dropout.config.num_hidden_layers and torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    with torch.no_grad():  # no graph: no checkpoint, no stash
+        sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")(input_ids=ids)
+    assert attention_runs["n"] == 0
+
+
+def test_disable_checkpointing_unwraps_the_attention_modules(device):
+    model = sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert any(r.pattern == ck.PATTERN for r in sloth_core.binding.records(attn))
+    ck.disable_checkpointing(model)
+    assert not any(r.pattern == ck.PATTERN for r in sloth_core.binding.records(attn))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(2, 5, 3, 4),
+    lambda: torch.randn(2, 5, 3, 4).transpose(1, 2),  # an attention output [B, H, T, D] stored as [B, T, H, D]
+    lambda: torch.randn(6, 4).t(),
+    lambda: torch.randn(3).expand(1, 3)[0],
+], ids=["contiguous", "bthd", "transposed", "1d"])
+def test_host_copies_come_back_with_their_values_and_strides(make):
+    x = make()
+    copy_ = ck._HostCopy(x, pinned=False)
+    y = copy_.restore(keep=True)
+    assert torch.equal(y, x) and y.stride() == x.stride() and y.data_ptr() != x.data_ptr()
+    assert copy_.restore() is y  # kept: the next restore returns the same tensor, no second copy
+    assert not torch.equal(copy_.restore(), torch.full_like(x, float("nan")))  # a fresh copy after that
+
+
+def test_tensors_that_are_not_dense_stay_on_the_device(monkeypatch):
+    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)
+    x = torch.randn(4, 6)
+    assert ck._offload_target(x[:, ::2]) is None and ck._offload_target(x[1:3]) == "host"
+    stash = ck._LayerStash("host", ck._Group(x.device))
+    assert stash.host_copy(x[:, ::2]) is None
+
+
+def test_a_padding_mask_stays_where_it_is(device, offload_on_cpu, attention_runs):
+    """With a padding mask the attention gets a mask tensor (shared by the layers): the node keeps a reference to
+    it, only its own tensors go to the host stash; gradients as the recomputing path's."""
+    ref = _sdpa_lora_model("llama", device)
+    ids, labels = token_batch(device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first sequence
+    results = []
+    for mode in ("on", "offload"):
+        model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing=mode)
+        ck.reset_checkpointing_stats()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                        ck.checkpointing_stats()))
+    (loss_on, grads_on, _), (loss_off, grads_off, stats) = results
+    layers = ref.config.num_hidden_layers
+    assert attention_runs["n"] == layers and stats.attention_reused == layers
+    assert torch.equal(loss_off, loss_on)
+    for n, g in grads_on.items():
+        assert torch.equal(grads_off[n], g), n
