@@ -92,6 +92,31 @@ class _NodeHooks:
         return None
 
 
+class _Attach(torch.autograd.Function):
+    """``t`` (an alias, no copy) as a non-leaf of a graph rooted at ``anchor`` (a 0-d leaf). The attention node's
+    input edges then point to these nodes, which hold nothing -- a leaf's ``AccumulateGrad`` node would keep ``t``
+    (and q, k, v's memory) alive for as long as the attention node lives."""
+
+    @staticmethod
+    def forward(ctx, anchor, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - the attention node is applied directly, never past it
+        return None, None
+
+
+def _single_node(out: torch.Tensor, attached: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``out`` comes from one node whose inputs are the attached q, k, v (a fused attention kernel), not
+    from a composite of several ops (the math backend), whose inner nodes calling one node would skip."""
+    node = out.grad_fn
+    if node is None:
+        return False
+    ours = {t.grad_fn for t in attached if t.grad_fn is not None}
+    edges = [fn for fn, _ in node.next_functions if fn is not None]
+    return bool(edges) and all(fn in ours for fn in edges)
+
+
 class _OffloadedAttention(torch.autograd.Function):
     """``F.scaled_dot_product_attention(q, k, v, **options)`` whose saved tensors live as the module docstring
     says; ``stash``: the layer's stash, ``slot``: the call's index in the layer run."""
@@ -99,7 +124,7 @@ class _OffloadedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, options, stash, slot):
         ctx.save_for_backward(q, k, v)  # through the checkpoint: the backward gets the recompute's q, k, v
-        ctx.node = ctx.hooks = None
+        ctx.node = ctx.hooks = ctx.options = None
         if recompute.recomputing():
             kept = stash.kept_output(slot)
             if kept is not None:
@@ -108,27 +133,40 @@ class _OffloadedAttention(torch.autograd.Function):
                 STATS.attention_reused += 1
                 return kept.restore(keep=True).detach()  # the cached tensor itself stays out of this graph
             return F.scaled_dot_product_attention(q, k, v, **options)
-        inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+        anchor = torch.zeros((), device=q.device, requires_grad=True)
+        with torch.enable_grad():
+            inputs = tuple(_Attach.apply(anchor, t.detach()) if t.requires_grad else t.detach() for t in (q, k, v))
         hooks = _NodeHooks(inputs, stash, tuple(t for t in options.values() if isinstance(t, torch.Tensor)))
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
             out = F.scaled_dot_product_attention(*inputs, **options)
         hooks.inputs = hooks.given = None  # the hooks live as long as the node: they must not keep q, k, v alive
-        ctx.node, ctx.hooks = out.grad_fn, hooks
-        stash.keep_output(slot, hooks.copy_of(out))
+        if _single_node(out, inputs):
+            ctx.node, ctx.hooks = out.grad_fn, hooks
+            stash.keep_output(slot, hooks.copy_of(out))
+        else:  # a composite: drop its graph (and its host copies); the backward recomputes the attention
+            from .checkpointing import STATS
+
+            STATS.attention_composite += 1
+            ctx.options = options
         return out.detach()
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v = ctx.saved_tensors
-        if ctx.node is None:  # pragma: no cover - a recompute's node is never backpropagated
-            raise RuntimeError("sloth_core attention offload: backward of a recompute's attention node")
+        if ctx.node is None:  # a composite attention (see forward): recompute it here
+            inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            with torch.enable_grad():
+                out = F.scaled_dot_product_attention(*inputs, **ctx.options)
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, dout))
+            return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None)
         ctx.hooks.now = (q, k, v)
         try:
             grads = ctx.node(dout.contiguous() if not _dense(dout) else dout)
         finally:
             ctx.hooks.now = None
         grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
-        return grads[0], grads[1], grads[2], None, None, None
+        return (*(g if need else None for g, need in zip(grads[:3], ctx.needs_input_grad[:3])), None, None, None)
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -105,6 +105,7 @@ class CheckpointingStats:
     mlp_inputs: int = 0          # of those, MLP inputs (kept by the fused LoRA MLP: recompute.mlp_input_stash)
     attention_tensors: int = 0   # of those, tensors attention nodes saved (sloth_core.attention_offload)
     attention_reused: int = 0    # attention outputs a recompute took from host memory instead of recomputing
+    attention_composite: int = 0  # attention calls that were no single node (math backend): recomputed as before
     offloaded_bytes: int = 0
     pinned: int = 0              # of those, into pinned memory
     kept_on_device: int = 0      # "offload" calls whose input stayed on its device
