@@ -142,7 +142,9 @@ class _OffloadedAttention(torch.autograd.Function):
         hooks.inputs = hooks.given = None  # the hooks live as long as the node: they must not keep q, k, v alive
         if _single_node(out, inputs):
             ctx.node, ctx.hooks = out.grad_fn, hooks
-            stash.keep_output(slot, hooks.copy_of(out))
+            result = out.detach()
+            stash.keep_output(slot, hooks.copy_of(out), result)
+            return result
         else:  # a composite: drop its graph (and its host copies); the backward recomputes the attention
             from .checkpointing import STATS
 

@@ -79,6 +79,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import binding
 from .attention_offload import attention_offload
+from . import recompute
 from .recompute import checkpointed_layer_scope
 
 PATTERN = "checkpointing"
@@ -442,28 +443,99 @@ class _LayerStash:
     * :meth:`host_copy`: a tensor an attention node saves (:mod:`sloth_core.attention_offload`), or ``None``
       when it cannot go to host memory;
     * :meth:`keep_output` / :meth:`kept_output`: which of those copies is the ``slot``-th attention call's output,
-      so that the recompute can return it instead of running the attention again."""
+      so that the recompute can return it instead of running the attention again;
+    * :meth:`after_attention`: for the functions after a kept attention (the output projection, the norm before
+      the MLP), a handle that keeps their input here, so that they save nothing through the checkpoint and the
+      recompute can end at the attention (:data:`RECOMPUTED` in the recompute).
+
+    The MLP input of a layer whose norm before the MLP kept its input here is not copied: its handle recomputes
+    the norm from that copy (the same kernel on the same tensor: the same values)."""
 
     def __init__(self, target: str, group: "_Group"):
         self.target, self.group = target, group
-        self._outputs: dict[int, _HostCopy] = {}
+        self._outputs: dict[int, tuple[_HostCopy, weakref.ref]] = {}
+        self._decisions: dict[tuple[str, int], bool] = {}
+        self._norm_outputs: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
 
     def __call__(self, x: torch.Tensor) -> Any:
+        for i, (out, recompute_norm) in enumerate(self._norm_outputs):
+            if _same_memory(x, out):
+                del self._norm_outputs[i]
+                STATS.mlp_inputs += 1
+                return _Derived(recompute_norm, x.shape)
         if _offload_target(x) != self.target:
             return _KeptOnDevice(x)
         return _HostCopy(x, pinned=self.target == "pinned", group=self.group, kind="mlp_input")
 
-    def host_copy(self, x: torch.Tensor) -> "_HostCopy | None":
+    def after_attention(self, kind: str, x: torch.Tensor, share: bool = False) -> Any:
+        """A handle whose ``restore()`` gives ``x`` back in the backward, for a function of ``kind`` running after
+        this layer's kept attention output (``share``: only when ``x`` is that output's memory, e.g. the output
+        projection's input); ``None``: save as usual. The recompute replays the first forward's answer by call
+        order, returning :data:`RECOMPUTED` (save nothing: that node's backward never runs) where it kept."""
+        index = recompute.next_call_index(kind)
+        if recompute.recomputing():
+            return RECOMPUTED if self._decisions.get((kind, index)) else None
+        handle = None
+        if recompute.calls_in_run("attention") and self._outputs:
+            handle = self._share(x) if share else self.host_copy(x, kind="after_attention")
+        self._decisions[(kind, index)] = handle is not None
+        return handle
+
+    def norm_output(self, out: torch.Tensor, recompute_norm: Callable[[], torch.Tensor]) -> None:
+        """``out`` (a norm's output whose input is kept here) can be recomputed by ``recompute_norm()``."""
+        self._norm_outputs.append((out, recompute_norm))
+
+    def _share(self, x: torch.Tensor) -> "_SharedView | None":
+        for copy, output in self._outputs.values():
+            output = output()  # alive: x's memory cannot be someone else's
+            if output is not None and _same_memory(x, output.permute(copy.order)):
+                return _SharedView(copy, x.shape)
+        return None
+
+    def host_copy(self, x: torch.Tensor, kind: str = "attention") -> "_HostCopy | None":
         if _offload_target(x) != self.target:
             return None
-        return _HostCopy(x, pinned=self.target == "pinned", group=self.group, kind="attention")
+        return _HostCopy(x, pinned=self.target == "pinned", group=self.group, kind=kind)
 
-    def keep_output(self, slot: int, copy: "_HostCopy | None") -> None:
+    def keep_output(self, slot: int, copy: "_HostCopy | None", output: torch.Tensor) -> None:
+        """``copy`` holds the ``slot``-th attention call's ``output`` (the tensor the call returned)."""
         if copy is not None:
-            self._outputs[slot] = copy
+            self._outputs[slot] = (copy, weakref.ref(output))
 
     def kept_output(self, slot: int) -> "_HostCopy | None":
-        return self._outputs.get(slot)
+        kept = self._outputs.get(slot)
+        return kept[0] if kept is not None else None
+
+
+RECOMPUTED = object()  # _LayerStash.after_attention in the recompute: save nothing
+
+
+def _same_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """``x`` and ``y`` are the same elements in the same order (views of one dense block, shapes may differ)."""
+    return (x.data_ptr() == y.data_ptr() and x.numel() == y.numel() and x.dtype == y.dtype
+            and x.device == y.device and x.is_contiguous() and y.is_contiguous())
+
+
+class _SharedView:
+    """Another tensor's host copy seen with ``shape`` (the output projection's input is the attention output's
+    memory: one copy serves both)."""
+
+    def __init__(self, copy: "_HostCopy", shape: torch.Size):
+        self.copy, self.shape = copy, shape
+
+    def restore(self) -> torch.Tensor:
+        # kept: the attention's recompute and its node read the same copy after this
+        return self.copy.restore(keep=True).permute(self.copy.order).reshape(self.shape)
+
+
+class _Derived:
+    """An MLP input recomputed from a kept norm input: ``recompute_norm()`` seen with ``shape``."""
+
+    def __init__(self, recompute_norm: Callable[[], torch.Tensor], shape: torch.Size):
+        self.recompute_norm, self.shape = recompute_norm, shape
+
+    def restore(self) -> torch.Tensor:
+        return self.recompute_norm().reshape(self.shape)
 
 
 def _layer_stash(hidden: torch.Tensor, group: "_Group | None") -> _LayerStash | None:
@@ -574,6 +646,7 @@ class _HostPool:
 
 
 _POOL = _HostPool()
+_PREFETCH_FROM_SIDE_POOL = False  # copies back allocate from the side stream's pool (see _HostCopy.prefetch)
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 _CHAIN = threading.local()  # the last _Group made by this thread's forward
 
@@ -657,18 +730,28 @@ class _HostCopy:
         """Start copying the tensor back to its device (no-op when already started)."""
         if self._ahead is not None or self._kept is not None:
             return
-        y = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         if self.device.type != "cuda":
+            y = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             y.copy_(self.host)
             self._ahead = (y, None)
             return
         side = _side_stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))  # y's memory may have just been freed there
-        with torch.cuda.stream(side):
-            y.copy_(self.host, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(side)
-        y.record_stream(side)  # safe to free even if never waited on
+        if _PREFETCH_FROM_SIDE_POOL:
+            # allocated from the side stream's pool: the copy need not wait for the compute stream's queued work
+            # (which may be milliseconds long); restore() records the compute stream's use of it
+            with torch.cuda.stream(side):
+                y = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                y.copy_(self.host, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+        else:
+            y = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))  # y's memory may have just been freed there
+            with torch.cuda.stream(side):
+                y.copy_(self.host, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+            y.record_stream(side)  # safe to free even if never waited on
         self._ahead = (y, done)
 
     def restore(self, keep: bool = False) -> torch.Tensor:
@@ -684,7 +767,10 @@ class _HostCopy:
         y, done = self._ahead
         self._ahead = None
         if done is not None:
-            torch.cuda.current_stream(self.device).wait_event(done)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            if _PREFETCH_FROM_SIDE_POOL:
+                y.record_stream(current)  # its memory goes back to the side pool only after the compute uses
         self.restores += 1
         STATS.restored += 1
         STATS.prefetched += int(early)

@@ -91,6 +91,12 @@ def next_call_index(kind: str) -> int:
     return n
 
 
+def calls_in_run(kind: str) -> int:
+    """How many calls of ``kind`` this run of the checkpointed layer has made so far (0 outside one)."""
+    counters = getattr(_STATE, "counters", None)
+    return counters.get(kind, 0) if counters is not None else 0
+
+
 @contextlib.contextmanager
 def checkpointed_layer_scope(recompute: bool, mlp_output_unused: bool = False,
                              stash: Callable[[torch.Tensor], Any] | None = None):

@@ -216,3 +216,46 @@ def test_a_padding_mask_stays_where_it_is(device, offload_on_cpu, attention_runs
     _assert_same(loss_off, loss_on, "loss", device)
     for n, g in grads_on.items():
         _assert_same(grads_off[n], g, n, device)
+
+
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early_stop", "full_recompute"])
+def test_the_recompute_ends_at_the_attention(device, offload_on_cpu, monkeypatch, early_stop):
+    """After a kept attention output, the output projection and the norm before the MLP keep their inputs in the
+    host stash (the projection shares the attention output's copy; the MLP input is the norm recomputed from its
+    copy): nothing after the attention saves through the checkpoint, so the recompute stops there. Without the
+    checkpoint's early stop the recompute runs on and saves nothing there either; gradients as the "on" path's."""
+    from sloth_core.kernels import lora, rms_norm
+
+    ref = _sdpa_lora_model("llama", device)
+    ids, labels = token_batch(device)
+    layers = ref.config.num_hidden_layers
+    calls = {"lora": 0, "norm": 0}
+    for module, cls, key in ((lora, "_LoRALinearFunction", "lora"), (rms_norm, "_RMSNormFunction", "norm")):
+        original = getattr(module, cls).apply
+
+        def counting(*args, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(getattr(module, cls), "apply", counting)
+    results = []
+    for mode in ("on", "offload"):
+        model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing=mode)
+        ck.reset_checkpointing_stats()
+        model.zero_grad(set_to_none=True)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):  # read by the forward's checkpoint
+            loss = model(input_ids=ids, labels=labels).loss
+        calls.update(lora=0, norm=0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                        dict(calls), ck.checkpointing_stats()))
+    (loss_on, grads_on, _, _), (loss_off, grads_off, recomputed, stats) = results
+    assert stats.recomputes == layers and stats.attention_reused == layers
+    assert stats.mlp_inputs == layers  # the MLP inputs: the norm recomputed from its kept input
+    if early_stop:  # recompute: the input norm only (q, k, v: lora_qkv); the MLP's input norm in its backward
+        assert recomputed == {"lora": 0, "norm": layers}, recomputed
+    else:  # ... the output projection and the second norm too, saving nothing
+        assert recomputed == {"lora": layers, "norm": 2 * layers}, recomputed
+    _assert_same(loss_off, loss_on, "loss", device)
+    for n, g in grads_on.items():
+        _assert_same(grads_off[n], g, n, device)

@@ -368,13 +368,24 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, base_layer, scale):
         y, xa = _project(x, LoRASpec(base_layer, A, B, scale))
-        ctx.save_for_backward(x, xa, A, B)
         ctx.base_layer, ctx.scale = base_layer, scale
+        stash = recompute.layer_stash()
+        # the output projection of a kept attention output: x comes back from that host copy, nothing is saved
+        # through the checkpoint (recompute.py, checkpointing._LayerStash.after_attention)
+        ctx.stashed = stash.after_attention("lora_linear", x, share=True) if stash is not None else None
+        if ctx.stashed is None:
+            ctx.save_for_backward(x, xa, A, B)
+        else:
+            ctx.params = (A, B)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, A, B = ctx.saved_tensors
+        if ctx.stashed is None:
+            x, xa, A, B = ctx.saved_tensors
+        else:
+            (A, B), x = ctx.params, ctx.stashed.restore()
+            xa = torch.mm(x, A.to(x.dtype).t())  # as the forward computed it
         with _no_autocast(dy.device.type):
             dx, dA, dB = _project_backward(dy, x, xa, LoRASpec(ctx.base_layer, A, B, ctx.scale),
                                            tuple(ctx.needs_input_grad[:3]))

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
+from sloth_core import recompute
 from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
 
 CASTS = ("llama", "gemma")
@@ -362,14 +363,27 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset, gemma):
         out, x_read, rstd = _forward(x, weight, eps, offset, gemma)
-        ctx.save_for_backward(x_read, weight, rstd)
         ctx.offset, ctx.gemma = offset, gemma
+        stash = recompute.layer_stash()
+        # the norm after a kept attention output (before the MLP): its input goes to the layer's host stash and
+        # nothing is saved through the checkpoint; the MLP input is this norm recomputed from that copy
+        ctx.stashed = stash.after_attention("rms_norm", x_read) if stash is not None else None
+        if ctx.stashed is None:
+            ctx.save_for_backward(x_read, weight, rstd)
+        else:
+            ctx.params = (weight, rstd)
+            if hasattr(ctx.stashed, "restore"):
+                kept = ctx.stashed
+                stash.norm_output(out, lambda: _forward(kept.restore(keep=True), weight, eps, offset, gemma)[0])
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
+        if ctx.stashed is None:
+            x, weight, rstd = ctx.saved_tensors
+        else:
+            (weight, rstd), x = ctx.params, ctx.stashed.restore()
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx, dw = _backward(dy, x, weight, rstd, ctx.offset, ctx.gemma, need_dx, need_dw)
         return dx, dw, None, None, None
