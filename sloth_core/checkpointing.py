@@ -43,8 +43,9 @@ hooks around the checkpoint call that catch exactly the layer input:
   layer a stash (:func:`sloth_core.recompute.mlp_input_stash`) that puts the fused LoRA MLP's input into the same
   pool. That MLP then saves nothing through the checkpoint, so its backward (which recomputes gate/up itself) runs
   before the layer's recompute -- the recomputed attention tensors are not alive during it.
-* In those layers, the attention's output and row statistics too (:mod:`sloth_core.attention_offload`, through
-  a wrapper on the layer's ``self_attn``): the recompute takes the output back instead of running the attention.
+* In those layers, with :data:`OFFLOAD_ATTENTION` on (experimental, off by default), the attention's output and
+  row statistics too (:mod:`sloth_core.attention_offload`, through a wrapper on the layer's ``self_attn``): the
+  recompute takes the output back instead of running the attention, and ends there.
 * Prefetch: the host copies one layer call makes form a group (:class:`_Group`). In the backward, restoring any
   copy of a group starts copying back the rest of that group, and restoring a layer input (its recompute starts)
   starts copying back the previous layer's last copy (its MLP input, or its input) -- each copy overlaps the
@@ -89,6 +90,10 @@ STATE_ATTR = "_sloth_core_checkpointing"
 HF_FLAG = "gradient_checkpointing"
 _FALLBACK_CONTAINERS = ("layers", "h")
 ATTENTION_ATTR = "self_attn"  # the decoder layer's attention module (transformers' name in every decoder layer)
+# Experimental, off: offloading layers keep their attention output in host memory instead of recomputing it
+# (sloth_core.attention_offload). Exact (tests), and single steps on the H200 ran up to ~5% faster, but step times
+# became erratic and the median slower (benchmarks/results/attention_offload_diag_h200_20261129.txt).
+OFFLOAD_ATTENTION = False
 _CACHE_KWARGS = ("past_key_values", "layer_past")
 
 # Test hook: route CPU layer inputs through the offload path too (plain host buffers, synchronous copies).
@@ -308,10 +313,13 @@ def _install(layer: nn.Module, state: _LayerState) -> None:
 
 
 def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The attention module's forward inside :func:`sloth_core.attention_offload.attention_offload` (a no-op
-    unless an offloading layer with a stash runs it)."""
+    """The attention module's forward inside :func:`sloth_core.attention_offload.attention_offload` when
+    :data:`OFFLOAD_ATTENTION` is on (a no-op unless an offloading layer with a stash runs it)."""
+    inner = binding.previous_forward(self, PATTERN)
+    if not OFFLOAD_ATTENTION:
+        return inner(*args, **kwargs)
     with attention_offload():
-        return binding.previous_forward(self, PATTERN)(*args, **kwargs)
+        return inner(*args, **kwargs)
 
 
 def _suspend_hf_checkpointing(layer: nn.Module) -> None:
@@ -646,7 +654,7 @@ class _HostPool:
 
 
 _POOL = _HostPool()
-_PREFETCH_FROM_SIDE_POOL = False  # copies back allocate from the side stream's pool (see _HostCopy.prefetch)
+_PREFETCH_FROM_SIDE_POOL = True  # copies back allocate from the side stream's pool (see _HostCopy.prefetch)
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 _CHAIN = threading.local()  # the last _Group made by this thread's forward
 

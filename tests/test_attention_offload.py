@@ -14,6 +14,7 @@ from sloth_core import checkpointing as ck
 from sloth_core.tiny import tiny_model
 from tests.batches import token_batch
 
+_DEFAULT = ck.OFFLOAD_ATTENTION
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -42,6 +43,15 @@ def _sdpa_lora_model(model_type, device, **overrides):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     return model
+
+
+@pytest.fixture(autouse=True)
+def attention_offload_on(monkeypatch):
+    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", True)  # experimental, off by default
+
+
+def test_off_by_default():
+    assert _DEFAULT is False
 
 
 @pytest.fixture
