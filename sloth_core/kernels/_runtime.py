@@ -80,5 +80,11 @@ def new_empty_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
     return out
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side grid and size arithmetic (plain Python: ``triton.cdiv`` is a Triton
+    ``ConstexprFunction``, about 2 us a call from the host, and a step launches thousands of kernels)."""
+    return -(-a // b)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -228,7 +228,7 @@ def _launch_params(logits: torch.Tensor) -> tuple[tuple, dict]:
     n_rows, n_cols = logits.shape
     cfg = config_for("cross_entropy", n_rows=n_rows, n_cols=n_cols, dtype=logits.dtype)
     rows = cfg["ROWS_PER_PROGRAM"]
-    return (triton.cdiv(n_rows, rows),), dict(cfg, NUM_CHUNKS=triton.cdiv(n_cols, cfg["BLOCK_V"]))
+    return (cdiv(n_rows, rows),), dict(cfg, NUM_CHUNKS=cdiv(n_cols, cfg["BLOCK_V"]))
 
 
 def ce_forward(logits: torch.Tensor, labels: torch.Tensor, opts: LossOptions, loss_out: torch.Tensor,

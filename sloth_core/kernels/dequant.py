@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
-from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
@@ -125,7 +125,7 @@ def _check_inputs(weight_data, quant_state) -> None:
     if weight_data.numel() != (n + 1) // 2:
         raise ValueError(f"dequantize_4bit: weight_data has {weight_data.numel()} bytes but quant_state.shape "
                          f"{tuple(quant_state.shape)} needs {(n + 1) // 2} (two 4-bit codes a byte)")
-    blocks = triton.cdiv(n, quant_state.blocksize)
+    blocks = cdiv(n, quant_state.blocksize)
     device = weight_data.device
     _check_same_device("quant_state.absmax", quant_state.absmax, device)
     if quant_state.absmax.numel() < blocks:
@@ -146,7 +146,7 @@ def _check_nested(quant_state, blocks: int, device: torch.device) -> None:
     _check_same_device("quant_state.state2.code", s2.code, device)
     if isinstance(quant_state.offset, torch.Tensor):
         _check_same_device("quant_state.offset", quant_state.offset, device)
-    if s2.absmax.numel() < triton.cdiv(blocks, s2.blocksize) or s2.code.numel() < 256:
+    if s2.absmax.numel() < cdiv(blocks, s2.blocksize) or s2.code.numel() < 256:
         raise ValueError("dequantize_4bit: quant_state.state2 is too small for quant_state.absmax")
 
 
@@ -201,7 +201,7 @@ def dequantize_4bit_reference(weight_data: torch.Tensor, quant_state, dtype: tor
     packed = weight_data.reshape(-1)
     codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[:n]
     values = code_table(quant_state.quant_type, weight_data.device)[codes.long()]
-    blocks = triton.cdiv(n, bs)
+    blocks = cdiv(n, bs)
     values = torch.nn.functional.pad(values, (0, blocks * bs - n)).view(blocks, bs)
     scaled = (values * effective_absmax(quant_state)[:blocks, None]).reshape(-1)[:n]
     return scaled.to(dtype).reshape(quant_state.shape)
@@ -281,12 +281,12 @@ def dequantize_4bit_heuristic(blocksize: int, n_elements: int, dtype: torch.dtyp
 def _launch_config(quant_state, n: int, dtype: torch.dtype, first_block: int = 0) -> tuple[tuple[int], dict]:
     cfg = dict(config_for("dequantize_4bit", blocksize=quant_state.blocksize, n_elements=n, dtype=dtype))
     half = quant_state.blocksize // 2
-    blocks = triton.cdiv(n, quant_state.blocksize)
+    blocks = cdiv(n, quant_state.blocksize)
     per_program = min(max(1, next_power_of_2(cfg.pop("TILE_BYTES")) // half), next_power_of_2(blocks))
     even = n == blocks * quant_state.blocksize and blocks % per_program == 0
     cfg.update(HALF_BLOCK=half, BLOCKS_PER_PROGRAM=per_program, EVEN=even,
                INT64=(first_block + blocks + per_program) * quant_state.blocksize > _INT32_LIMIT)
-    return (triton.cdiv(blocks, per_program),), cfg
+    return (cdiv(blocks, per_program),), cfg
 
 
 def _scale_operands(quant_state, device: torch.device):
@@ -310,7 +310,7 @@ def _launch(weight_data: torch.Tensor, quant_state, out: torch.Tensor, first_blo
     absmax, absmax2, code2, offset, nested, bs2 = _scale_operands(quant_state, out.device)
     table = code_table(quant_state.quant_type, out.device)
     _dequant_4bit_kernel[grid](weight_data.reshape(-1), absmax, absmax2, code2, offset, table, out,
-                               n, weight_data.numel(), triton.cdiv(n, quant_state.blocksize), first_block,
+                               n, weight_data.numel(), cdiv(n, quant_state.blocksize), first_block,
                                NESTED=nested, BLOCKSIZE2=bs2, enable_fp_fusion=False, **cfg)
 
 
@@ -408,8 +408,7 @@ def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
     data = param.data
     if data.dtype != torch.uint8 and data.dtype == getattr(param, "quant_storage", None):
         data = data.view(torch.uint8)  # bitsandbytes' quant_storage (e.g. bf16 for FSDP) holds the same bytes
-    _check_inputs(data, state)
-    dtype = dtype or state.dtype
+    dtype = dtype or state.dtype  # the inputs are checked by dequantize_4bit / dequantize_4bit_rows
     if rows is None:
         return dequantize_4bit(data, state, dtype=dtype)
     return dequantize_4bit_rows(data, state, *rows, dtype=dtype)

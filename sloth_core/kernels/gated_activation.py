@@ -35,7 +35,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -134,7 +134,7 @@ def gated_activation_heuristic(n: int, dtype: torch.dtype | None = None) -> dict
 
 def _launch_config(n: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
     cfg = config_for("gated_activation", n=n, dtype=dtype)
-    return (triton.cdiv(n, cfg["BLOCK"]),), cfg
+    return (cdiv(n, cfg["BLOCK"]),), cfg
 
 
 def _forward(gate: torch.Tensor, up: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,7 +42,7 @@ import triton.language as tl
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
 from sloth_core import recompute
-from sloth_core.kernels._runtime import interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
 
 CASTS = ("llama", "gemma")
 
@@ -268,11 +268,11 @@ def rms_norm_heuristic(*, n_rows: int, n_cols: int, dtype: torch.dtype, dw_reduc
     block_n = min(next_power_of_2(n_cols), MAX_BLOCK_N_INTERPRETED if interpret else MAX_BLOCK_N)
     tile = _INTERPRETED_TILE if interpret else _GPU_TILE
     block_m = max(1, min(next_power_of_2(n_rows), tile // block_n, 64))
-    n_tiles = triton.cdiv(max(n_rows, 1), block_m)
+    n_tiles = cdiv(max(n_rows, 1), block_m)
     if interpret:
-        tiles_per_program = triton.cdiv(n_tiles, 2)
+        tiles_per_program = cdiv(n_tiles, 2)
     elif dw_reduction:
-        tiles_per_program = triton.cdiv(n_tiles, min(n_tiles, 2 * num_sms))
+        tiles_per_program = cdiv(n_tiles, min(n_tiles, 2 * num_sms))
     else:
         tiles_per_program = 1
     num_warps = 1 if interpret else min(16, max(4, block_m * block_n // 512))
@@ -293,12 +293,12 @@ def _launch_config(x: torch.Tensor, n_rows: int, n_cols: int, dw_reduction: bool
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if block_n != next_power_of_2(block_n) or block_m != next_power_of_2(block_m):
         raise ValueError(f"rms_norm: heuristic gave BLOCK_M={block_m}, BLOCK_N={block_n}; both must be powers of 2")
-    tiles_per_program = next_power_of_2(max(1, triton.cdiv(cfg["ROWS_PER_PROGRAM"], block_m)))
-    n_tiles = triton.cdiv(n_rows, block_m)
+    tiles_per_program = next_power_of_2(max(1, cdiv(cfg["ROWS_PER_PROGRAM"], block_m)))
+    n_tiles = cdiv(n_rows, block_m)
     tiles_per_program = min(tiles_per_program, next_power_of_2(n_tiles))
-    programs = triton.cdiv(n_tiles, tiles_per_program)
+    programs = cdiv(n_tiles, tiles_per_program)
     return programs, dict(BLOCK_M=block_m, BLOCK_N=block_n, TILES_PER_PROGRAM=tiles_per_program,
-                          COL_BLOCKS=triton.cdiv(n_cols, block_n), num_warps=cfg["num_warps"])
+                          COL_BLOCKS=cdiv(n_cols, block_n), num_warps=cfg["num_warps"])
 
 
 def _row_layout(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
@@ -427,10 +427,10 @@ def _tuning_candidates(bucket: dict):
             tile = block_m * block_n
             if not 1024 <= tile <= 16384 or block_m > next_power_of_2(n_rows):
                 continue
-            n_tiles = triton.cdiv(n_rows, block_m)
+            n_tiles = cdiv(n_rows, block_m)
             grids = (num_sms, 2 * num_sms, 4 * num_sms) if bucket["dw"] else (n_tiles,)
             for programs in grids:
-                rows = block_m * next_power_of_2(triton.cdiv(n_tiles, min(n_tiles, programs)))
+                rows = block_m * next_power_of_2(cdiv(n_tiles, min(n_tiles, programs)))
                 for num_warps in warps_for(tile, (1, 2, 4, 8, 16), min_per_thread=2, max_per_thread=64):
                     yield dict(BLOCK_N=block_n, BLOCK_M=block_m, ROWS_PER_PROGRAM=rows, num_warps=num_warps)
 

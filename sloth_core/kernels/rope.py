@@ -41,7 +41,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import interpreting, new_empty_like, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, interpreting, new_empty_like, next_power_of_2, triton_ok
 
 # --------------------------------------------------------------------------------------------- reference
 
@@ -163,7 +163,7 @@ def _rope_launch(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: tor
     cfg = config_for("rope", n_tokens=n_tokens, n_heads=n_heads, half=half, dtype=xq.dtype)
     if cfg["BLOCK_HALF"] < half:
         raise RuntimeError(f"rope: BLOCK_HALF={cfg['BLOCK_HALF']} must cover half the head dim ({half})")
-    grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), triton.cdiv(n_heads, cfg["BLOCK_H"]))
+    grid = (cdiv(n_tokens, cfg["BLOCK_T"]), cdiv(n_heads, cfg["BLOCK_H"]))
     _rope_kernel[grid](
         xq, xk, out_q, out_k, cos, sin, n_tokens, seq, n_q_heads, n_k_heads, half,
         *_bshd_strides(xq, unsqueeze_dim), *_bshd_strides(xk, unsqueeze_dim),
