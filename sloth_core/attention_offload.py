@@ -1,4 +1,6 @@
-"""Attention tensors kept in host memory instead of recomputed, in offloading checkpointed layers.
+"""Attention tensors kept in host memory instead of recomputed, in offloading checkpointed layers. EXPERIMENTAL,
+off unless ``sloth_core.checkpointing.OFFLOAD_ATTENTION`` is set: exact (tests), but on the H200 its step times
+were erratic (benchmarks/results/attention_offload_diag_h200_20261129.txt).
 
 A checkpointed decoder layer reruns its forward in the backward to regenerate what autograd saved. The attention
 node (``F.scaled_dot_product_attention``, whatever backend PyTorch picks) saves ``q``, ``k``, ``v``, its output
@@ -17,7 +19,12 @@ memory) the attention call runs as :class:`_OffloadedAttention`:
   layer's later modules (the output projection, ...) recompute from that ``o`` as they would from a recomputed one.
 * backward: the first forward's attention node is applied to the output gradient; its saved tensors unpack to the
   recomputed ``q``, ``k``, ``v`` and the host copies of the rest (``o`` is the tensor the recompute already
-  restored: one copy back).
+  restored: one copy back). ``q``, ``k``, ``v`` enter that node through :class:`_Attach` (no leaf's
+  ``AccumulateGrad`` keeps them alive); an attention that is no single node (the math backend's composite) is not
+  kept: the recompute and the backward run it again.
+* after the attention (:meth:`sloth_core.checkpointing._LayerStash.after_attention`): the output projection (its
+  input is ``o``'s memory: the same host copy) and the norm before the MLP (its input to the stash; the MLP input is
+  that norm recomputed) save nothing through the checkpoint, so the recompute ends at the attention.
 
 The kernels called and the tensors they see are the recomputing path's (the attention forward is deterministic),
 so losses and gradients are bit-identical; the attention forward runs once a step instead of twice. The host
