@@ -7,23 +7,16 @@ about 100 ms queued at the start of each step. A GPU-bound step gets longer by t
 side is the slower one absorbs part of it (the host queues work while the GPU sleeps): the step time minus the
 sleep, compared with the plain step time, bounds what the host side costs.
 """
+import os
 import sys
-import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 
-import sloth_core
-from sloth_core.bench.train import TARGETS, build
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _diag_setup import optimized_model, timed_steps  # noqa: E402
 
 quant = sys.argv[1]
-model = build("llama-3-8b", None, quant)
-model.train()
-model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                         task_type="CAUSAL_LM"))
-sloth_core.optimize(model, gradient_checkpointing="offload")
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-ids = torch.randint(0, model.config.vocab_size, (4, 2048), generator=torch.Generator().manual_seed(1)).cuda()
+model, opt, ids = optimized_model(quant)
 
 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 start.record()
@@ -35,19 +28,7 @@ sleep_cycles = int(100 * cycles_per_ms)
 
 
 def steps(n, sleep):
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        if sleep:
-            torch.cuda._sleep(sleep_cycles)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return times
+    return timed_steps(model, opt, ids, n, (lambda: torch.cuda._sleep(sleep_cycles)) if sleep else None)
 
 
 steps(3, False)  # warm-up
