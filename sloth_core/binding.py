@@ -119,14 +119,23 @@ def globals_function(fn: types.FunctionType, name: str, value: Any) -> types.Fun
     return new
 
 
+def bound_forward_function(module: nn.Module) -> Callable | None:
+    """The plain function a ``global:`` binding would re-create: the instance's bound forward's (another
+    pattern's replacement, or an earlier re-creation), else the class's; ``None`` when the instance's forward is
+    something else (not a method bound to it)."""
+    current = module.__dict__.get(_forward_attr(module), _MISSING)
+    if current is _MISSING:
+        return type(module).forward
+    if isinstance(current, types.MethodType) and current.__self__ is module:
+        return current.__func__
+    return None
+
+
 def install_global(module: nn.Module, name: str, replacement: Callable, pattern: str, kernel: str) -> None:
     attr = _forward_attr(module)
     current = module.__dict__.get(attr, _MISSING)
-    if current is _MISSING:
-        fn = type(module).forward
-    elif isinstance(current, types.MethodType) and current.__self__ is module:
-        fn = current.__func__
-    else:
+    fn = bound_forward_function(module)
+    if fn is None:
         raise RuntimeError(f"cannot rebind global {name!r}: {type(module).__name__}.{attr} was replaced by "
                            f"something else ({current!r})")
     new = globals_function(fn, name, replacement)

@@ -206,6 +206,23 @@ def test_attention_computes_q_k_v_in_one_function(model_type, device, monkeypatc
             assert_close(n, grads[n], p.grad, torch.float32)
 
 
+def test_rope_after_a_wrapping_pattern_is_reported_skipped_not_replaced(device):
+    """rope re-creates the bound forward with its kernel among the globals; after lora_qkv wrapped that forward the
+    re-creation would touch only the wrapper, which does not call the rope function: rope says so and skips."""
+    model = _lora(tiny_model("llama", device=device))
+    sloth_core.optimize(model, patterns=["lora_qkv"])
+    sloth_core.optimize(model)
+    rows = [r for r in sloth_core.report(model) if r.pattern == "rope"]
+    assert rows and all(r.status == "skipped" and "does not call apply_rotary_pos_emb" in r.detail for r in rows), \
+        rows
+    ids, labels = token_batch(device)
+    ref = _lora(tiny_model("llama", device=device))
+    from sloth_core.tolerances import assert_close
+
+    assert_close("loss", model(input_ids=ids, labels=labels).loss.detach(),
+                 ref(input_ids=ids, labels=labels).loss.detach(), torch.float32)
+
+
 def test_qkv_group_answers_only_for_the_same_unchanged_input(device):
     """Inside an attention call the group hands k and v the outputs computed with q only when they are called with
     the same tensor, unmodified since; otherwise they compute on what they are given."""

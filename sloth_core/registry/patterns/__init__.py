@@ -6,7 +6,8 @@ from .rms_norm import RMS_NORM
 from .rope import ROPE
 
 # LORA_QKV after ROPE: rope re-creates the attention's forward function with its kernel in the globals, lora_qkv
-# wraps whatever forward is bound before it (the other order would leave rope's kernel out of the wrapped forward).
+# wraps whatever forward is bound before it (in the other order rope reports itself skipped: it cannot reach the
+# function inside the wrapper).
 ALL_PATTERNS = (RMS_NORM, LORA_MLP, GATED_MLP, LORA_LINEAR, ROPE, LORA_QKV, CAUSAL_LM_LOSS)
 # Built and verified but in no default list (``optimize(opt_in=...)`` applies them): none at the moment.
 OPT_IN_PATTERNS: tuple = ()

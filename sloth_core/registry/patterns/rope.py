@@ -14,6 +14,7 @@ import inspect
 import torch
 from torch import nn
 
+from ... import binding
 from ...kernels.rope import apply_rope, rope_reference, rope_supported
 from ..pattern import Match, Pattern, Probe, Skip
 from ._probe import module_dtype_device, randn
@@ -43,6 +44,11 @@ def find(module: nn.Module, params) -> Match | Skip | None:
     original = fn.__globals__.get(FUNCTION)
     if not callable(original):
         return Skip(f"{FUNCTION} is not a function in the forward's module")
+    bound = binding.bound_forward_function(module)  # what the binding would re-create: another pattern's wrapper?
+    if bound is None or FUNCTION not in getattr(getattr(bound, "__code__", None), "co_names", ()):
+        by = [r.pattern for r in binding.records(module)]
+        return Skip(f"the forward bound now ({', '.join(by) or 'not a method'}) does not call {FUNCTION} itself: "
+                    f"rope must be bound before patterns that wrap the forward")
     head_dim = getattr(module, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim % 2:
         return Skip("no even integer head_dim attribute")
