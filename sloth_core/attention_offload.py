@@ -228,6 +228,6 @@ def attention_offload():
     """A context in which the attention calls of the offloading layer running now keep their tensors in its host
     stash (a no-op outside such a layer)."""
     stash = recompute.layer_stash()
-    if stash is None or not hasattr(stash, "host_copy"):
+    if stash is None or not stash.attention:  # the layer's OFFLOAD_ATTENTION, read when the layer started
         return contextlib.nullcontext()
     return _AttentionOffload(stash)

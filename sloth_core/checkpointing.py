@@ -314,12 +314,9 @@ def _install(layer: nn.Module, state: _LayerState) -> None:
 
 def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The attention module's forward inside :func:`sloth_core.attention_offload.attention_offload` when
-    :data:`OFFLOAD_ATTENTION` is on (a no-op unless an offloading layer with a stash runs it)."""
-    inner = binding.previous_forward(self, PATTERN)
-    if not OFFLOAD_ATTENTION:
-        return inner(*args, **kwargs)
+    :data:`OFFLOAD_ATTENTION` was on when the offloading layer running it started (a no-op otherwise)."""
     with attention_offload():
-        return inner(*args, **kwargs)
+        return binding.previous_forward(self, PATTERN)(*args, **kwargs)
 
 
 def _suspend_hf_checkpointing(layer: nn.Module) -> None:
@@ -461,6 +458,8 @@ class _LayerStash:
 
     def __init__(self, target: str, group: "_Group"):
         self.target, self.group = target, group
+        # read once: the first forward and the recompute must take the same path (the checkpoint pairs their saves)
+        self.attention = OFFLOAD_ATTENTION
         self._outputs: dict[int, tuple[_HostCopy, weakref.ref]] = {}
         self._decisions: dict[tuple[str, int], bool] = {}
         self._norm_outputs: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
@@ -480,6 +479,8 @@ class _LayerStash:
         this layer's kept attention output (``share``: only when ``x`` is that output's memory, e.g. the output
         projection's input); ``None``: save as usual. The recompute replays the first forward's answer by call
         order, returning :data:`RECOMPUTED` (save nothing: that node's backward never runs) where it kept."""
+        if not self.attention:
+            return None
         index = recompute.next_call_index(kind)
         if recompute.recomputing():
             return RECOMPUTED if self._decisions.get((kind, index)) else None

@@ -269,3 +269,24 @@ def test_the_recompute_ends_at_the_attention(device, offload_on_cpu, monkeypatch
     _assert_same(loss_off, loss_on, "loss", device)
     for n, g in grads_on.items():
         _assert_same(grads_off[n], g, n, device)
+
+
+@pytest.mark.parametrize("forward_flag", [True, False], ids=["on_then_off", "off_then_on"])
+def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its_path(
+        device, offload_on_cpu, monkeypatch, forward_flag):
+    """Each layer call reads ``OFFLOAD_ATTENTION`` once: its recompute takes the first forward's path even when
+    the flag changed in between (otherwise the two passes would save different tensors)."""
+    ref = _sdpa_lora_model("llama", device)
+    ids, labels = token_batch(device)
+    loss_on, grads_on = _run(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on"), ids, labels)
+    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
+    ck.reset_checkpointing_stats()
+    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", forward_flag)
+    loss = model(input_ids=ids, labels=labels).loss
+    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", not forward_flag)
+    loss.backward()
+    assert ck.checkpointing_stats().attention_reused == (ref.config.num_hidden_layers if forward_flag else 0)
+    _assert_same(loss.detach(), loss_on, "loss", device)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            _assert_same(p.grad, grads_on[n], n, device)
