@@ -1,7 +1,9 @@
 """The LoRA MLP's gate/up pieces on the H200 at Llama-3-8B shapes (T=8192, H=4096, I=14336, r=16, bf16 base,
 fp32 adapters as PEFT keeps them): LoRA terms materialized (``x W^T`` added into ``s xa B^T`` by a beta=1 GEMM,
 then the gated kernel) against LoRA terms added inside the gated kernel (``sloth_core.kernels.gated_lora``), for
-the first forward and for one column chunk of the recompute-backward; then a sweep of the gated_lora tiles.
+the first forward and for one column chunk of the recompute-backward; then a sweep of the gated_lora tiles
+(low-rank product by outer products, "fma", or by ``tl.dot``), and the other projections' LoRA term added by
+a beta=1 GEMM or by ``gated_lora.low_rank_add_``.
 
     python benchmarks/bench_gated_lora.py      (CUDA; medians of 20 CUDA-event timings after 3 warm-ups)
 """
@@ -102,14 +104,43 @@ def main() -> int:
     plain_b = timed(lambda: ga._backward(dm0, g0, u0, "silu", h_out=torch.empty_like(g0)))
     print(f"{'no LoRA terms (gated_activation)':34s} {plain_f:10.3f} {nbytes_f / plain_f / 1e6:6.0f} {plain_b:11.3f} "
           f"{nbytes_b / plain_b / 1e6:6.0f}")
-    for bm, bn, warps in [(32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8),
-                          (32, 128, 4), (64, 256, 8)]:
-        with override("gated_lora", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps):
+    for bm, bn, warps, dot in [(32, 128, 4, 0), (16, 256, 4, 0), (32, 256, 8, 0), (64, 128, 8, 0), (64, 64, 4, 0),
+                               (16, 128, 2, 0), (32, 64, 2, 0), (32, 128, 4, 1), (32, 64, 4, 1)]:
+        with override("gated_lora", BLOCK_M=bm, BLOCK_N=bn, USE_DOT=dot, num_warps=warps):
             f = timed(lambda: gl.gated_lora_forward(g0, u0, "silu", *terms))
             b = timed(lambda: gl.gated_lora_backward(dm0, g0, u0, "silu", *terms, dterm, h_out=torch.empty_like(g0)))
-        print(f"{f'BLOCK_M={bm} BLOCK_N={bn} warps={warps}':34s} {f:10.3f} {nbytes_f / f / 1e6:6.0f} {b:11.3f} "
-              f"{nbytes_b / b / 1e6:6.0f}")
+        label = f"{'dot' if dot else 'fma'} BLOCK_M={bm} BLOCK_N={bn} warps={warps}"
+        print(f"{label:34s} {f:10.3f} {nbytes_f / f / 1e6:6.0f} {b:11.3f} {nbytes_b / b / 1e6:6.0f}")
+    del g0, u0, dm0
+    projections(T, r, s, dev, dt, gen)
     return 0
+
+
+def projections(T, r, s, dev, dt, gen):
+    """The other LoRA projections: ``y = x W^T + s xa B^T`` (and ``dx = dy W + s dyB A``) as the base GEMM alone,
+    the LoRA term first with the base GEMM adding into it (beta=1), and the base GEMM then an in-place Triton
+    add of the low-rank term (``gated_lora.low_rank_add_``)."""
+    print(f"\n{'projection (ms)':24s} {'base alone':>10s} {'LoRA first':>10s} {'base + add_':>11s}")
+    for name, K, N in (("q, o [4096 -> 4096]", 4096, 4096), ("k, v [4096 -> 1024]", 4096, 1024),
+                       ("down [14336 -> 4096]", 14336, 4096)):
+        layer = torch.nn.Linear(K, N, bias=False, device=dev, dtype=dt).requires_grad_(False)
+        W = layer.weight
+        A = torch.randn(r, K, device=dev, generator=gen) / K ** 0.5
+        B = torch.randn(N, r, device=dev, generator=gen) * 0.01
+        spec = L.LoRASpec(layer, A, B, s)
+        x = torch.randn(T, K, device=dev, dtype=dt, generator=gen)
+        dy = torch.randn(T, N, device=dev, dtype=dt, generator=gen)
+        xa, dyB = torch.mm(x, A.to(dt).t()), torch.mm(dy, B.to(dt))
+        B_dt = B.to(dt)
+        ref = L._base_plus_lora(x, xa, layer, B_dt, s).float()
+        got = gl.low_rank_add_(torch.mm(x, W.t()), gl.LowRank(xa, B, s)).float()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        fwd = (timed(lambda: torch.mm(x, W.t())), timed(lambda: L._base_plus_lora(x, xa, layer, B_dt, s)),
+               timed(lambda: gl.low_rank_add_(torch.mm(x, W.t()), gl.LowRank(xa, B, s))))
+        bwd = (timed(lambda: torch.mm(dy, W)), timed(lambda: L._input_grad(dy, dyB, spec)),
+               timed(lambda: gl.low_rank_add_(torch.mm(dy, W), gl.LowRank(dyB, A.t(), s))))
+        print(f"{name + ' y':24s} {fwd[0]:10.3f} {fwd[1]:10.3f} {fwd[2]:11.3f}   (max diff {err:.1e})")
+        print(f"{name + ' dx':24s} {bwd[0]:10.3f} {bwd[1]:10.3f} {bwd[2]:11.3f}")
 
 
 if __name__ == "__main__":

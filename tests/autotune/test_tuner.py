@@ -117,6 +117,11 @@ def test_device_comparison_agrees_with_the_tolerances(dtype, monkeypatch):
         "one element": e.clone().index_fill_(0, torch.tensor([123]), 7.0),
         "nan": e.clone().index_fill_(0, torch.tensor([5]), float("nan")),
     }
+    tiny = (e.float() * tol.atol / 4).to(dtype)  # every value below atol: judged elementwise alone
+    tiny_cases = {"tiny, relatively far": (tiny.float() * 1.5).to(dtype), "tiny, beyond atol": tiny + 2 * tol.atol}
+    for name, a in tiny_cases.items():
+        ours = tuner.compare_on_device(a, tiny, scale=1.0) is None
+        assert ours == (compare(a, tiny, dtype=dtype) is None) == (name == "tiny, relatively far"), name
     e_nan = e.clone().index_fill_(0, torch.tensor([5]), float("nan"))
     for name, a in cases.items():
         for expected in (e, e_nan):

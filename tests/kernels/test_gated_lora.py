@@ -18,11 +18,14 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def small_tiles(small: bool):
-    """Force 16 x 16 tiles (many programs, partial edge tiles) or keep the registered heuristic."""
-    if not small:
+def small_tiles(small: bool, dot: bool | None = None):
+    """Force 16 x 16 tiles (many programs, partial edge tiles) or 64 x 128 ones, the low-rank product by
+    ``tl.dot`` or by outer products (``dot``; ``None`` with large tiles: the registered heuristic)."""
+    if not small and dot is None:
         return contextlib.nullcontext()
-    return override("gated_lora", BLOCK_M=16, BLOCK_N=16, num_warps=1)
+    size = 16 if small else 64
+    return override("gated_lora", BLOCK_M=size, BLOCK_N=2 * size if not small else size, USE_DOT=int(bool(dot)),
+                    num_warps=1)
 
 
 def make_term(M: int, N: int, r: int, dtype, gen, b_layout: str, scale: float) -> gl.LowRank:
@@ -70,15 +73,16 @@ terms_present = st.tuples(st.booleans(), st.booleans(), st.booleans())
 @given(M=st.integers(1, 40), N=st.integers(1, 90), ranks=st.tuples(*[st.integers(1, 40)] * 3),
        present=terms_present, layouts=st.tuples(*[st.sampled_from(["b", "b_fp32", "a_t"])] * 3),
        activation=st.sampled_from(ga.ACTIVATIONS), dtype=st.sampled_from(KERNEL_DTYPES), small=st.booleans(),
-       write_h=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_kernels_match_float64_reference(M, N, ranks, present, layouts, activation, dtype, small, write_h, seed):
+       dot=st.sampled_from([None, False, True]), write_h=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kernels_match_float64_reference(M, N, ranks, present, layouts, activation, dtype, small, dot, write_h,
+                                         seed):
     gen = torch.Generator().manual_seed(seed)
     g0, u0, dh0 = (torch.randn(M, N, generator=gen, dtype=torch.float64) * s for s in (2.0, 1.0, 1.0))
     g0, u0, dh0 = (t.to(DEVICE, dtype) for t in (g0, u0, dh0))
     terms = [make_term(M, N, r, dtype, gen, layout, scale) if on else None
              for on, r, layout, scale in zip(present, ranks, layouts, (0.5, 2.0, 1.5))]
     before = [t.clone() for t in (g0, u0, dh0)]
-    with small_tiles(small):
+    with small_tiles(small, dot):
         h = gl.gated_lora_forward(g0, u0, activation, terms[0], terms[1])
         h_out = torch.full_like(g0, float("nan")) if write_h else None
         dg, du = gl.gated_lora_backward(dh0, g0, u0, activation, *terms, h_out=h_out)
@@ -91,15 +95,16 @@ def test_kernels_match_float64_reference(M, N, ranks, present, layouts, activati
     assert all(torch.equal(t, b) for t, b in zip((g0, u0, dh0), before)), "the kernels wrote over their inputs"
 
 
+@pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("activation", ga.ACTIVATIONS)
-def test_outputs_may_overwrite_the_inputs(activation):
+def test_outputs_may_overwrite_the_inputs(activation, dot):
     """``out=(gate, up)``, ``h_out=dh`` (the MLP backward's chunk buffers) give the fresh-output results, and
     ``out=gate`` in the forward."""
     gen = torch.Generator().manual_seed(3)
     M, N, r = 37, 75, 16
     g0, u0, dh0 = (torch.randn(M, N, generator=gen).to(DEVICE) for _ in range(3))
     terms = [make_term(M, N, r, torch.float32, gen, layout, s) for layout, s in (("b", 0.5), ("b", 2.0), ("a_t", 1.0))]
-    with small_tiles(True):
+    with small_tiles(True, dot):
         h = gl.gated_lora_forward(g0, u0, activation, *terms[:2])
         dg, du = gl.gated_lora_backward(dh0, g0, u0, activation, *terms, h_out=torch.empty_like(g0))
         g, u, dh = g0.clone(), u0.clone(), dh0.clone()
@@ -135,3 +140,17 @@ def test_bad_inputs_raise_naming_them():
         gl.gated_lora_backward(g0.clone(), g0, g0.clone(), "silu", dh_term=gl.LowRank(term.a[:3], term.b, 1.0))
     with pytest.raises(ValueError, match="unknown activation"):
         gl.gated_lora_forward(g0, g0.clone(), "relu")
+
+
+@given(M=st.integers(1, 40), N=st.integers(1, 90), r=st.integers(1, 40),
+       layout=st.sampled_from(["b", "b_fp32", "a_t"]), dtype=st.sampled_from(KERNEL_DTYPES), small=st.booleans(),
+       dot=st.sampled_from([None, False, True]), seed=st.integers(0, 2**31 - 1))
+def test_low_rank_add_matches_float64_reference(M, N, r, layout, dtype, small, dot, seed):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(M, N, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    term = make_term(M, N, r, dtype, gen, layout, 1.5)
+    expected_y = y.double() + float64_term(term, dtype).dense(torch.float64)
+    with small_tiles(small, dot):
+        out = gl.low_rank_add_(y, term)
+    assert out is y
+    assert_close("y + s a b^T", y, expected_y, dtype=dtype)
