@@ -27,40 +27,37 @@ adapter does).
 
 Gated MLP (:func:`lora_mlp`), ``h = down(act(gate(x)) * up(x))`` with every projection a LoRA linear::
 
-    xa_g, xa_u = x [A_g; A_u]^T                            [T, r_g + r_u]   (x read once)
-    g0 = x W_g^T,  u0 = x W_u^T                            [T, I]   (base GEMMs alone)
-    m  = act(g0 + s_g xa_g B_g^T) * (u0 + s_u xa_u B_u^T)    [T, I]   (one kernel, :mod:`gated_lora`: the LoRA
-                                                                     terms are added tile by tile, never stored)
-    ma = m A_d^T,  h = m W_d^T + s_d ma B_d^T                [T, H]
+    xa_g = x A_g^T,  g = x W_g^T + s_g xa_g B_g^T           [T, I]
+    xa_u = x A_u^T,  u = x W_u^T + s_u xa_u B_u^T           [T, I]
+    m    = act(g) * u                                     [T, I]   (gated_activation kernel; not saved)
+    ma   = m A_d^T,  h = m W_d^T + s_d ma B_d^T             [T, H]
 
-Backward, given ``dh`` [T, H] (``g``, ``u`` the full gate and up including their LoRA terms; ``act'`` as in
-:mod:`sloth_core.kernels.gated_activation`)::
+Backward, given ``dh`` [T, H] (``act'`` and the gated pieces as in :mod:`sloth_core.kernels.gated_activation`)::
 
-    dyB_d = dh B_d;   dB_d = s_d dh^T ma;   dm0 = dh W_d
-    dg, du, m = one kernel over dm0 + s_d dyB_d A_d, g0, u0 and the LoRA terms:
-                dm = dm0 + s_d dyB_d A_d;  dg = dm * u * act'(g);  du = dm * act(g);  m = act(g) * u
-    dA_d  = s_d dyB_d^T m
+    dyB_d = dh B_d;              dB_d = s_d dh^T ma;       dm = dh W_d + s_d dyB_d A_d
+    m     = act(g) * u           (recomputed from the saved g, u)   dA_d = s_d dyB_d^T m
+    dg    = dm * u * act'(g);    du = dm * act(g)           (one kernel; dg overwrites dm, du overwrites m)
     dyB_g = dg B_g;  dA_g = s_g dyB_g^T x;  dB_g = s_g dg^T xa_g
     dyB_u = du B_u;  dA_u = s_u dyB_u^T x;  dB_u = s_u du^T xa_u
-    dx    = dg W_g + du W_u + s_g dyB_g A_g + s_u dyB_u A_u
+    dx    = dg W_g + s_g dyB_g A_g + du W_u + s_u dyB_u A_u
 
-Without checkpointing, saved: ``x``, ``g0``, ``u0`` ([T, I] each; needed for the activation's gradient anyway)
-and the [T, r] LoRA intermediates ``xa_g``, ``xa_u``, ``ma``; ``m`` is recomputed instead of stored. In the
-recompute of a checkpointed layer, where the saved ``g0``, ``u0`` are this backward's own, ``dg``, ``du``, ``m``
-overwrite ``g0``, ``u0``, ``dm0`` (three [T, I] tensors alive); otherwise ``m`` comes first, for ``dA_d``, and is
-freed before ``du`` exists (four).
+Saved: ``x``, ``g``, ``u`` ([T, I] each; needed for the activation's gradient anyway) and the [T, r] LoRA
+intermediates ``xa_g``, ``xa_u``, ``ma``; ``m`` is recomputed instead of stored. The backward holds at most two
+[T, I] temporaries (``dm``/``dg`` and ``m``/``du``); in the recompute of a checkpointed layer, where the saved
+``g``, ``u`` are this backward's own, ``dg``/``du`` overwrite them and ``m`` is freed before ``dm`` exists (one
+[T, I] temporary).
 
 Checkpointed layers whose MLP output feeds nothing saved (:mod:`sloth_core.recompute`; Llama, Qwen3, Mistral):
 both the first forward and the recompute save ``x`` alone (the checkpoint pairs their saved tensors one to one);
 in an offloading layer ``x`` goes to the layer's stash instead (host memory, :func:`recompute.mlp_input_stash`) and
 nothing is saved, so that the backward runs before the layer's recompute (whose attention tensors are then not
 alive at the same time as the backward's temporaries).
-The first forward computes ``h`` with ``m`` written over ``g0`` and ``g0``, ``u0`` freed before the down
+The first forward computes ``h`` with ``m`` written over ``g`` and ``g``, ``u`` freed before the down
 projection; the recompute computes nothing (its ``h`` is a NaN placeholder nobody reads); the backward
-(:func:`_mlp_backward`) recomputes ``g0``, ``u0`` itself in column chunks of the intermediate dimension and gets
-``m`` from the gated backward kernel. Alive at once: three [T, I/2] tensors in the backward, ``g0``, ``u0`` in
-the forward; the gated forward runs once per step instead of three times, and a 4-bit ``W_gate``/``W_up`` is
-dequantized by row ranges.
+(:func:`_chunked_recompute_backward`) recomputes ``g``, ``u`` itself in column chunks of the intermediate
+dimension and gets ``m`` from the gated-activation backward kernel. Alive at once: three [T, I/2] tensors in the
+backward (was: ``g``, ``u``, ``dm``, three [T, I]), ``g``, ``u`` in the forward; the gated forward runs once
+per step instead of three times, and a 4-bit ``W_gate``/``W_up`` is dequantized by row ranges.
 
 q, k, v on one input (:func:`lora_qkv`), adapters ``A_j`` [r_j, H], ``B_j`` [out_j, r_j], ``j`` in q, k, v::
 
@@ -114,7 +111,6 @@ from torch import nn
 
 from sloth_core import recompute
 from sloth_core.kernels import gated_activation as _ga
-from sloth_core.kernels import gated_lora as _gl
 from sloth_core.kernels._runtime import KERNEL_DTYPES, new_empty, triton_ok
 
 
@@ -418,14 +414,13 @@ class _LoRAMLPFunction(torch.autograd.Function):
                 recompute.STATS.mlp_outputs_skipped += 1
                 return _unused_output(x, _layer_dims(layers[2])[0])
         gate, up, down = _specs(layers, (A_g, A_u, A_d), (B_g, B_u, B_d), scales)
-        xa_g, xa_u = _gate_up_xa(x, A_g, A_u)
-        g, u = _base_only(x, gate.base_layer), _base_only(x, up.base_layer)
-        # m = act(g + s_g xa_g B_g^T) * (u + s_u xa_u B_u^T): the LoRA terms are added inside the kernel;
-        # chunked: g, u are not saved, m goes over g and g, u are freed before the down projection
-        m = _gl.gated_lora_forward(g, u, activation, *_gate_up_terms(xa_g, xa_u, gate, up),
-                                   out=g if ctx.chunked else None)
-        if ctx.chunked:
+        g, xa_g = _project(x, gate)
+        u, xa_u = _project(x, up)
+        if ctx.chunked:  # g, u are not saved: m over g, u freed before the down projection
+            m = _ga._forward(g, u, activation, out=g)
             del g, u
+        else:
+            m = _ga._forward(g, u, activation)
         h, ma = _project(m, down)
         del m
         if not ctx.chunked:
@@ -436,57 +431,24 @@ class _LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         need = ctx.needs_input_grad[:7]
-        saved = None
-        if not ctx.chunked:
-            x, g, u, xa_g, xa_u, ma, *params = ctx.saved_tensors
-            saved = _SavedGateUp(g, u, xa_g, xa_u, ma, ctx.overwrite_saved)
-            del g, u
-        elif ctx.stashed is None:
-            x, *params = ctx.saved_tensors
-        else:
-            x, params = ctx.stashed[0].restore(), ctx.stashed[1]
-        A_g, B_g, A_u, B_u, A_d, B_d = params
-        specs = _specs(ctx.layers, (A_g, A_u, A_d), (B_g, B_u, B_d), ctx.scales)
+        if ctx.chunked:
+            if ctx.stashed is None:
+                x, A_g, B_g, A_u, B_u, A_d, B_d = ctx.saved_tensors
+            else:
+                x, (A_g, B_g, A_u, B_u, A_d, B_d) = ctx.stashed[0].restore(), ctx.stashed[1]
+            specs = _specs(ctx.layers, (A_g, A_u, A_d), (B_g, B_u, B_d), ctx.scales)
+            with _no_autocast(dh.device.type):
+                grads = _chunked_recompute_backward(dh, x, *specs, ctx.activation, need)
+            return (*grads, None, None, None)
+        x, g, u, xa_g, xa_u, ma, A_g, B_g, A_u, B_u, A_d, B_d = ctx.saved_tensors
+        gate, up, down = _specs(ctx.layers, (A_g, A_u, A_d), (B_g, B_u, B_d), ctx.scales)
         with _no_autocast(dh.device.type):
-            grads = _mlp_backward(dh, x, *specs, ctx.activation, need, saved)
-        return (*grads, None, None, None)
-
-
-def _base_only(x: torch.Tensor, layer: nn.Module, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """``x W^T + b`` (``W``'s rows, ``b``'s entries ``c0:c1`` with ``rows = (c0, c1)``), in ``x``'s dtype."""
-    bias = _base_bias(layer, x.dtype)
-    w = base_weight(layer, rows).to(x.dtype)
-    if bias is None:
-        y = torch.mm(x, w.t())
-    else:
-        y = torch.addmm(bias if rows is None else bias[rows[0]:rows[1]], x, w.t())
-    del w  # a dequantized weight is used once, never kept
-    return y
-
-
-def _gate_up_xa(x: torch.Tensor, A_g: torch.Tensor, A_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x A_g^T, x A_u^T)`` from one GEMM over the concatenated adapters (``x`` read once): column views of
-    one [T, r_g + r_u] tensor."""
-    xa = torch.mm(x, torch.cat([A_g.to(x.dtype), A_u.to(x.dtype)]).t())
-    return xa[:, :A_g.shape[0]], xa[:, A_g.shape[0]:]
-
-
-def _gate_up_terms(xa_g, xa_u, gate: LoRASpec, up: LoRASpec, rows: tuple[int, int] | None = None):
-    """The gate's and the up projection's LoRA terms ``s xa B^T`` (output features ``c0:c1`` with ``rows``) for
-    the gated kernels of :mod:`sloth_core.kernels.gated_lora`."""
-    c0, c1 = rows if rows is not None else (0, gate.B.shape[0])
-    return (_gl.LowRank(xa_g, gate.B[c0:c1], gate.scale), _gl.LowRank(xa_u, up.B[c0:c1], up.scale))
-
-
-class _SavedGateUp(NamedTuple):
-    """What the unchunked MLP backward gets from its forward: the base outputs ``g0 = x W_g^T``, ``u0``, the
-    [T, r] ``xa_g``, ``xa_u``, ``ma``, and whether ``g0``, ``u0`` may be overwritten (the recompute's own)."""
-    g: torch.Tensor
-    u: torch.Tensor
-    xa_g: torch.Tensor
-    xa_u: torch.Tensor
-    ma: torch.Tensor
-    overwrite: bool
+            dA_d, dB_d, dg, du = _down_and_gated_backward(dh, g, u, ma, down, ctx.activation, need[5], need[6],
+                                                          overwrite=ctx.overwrite_saved)
+            del g, u
+            dx, dA_g, dB_g = _project_backward(dg, x, xa_g, gate, (need[0], need[1], need[2]))
+            dx, dA_u, dB_u = _project_backward(du, x, xa_u, up, (need[0], need[3], need[4]), accumulate=dx)
+        return dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d, None, None, None
 
 
 # The chunked recompute-backward: the intermediate dimension I is cut into RECOMPUTE_CHUNKS column ranges of a
@@ -505,71 +467,48 @@ def chunk_bounds(inter: int) -> list[tuple[int, int]]:
     return [(c0, min(inter, c0 + width)) for c0 in range(0, inter, width)]
 
 
-def _mlp_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activation: str, need,
-                  saved: _SavedGateUp | None = None):
-    """The MLP's gradients ``(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)`` (``None`` where ``need`` says no).
+def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activation: str, need):
+    """The MLP's gradients ``(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)`` from ``x`` alone, the intermediate
+    dimension in column chunks ``c`` (:func:`chunk_bounds`); ``None`` where ``need`` says no. Per chunk::
 
-    Without ``saved`` (the chunked recompute-backward) the intermediate dimension is cut in column chunks ``c``
-    (:func:`chunk_bounds`) and ``g0``, ``u0`` are recomputed from ``x``; with ``saved`` (the forward's ``g0``,
-    ``u0``, ``xa_g``, ``xa_u``, ``ma``) there is one chunk, all of ``I``. Per chunk::
-
-        g0_c = x W_g[c]^T,  u0_c = x W_u[c]^T                      (recomputed; W rows dequantized per use)
-        dm0_c = dh W_d[:, c]
-        dg_c, du_c, m_c = one kernel (gated_lora) over dm0_c + s_d dyB_d A_d[:, c], g0_c + s_g xa_g B_g[c]^T,
-                          u0_c + s_u xa_u B_u[c]^T; written over (g0_c, u0_c, dm0_c)
+        g_c  = x W_g[c]^T + s_g xa_g B_g[c]^T,   u_c likewise       (recomputed; W rows dequantized per use)
+        dm_c = dh W_d[:, c] + s_d dyB_d A_d[:, c]
+        dg_c, du_c, m_c = one kernel over (dm_c, g_c, u_c), written over (g_c, u_c, dm_c)
         dA_d[:, c] = s_d dyB_d^T m_c;   ma += m_c A_d[:, c]^T;   dB_g[c] = s_g dg_c^T xa_g (u likewise)
         dyB_g += dg_c B_g[c] (u likewise);   dx += dg_c W_g[c] + du_c W_u[c]
 
     and at the end ``dB_d = s_d dh^T ma``, ``dA_g = s_g dyB_g^T x``, ``dx += s_g dyB_g A_g + s_u dyB_u A_u``
-    (u likewise). ``ma`` and ``dyB`` ([T, r]) are summed over the chunks in fp32 and rounded once, as one chunk
-    rounds them; the column slices of ``dA_d``, ``dB_g``, ``dB_u`` are exactly the unchunked ones; ``dx`` is
-    accumulated in its dtype by the GEMMs (two roundings a chunk). Alive at once: three [T, |c|] tensors (and a
-    4-bit ``W_d`` dequantized once, kept across chunks). When the saved ``g0``, ``u0`` must stay intact (no
-    recompute owns them), ``m`` comes from the forward kernel first and is freed before ``du`` exists: four
-    [T, I] tensors alive at most."""
+    (u likewise). ``ma`` and ``dyB`` ([T, r]) are summed over the chunks in fp32 and rounded once, as the
+    unchunked path rounds them; the column slices of ``dA_d``, ``dB_g``, ``dB_u`` are exactly the unchunked ones;
+    ``dx`` is accumulated in its dtype by the GEMMs (two roundings a chunk instead of two in all). Alive at once:
+    three [T, |c|] tensors instead of four [T, I] (and a 4-bit ``W_d`` dequantized once, kept across chunks)."""
     need_dx, need_Ag, need_Bg, need_Au, need_Bu, need_Ad, need_Bd = need
     dtype, tokens = dh.dtype, x.shape[0]
     A_g, B_g, A_u, B_u, A_d, B_d = (t.to(dtype) for t in (gate.A, gate.B, up.A, up.B, down.A, down.B))
+    xa_g, xa_u = torch.mm(x, A_g.t()), torch.mm(x, A_u.t())
     dyB_d = torch.mm(dh, B_d)
 
     def fp32_sum(wanted: bool, rank: int):
         return torch.zeros((tokens, rank), dtype=torch.float32, device=dh.device) if wanted else None
 
-    if saved is None:
-        xa_g, xa_u = _gate_up_xa(x, A_g, A_u)
-        chunks, ma = chunk_bounds(A_d.shape[1]), fp32_sum(need_Bd, A_d.shape[0])
-    else:
-        xa_g, xa_u = saved.xa_g, saved.xa_u
-        chunks, ma = [(0, A_d.shape[1])], None
     dyB_g, dyB_u = fp32_sum(need_dx or need_Ag, A_g.shape[0]), fp32_sum(need_dx or need_Au, A_u.shape[0])
+    ma = fp32_sum(need_Bd, A_d.shape[0])
     dA_d = new_empty(down.A.shape, down.A.dtype, dh.device) if need_Ad else None
     dB_g = new_empty(gate.B.shape, gate.B.dtype, dh.device) if need_Bg else None
     dB_u = new_empty(up.B.shape, up.B.dtype, dh.device) if need_Bu else None
     dx = None
     w_d = base_weight(down.base_layer).to(dtype)
-    for c0, c1 in chunks:
-        dm = torch.mm(dh, w_d[:, c0:c1])
-        dm_term = _gl.LowRank(dyB_d, A_d[:, c0:c1].t(), down.scale)
-        terms = _gate_up_terms(xa_g, xa_u, gate, up, (c0, c1))
-        if saved is None:
-            g, u = _base_only(x, gate.base_layer, (c0, c1)), _base_only(x, up.base_layer, (c0, c1))
-        else:
-            g, u = saved.g, saved.u
-        if saved is None or saved.overwrite:
-            dg, du = _gl.gated_lora_backward(dm, g, u, activation, *terms, dm_term, out=(g, u), h_out=dm)
-            m = dm
-        else:  # g, u stay intact: m first (for dA_d), freed before du exists
-            dg = du = None
-            m = _gl.gated_lora_forward(g, u, activation, *terms) if need_Ad else None
+    for c0, c1 in chunk_bounds(A_d.shape[1]):
+        dm = _scaled_mm(dyB_d, A_d[:, c0:c1], down.scale, dtype).addmm_(dh, w_d[:, c0:c1])
+        g = _base_plus_lora(x, xa_g, gate.base_layer, B_g, gate.scale, (c0, c1))
+        u = _base_plus_lora(x, xa_u, up.base_layer, B_u, up.scale, (c0, c1))
+        dg, du = _ga._backward(dm, g, u, activation, out=(g, u), h_out=dm)
+        m = dm
         if need_Ad:
             dA_d[:, c0:c1] = _scaled_mm(dyB_d.t(), m, down.scale, dA_d.dtype)
-        if ma is not None:
+        if need_Bd:
             ma += _mm_to(m, A_d[:, c0:c1].t(), torch.float32)
-        del m
-        if dg is None:
-            dg, du = _gl.gated_lora_backward(dm, g, u, activation, *terms, dm_term,
-                                             out=(dm, new_empty(g.shape, g.dtype, g.device)))
-        del dm, g, u
+        del m, dm
         if need_Bg:
             dB_g[c0:c1] = _scaled_mm(dg.t(), xa_g, gate.scale, dB_g.dtype)
         if need_Bu:
@@ -581,12 +520,9 @@ def _mlp_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activatio
         if need_dx:
             dx = _base_input_grad(dg, gate.base_layer, dx, (c0, c1))
             dx = _base_input_grad(du, up.base_layer, dx, (c0, c1))
-        del dg, du
+        del dg, du, g, u
     del w_d
-    if need_Bd:
-        dB_d = _scaled_mm(dh.t(), (ma if saved is None else saved.ma).to(dtype), down.scale, down.B.dtype)
-    else:
-        dB_d = None
+    dB_d = _scaled_mm(dh.t(), ma.to(dtype), down.scale, down.B.dtype) if need_Bd else None
     dA_g = _scaled_mm(dyB_g.to(dtype).t(), x, gate.scale, gate.A.dtype) if need_Ag else None
     dA_u = _scaled_mm(dyB_u.to(dtype).t(), x, up.scale, up.A.dtype) if need_Au else None
     if need_dx:
@@ -655,6 +591,29 @@ def _unused_output(like: torch.Tensor, features: int) -> torch.Tensor:
     """A NaN [T, features] tensor that takes no memory (an expanded scalar): the output of a computation skipped
     because nothing reads it. Should anything read it after all, the NaNs make that loud."""
     return torch.full((1, 1), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape[0], features)
+
+
+def _down_and_gated_backward(dh, g, u, ma, down: LoRASpec, activation: str, need_dA: bool, need_dB: bool,
+                             overwrite: bool = False):
+    """Through the down projection and the gated activation: ``(dA_d, dB_d, dg, du)``. ``overwrite``: ``dg``,
+    ``du`` are written over ``g``, ``u`` (the caller's are then gone), which keeps three [T, I] tensors alive at
+    most instead of four."""
+    _, A_d, B_d, scale = down
+    dyB = torch.mm(dh, B_d.to(dh.dtype))
+    dB = _scaled_mm(dh.t(), ma, scale, B_d.dtype) if need_dB else None
+    m = dA = None
+    if need_dA:
+        m = _ga._forward(g, u, activation)  # m = act(g) * u, recomputed
+        dA = _scaled_mm(dyB.t(), m, scale, A_d.dtype)
+    if overwrite:
+        m = None  # freed before dm exists
+    dm = _input_grad(dh, dyB, down)
+    if overwrite:
+        out = (g, u)
+    else:  # dg over dm; du over m (or a new buffer)
+        out = (dm, m if m is not None else new_empty(g.shape, g.dtype, g.device))
+    dg, du = _ga._backward(dm, g, u, activation, out=out)
+    return dA, dB, dg, du
 
 
 # --------------------------------------------------------------------------------------------- public API

@@ -129,13 +129,13 @@ def test_offloading_layers_run_the_mlp_backward_before_the_recompute(model_type,
     monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the offload path too
     monkeypatch.setattr(lora, "CHUNK_MULTIPLE", 8)
     seen = []
-    chunked = lora._mlp_backward
+    chunked = lora._chunked_recompute_backward
 
     def recording(*args, **kwargs):
         seen.append(ck.STATS.recomputes)
         return chunked(*args, **kwargs)
 
-    monkeypatch.setattr(lora, "_mlp_backward", recording)
+    monkeypatch.setattr(lora, "_chunked_recompute_backward", recording)
     ref = _lora(tiny_model(model_type, device=device))
     ids, labels = token_batch(device)
     ref_loss = ref(input_ids=ids, labels=labels).loss
