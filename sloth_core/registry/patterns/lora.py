@@ -62,11 +62,15 @@ def _linear_with(fn, grouped: bool = False):
     group answers first."""
     def make(m: Match):
         def forward(self, x, *args, **kwargs):
+            group = getattr(_QKV_GROUP, "active", None) if grouped else None
+            if group is not None and not (args or kwargs):
+                out = group.pending_output(self, x)  # computed with q/k/v's specs read moments ago, this call
+                if out is not None:
+                    return out
             spec = lora_spec(self)
             if isinstance(spec, str) or args or kwargs:
                 return type(self).forward(self, x, *args, **kwargs)
-            group = getattr(_QKV_GROUP, "active", None) if grouped else None
-            out = group.project(self, x) if group is not None else None
+            out = group.project(self, x, spec) if group is not None else None
             return fn(x, *spec) if out is None else out
 
         return forward
@@ -159,14 +163,23 @@ class _QKVGroup:
         self.pending: dict[int, object] = {}
         self.x = self.version = None
 
-    def project(self, module: nn.Module, x):
-        """``module(x)`` from the group, or ``None`` when the group cannot answer (the caller computes it)."""
-        index = next((i for i, m in enumerate(self.modules) if m is module), None)
+    def _index(self, module: nn.Module) -> int | None:
+        return next((i for i, m in enumerate(self.modules) if m is module), None)
+
+    def pending_output(self, module: nn.Module, x):
+        """The output an earlier :meth:`project` of this attention call computed for ``module`` on this same,
+        unmodified ``x`` (handed out once), else ``None``."""
+        if self.x is not x or self.version != x._version:
+            return None
+        return self.pending.pop(self._index(module), None)
+
+    def project(self, module: nn.Module, x, spec):
+        """``module(x)`` (``spec``: its :func:`lora_spec`) from the group, computing the other two projections'
+        outputs with it, or ``None`` when the group cannot answer (the caller computes it)."""
+        index = self._index(module)
         if index is None:
             return None
-        if self.x is x and self.version == x._version and index in self.pending:
-            return self.pending.pop(index)
-        specs = [lora_spec(m) for m in self.modules]
+        specs = [spec if m is module else lora_spec(m) for m in self.modules]
         if any(isinstance(spec, str) for spec in specs) or len({spec.A.shape[1] for spec in specs}) != 1:
             return None
         outs = lora_qkv(x, *specs)
