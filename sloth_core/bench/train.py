@@ -17,7 +17,9 @@ What is measured, per (model preset, setup) -- one model, built once:
   - ``sloth_core``: HF checkpointing off, ``sloth_core.optimize(model, gradient_checkpointing="offload")``
     (its own decoder-layer checkpointing, layer inputs kept in pinned host memory); ``sloth_core.restore``
     afterwards. ``sloth_checkpointing="on"`` keeps the inputs on the GPU; ``"hf"`` keeps HF's checkpointing
-    (as ``hf_peft``) and calls ``optimize`` without the option.
+    (as ``hf_peft``) and calls ``optimize`` without the option; ``"offload-attention"`` is ``"offload"`` with
+    the experimental ``sloth_core.checkpointing.OFFLOAD_ATTENTION`` on for the provider's steps (attention outputs
+    kept in host memory instead of recomputed).
   - ``liger`` (when ``liger_kernel`` is importable): HF checkpointing as ``hf_peft``, plus Liger-Kernel's
     ``_apply_liger_kernel_to_instance`` on the transformers model (RMSNorm, RoPE, SwiGLU/GeGLU, fused linear
     cross-entropy; its defaults). Liger patches the model instance and the ``modeling_<type>`` module; the module
@@ -66,7 +68,7 @@ WARMUP = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = {"none": "lora_bf16", "nf4": "qlora_nf4"}  # --quant value -> setup name in the rows
 PROVIDERS = ("hf_peft", "sloth_core", "liger")  # the order they run in
-SLOTH_CHECKPOINTING = ("offload", "on", "hf")
+SLOTH_CHECKPOINTING = ("offload", "on", "hf", "offload-attention")
 DEFAULT_OUT = "benchmarks/results"
 
 # transformers config kwargs of the real models (their config.json, minus token ids and dtype).
@@ -279,13 +281,20 @@ def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str, sloth_
     import sloth_core
     from sloth_core.checkpointing import clear_host_pool
 
+    from sloth_core import checkpointing as sloth_checkpointing_module
+
     options = dict(sloth_options)
+    attention_flag = sloth_checkpointing_module.OFFLOAD_ATTENTION
     if sloth_checkpointing == "hf":
         _hf_checkpointing(model, checkpointing)
+    elif sloth_checkpointing == "offload-attention":
+        options["gradient_checkpointing"] = "offload"
+        sloth_checkpointing_module.OFFLOAD_ATTENTION = True
     else:
         options["gradient_checkpointing"] = sloth_checkpointing
 
     def undo():
+        sloth_checkpointing_module.OFFLOAD_ATTENTION = attention_flag
         sloth_core.restore(model)
         _hf_checkpointing(model, False)
         clear_host_pool()  # the pinned buffers of "offload" (sized for this model)
@@ -494,7 +503,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-checkpointing", action="store_true",
                         help="no HF gradient checkpointing for hf_peft / liger")
     parser.add_argument("--sloth-checkpointing", choices=SLOTH_CHECKPOINTING, default="offload",
-                        help="sloth_core's checkpointing: offload, on, or hf (HF's, as hf_peft); default: %(default)s")
+                        help="sloth_core's checkpointing: offload, on, hf (HF's, as hf_peft), or offload-attention "
+                             "(offload with the experimental checkpointing.OFFLOAD_ATTENTION); default: %(default)s")
     parser.add_argument("--opt-in", nargs="+", default=[], metavar="PATTERN",
                         help="sloth_core patterns in no default list to apply too (optimize(opt_in=...))")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
