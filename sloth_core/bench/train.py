@@ -279,25 +279,23 @@ def _use_hf_peft(model, checkpointing: bool, sloth_checkpointing: str, sloth_opt
 
 def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str, sloth_options: dict):
     import sloth_core
-    from sloth_core.checkpointing import clear_host_pool
-
-    from sloth_core import checkpointing as sloth_checkpointing_module
+    from sloth_core import checkpointing as sloth_ckpt
 
     options = dict(sloth_options)
-    attention_flag = sloth_checkpointing_module.OFFLOAD_ATTENTION
+    attention_flag = sloth_ckpt.OFFLOAD_ATTENTION
     if sloth_checkpointing == "hf":
         _hf_checkpointing(model, checkpointing)
     elif sloth_checkpointing == "offload-attention":
         options["gradient_checkpointing"] = "offload"
-        sloth_checkpointing_module.OFFLOAD_ATTENTION = True
+        sloth_ckpt.OFFLOAD_ATTENTION = True
     else:
         options["gradient_checkpointing"] = sloth_checkpointing
 
     def undo():
-        sloth_checkpointing_module.OFFLOAD_ATTENTION = attention_flag
+        sloth_ckpt.OFFLOAD_ATTENTION = attention_flag
         sloth_core.restore(model)
         _hf_checkpointing(model, False)
-        clear_host_pool()  # the pinned buffers of "offload" (sized for this model)
+        sloth_ckpt.clear_host_pool()  # the pinned buffers of "offload" (sized for this model)
 
     try:
         sloth_core.optimize(model, **options)
