@@ -1,4 +1,6 @@
-"""Shared by the H200 diagnosis scripts: the optimized Llama-3-8B-shaped LoRA / QLoRA model and timed steps."""
+"""Shared by the H200 diagnosis and GEMM-shape scripts: the optimized Llama-3-8B-shaped LoRA / QLoRA model, timed
+steps, and the CUDA-event median of one call."""
+import statistics
 import time
 
 import torch
@@ -38,3 +40,18 @@ def timed_steps(model, opt, ids, n: int, before=None) -> list[float]:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
     return times
+
+
+def cuda_median_ms(fn, n: int = 20, warmup: int = 3) -> float:
+    """Median of ``n`` CUDA-event timings (ms) of ``fn()``, each synchronized, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

@@ -3,10 +3,13 @@ in the gate/up projection, and the cost of splitting the chunked backward's GEMM
 
     python benchmarks/bench_lora_gemm_shapes.py      (CUDA; medians of 20 CUDA-event timings after 3 warm-ups)
 """
-import statistics
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _diag_setup import cuda_median_ms  # noqa: E402
 
 
 def main() -> int:
@@ -23,13 +26,7 @@ def main() -> int:
     xa = x @ A.t()
     x_aug = torch.empty(T, H + r, device=dev, dtype=dt)
     W_aug = torch.empty(I, H + r, device=dev, dtype=dt)
-    def t(fn, n=20):
-        for _ in range(3): fn()
-        ts = []
-        for _ in range(n):
-            a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-            a.record(); fn(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b))
-        return statistics.median(ts)
+    t = cuda_median_ms
     def base(): return x @ W.t()
     def current():
         y = x @ W.t(); return y.addmm_(xa, B.t(), alpha=s)
