@@ -99,8 +99,10 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                    only=set(opts["patterns"]) if opts["patterns"] is not None else None,
                    exclude=set(opts["exclude"]),
                    verify_every=opts["verify"] == "always")
+    facts = arch.layer if arch.declared else None
     changed = _apply_checkpointing(base, _CHECKPOINTING[opts["gradient_checkpointing"]], rows,
-                                   arch.layer.mlp_output_unused if arch.declared else None)
+                                   facts.mlp_output_unused if facts else None,
+                                   facts.attention_output_unused if facts else None)
     if state is not None:
         seen = {(r.module, r.pattern) for r in state["rows"]}
         rows = [r for r in rows if (r.module, r.pattern) not in seen]
@@ -122,9 +124,10 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
 
 
 def _apply_checkpointing(model: nn.Module, mode: str | None, rows: list[ReportRow],
-                         mlp_output_unused=None) -> bool:
+                         mlp_output_unused=None, attention_output_unused=None) -> bool:
     """Set our decoder-layer checkpointing to ``mode`` (None: leave it), adding report rows; whether anything
-    changed. ``mlp_output_unused``: the architecture's :meth:`LayerFacts.mlp_output_unused` (declared ones only)."""
+    changed. ``mlp_output_unused`` / ``attention_output_unused``: the architecture's :class:`LayerFacts` methods
+    (declared ones only)."""
     if mode is None:
         return False
     from .checkpointing import checkpointed_layers, disable_checkpointing, enable_checkpointing
@@ -133,7 +136,7 @@ def _apply_checkpointing(model: nn.Module, mode: str | None, rows: list[ReportRo
     if mode == "off":
         disable_checkpointing(model)
         return bool(before)
-    for path in enable_checkpointing(model, mode, mlp_output_unused):
+    for path in enable_checkpointing(model, mode, mlp_output_unused, attention_output_unused):
         rows.append(ReportRow(path, "checkpointing", f"torch:checkpoint({mode})", "replaced", f"mode={mode}"))
     return True
 

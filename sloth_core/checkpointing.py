@@ -90,6 +90,8 @@ STATE_ATTR = "_sloth_core_checkpointing"
 HF_FLAG = "gradient_checkpointing"
 _FALLBACK_CONTAINERS = ("layers", "h")
 ATTENTION_ATTR = "self_attn"  # the decoder layer's attention module (transformers' name in every decoder layer)
+MLP_ATTR = "mlp"  # ... and its MLP
+LORA_MLP_PATTERN = "lora_mlp"  # the registry pattern of the fused LoRA MLP (sloth_core.registry.patterns.lora)
 # Experimental, off: offloading layers keep their attention output in host memory instead of recomputing it
 # (sloth_core.attention_offload). Exact (tests), and single steps on the H200 ran up to ~5% faster, but step times
 # became erratic and the median slower (benchmarks/results/attention_offload_diag_h200_20261129.txt).
@@ -151,7 +153,8 @@ def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
 
 
 def enable_checkpointing(model: nn.Module, mode: str = "on",
-                         mlp_output_unused: Callable[[nn.Module], bool] | None = None) -> list[str]:
+                         mlp_output_unused: Callable[[nn.Module], bool] | None = None,
+                         attention_output_unused: Callable[[nn.Module], bool] | None = None) -> list[str]:
     """Checkpoint the decoder layers of ``model`` (a transformers model or a PEFT model around one).
 
     ``mode``: ``"on"`` (keep each layer's input on its device), ``"offload"`` (keep it in pinned host memory) or
@@ -163,6 +166,11 @@ def enable_checkpointing(model: nn.Module, mode: str = "on",
     (the MLP output only feeds the residual add that ends the layer; declared per architecture by
     :class:`sloth_core.registry.LayerFacts`). For such layers the fused LoRA MLP skips its down projection in
     the recompute (:mod:`sloth_core.recompute`).
+
+    ``attention_output_unused(layer)``: whether nothing the layer saves between its attention's output projection
+    and the norm before its MLP depends on that projection's output (:meth:`sloth_core.registry.LayerFacts.
+    attention_output_unused`). In such offloading layers the norm keeps its input in host memory, and the
+    recompute skips the output projection (:class:`_LayerStash`).
     """
     if mode not in MODES:
         raise ValueError(f"enable_checkpointing(mode={mode!r}): expected one of {MODES}")
@@ -179,12 +187,13 @@ def enable_checkpointing(model: nn.Module, mode: str = "on",
                    f"nothing is checkpointed")
     for _, layer in layers:
         unused = bool(mlp_output_unused(layer)) if mlp_output_unused is not None else False
+        projection = unused and attention_output_unused is not None and bool(attention_output_unused(layer))
         state = layer.__dict__.get(STATE_ATTR)
         if isinstance(state, _LayerState) and binding.is_bound(layer, PATTERN):
-            state.mode, state.mlp_output_unused = mode, unused
+            state.mode, state.mlp_output_unused, state.attention_output_unused = mode, unused, projection
             _suspend_hf_checkpointing(layer)
         else:
-            _install(layer, _LayerState(mode, unused))
+            _install(layer, _LayerState(mode, unused, projection))
     return [path for path, _ in layers]
 
 
@@ -262,6 +271,7 @@ def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class _LayerState:
     mode: str
     mlp_output_unused: bool = False  # see enable_checkpointing
+    attention_output_unused: bool = False  # see enable_checkpointing
 
 
 class _Suspended:
@@ -314,9 +324,23 @@ def _install(layer: nn.Module, state: _LayerState) -> None:
 
 def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The attention module's forward inside :func:`sloth_core.attention_offload.attention_offload` when
-    :data:`OFFLOAD_ATTENTION` was on when the offloading layer running it started (a no-op otherwise)."""
+    :data:`OFFLOAD_ATTENTION` was on when the offloading layer running it started (a no-op otherwise); the
+    layer's stash learns where the module's calls end (:meth:`_LayerStash.attention_module_done`)."""
+    stash = recompute.layer_stash()
+    start = recompute.calls_in_run(_LayerStash.PROJECTION) if stash is not None else 0
     with attention_offload():
-        return binding.previous_forward(self, PATTERN)(*args, **kwargs)
+        out = binding.previous_forward(self, PATTERN)(*args, **kwargs)
+    if stash is not None:
+        stash.attention_module_done(start, out)
+    return out
+
+
+def _keeps_norm_input(layer: nn.Module, state: _LayerState) -> bool:
+    """Whether an offloading layer's norm before the MLP keeps its input in host memory (:class:`_LayerStash`):
+    declared (``state.attention_output_unused``), and the layer's MLP is the fused LoRA MLP, whose input is then
+    that norm recomputed."""
+    mlp = getattr(layer, MLP_ATTR, None)
+    return state.attention_output_unused and isinstance(mlp, nn.Module) and binding.is_bound(mlp, LORA_MLP_PATTERN)
 
 
 def _suspend_hf_checkpointing(layer: nn.Module) -> None:
@@ -405,7 +429,8 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     offload = state.mode == "offload"
     group = _Group(hidden.device) if offload else None
     hooks = _offloading(hidden, group) if offload else contextlib.nullcontext()
-    stash = _layer_stash(hidden, group) if offload and state.mlp_output_unused else None
+    stash = _layer_stash(hidden, group, _keeps_norm_input(self, state)) if offload and state.mlp_output_unused \
+        else None
     with hooks:
         # The input goes in positionally: the checkpoint keeps it (through the ambient saved-tensor hooks, which
         # is where offloading catches it) and infers from it whose RNG state to preserve.
@@ -451,24 +476,40 @@ class _LayerStash:
       so that the recompute can return it instead of running the attention again;
     * :meth:`after_attention`: for the functions after a kept attention (the output projection, the norm before
       the MLP), a handle that keeps their input here, so that they save nothing through the checkpoint and the
-      recompute can end at the attention (:data:`RECOMPUTED` in the recompute).
+      recompute can end at the attention (:data:`RECOMPUTED` in the recompute). Without a kept attention, in
+      layers whose norm before the MLP keeps its input (``keep_norm_input``: declared by the architecture,
+      fused LoRA MLP), that norm's input -- the norms that run after the attention module returned.
+    * :meth:`projection`: for a LoRA linear, the same, and whether the recompute may leave its output
+      uncomputed: the attention module's last LoRA linear (its output projection), in a layer whose norm before
+      the MLP kept its input and whose MLP input is that norm recomputed. Nothing saved then depends on the
+      projection's output (``keep_norm_input`` declares that nothing in between saves), so the recompute ends
+      once the projection has saved its input -- the output projection's GEMM runs once a step, not twice.
 
     The MLP input of a layer whose norm before the MLP kept its input here is not copied: its handle recomputes
     the norm from that copy (the same kernel on the same tensor: the same values)."""
 
-    def __init__(self, target: str, group: "_Group"):
+    PROJECTION = "lora_linear"  # the call kind of :meth:`projection`
+
+    def __init__(self, target: str, group: "_Group", keep_norm_input: bool = False):
         self.target, self.group = target, group
         # read once: the first forward and the recompute must take the same path (the checkpoint pairs their saves)
         self.attention = OFFLOAD_ATTENTION
+        self.keep_norm_input = keep_norm_input
         self._outputs: dict[int, tuple[_HostCopy, weakref.ref]] = {}
         self._decisions: dict[tuple[str, int], bool] = {}
         self._norm_outputs: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
+        # first forward: the attention module's last LoRA linear call, and whether the MLP input was derived
+        self._output_projection: int | None = None
+        self._last_projection: tuple[int, weakref.ref] | None = None
+        self._mlp_input_derived = False
 
     def __call__(self, x: torch.Tensor) -> Any:
         for i, (out, recompute_norm) in enumerate(self._norm_outputs):
             if _same_memory(x, out):
                 del self._norm_outputs[i]
                 STATS.mlp_inputs += 1
+                if not recompute.recomputing():
+                    self._mlp_input_derived = True
                 return _Derived(recompute_norm, x.shape)
         if _offload_target(x) != self.target:
             return _KeptOnDevice(x)
@@ -479,16 +520,49 @@ class _LayerStash:
         this layer's kept attention output (``share``: only when ``x`` is that output's memory, e.g. the output
         projection's input); ``None``: save as usual. The recompute replays the first forward's answer by call
         order, returning :data:`RECOMPUTED` (save nothing: that node's backward never runs) where it kept."""
-        if not self.attention:
-            return None
-        index = recompute.next_call_index(kind)
+        return self._after_attention(kind, recompute.next_call_index(kind), x, share)
+
+    def _after_attention(self, kind: str, index: int, x: torch.Tensor, share: bool) -> Any:
         if recompute.recomputing():
             return RECOMPUTED if self._decisions.get((kind, index)) else None
         handle = None
-        if recompute.calls_in_run("attention") and self._outputs:
+        if self.attention and recompute.calls_in_run("attention") and self._outputs:
             handle = self._share(x) if share else self.host_copy(x, kind="after_attention")
+        elif self.keep_norm_input and kind == "rms_norm" and recompute.calls_in_run(_ATTENTION_MODULE):
+            handle = self.host_copy(x, kind="after_attention")
         self._decisions[(kind, index)] = handle is not None
         return handle
+
+    def projection(self, x: torch.Tensor) -> "_ProjectionCall":
+        """A LoRA linear of this layer starts, with input ``x``: its handle as :meth:`after_attention` gives it,
+        and whether this call -- in the recompute -- may leave its output uncomputed (see the class docstring).
+        It reports its output to :meth:`projected`."""
+        index = recompute.next_call_index(self.PROJECTION)
+        handle = self._after_attention(self.PROJECTION, index, x, share=True)
+        unused = (recompute.recomputing() and self.keep_norm_input and self._mlp_input_derived
+                  and self._output_projection == index)
+        return _ProjectionCall(index, handle, unused)
+
+    def projected(self, call: "_ProjectionCall", y: torch.Tensor) -> None:
+        """``call`` computed ``y`` (first forward)."""
+        if not recompute.recomputing():
+            self._last_projection = (call.index, weakref.ref(y))
+
+    def attention_module_done(self, projections_before: int, output: Any) -> None:
+        """The attention module returned ``output``; it started when :meth:`projection` had been called
+        ``projections_before`` times in this run. In the first forward its output projection is the last LoRA
+        linear it called, if that one computed the module's output tensor (a view of the same memory)."""
+        recompute.next_call_index(_ATTENTION_MODULE)
+        if recompute.recomputing():
+            return
+        self._output_projection = None
+        n = recompute.calls_in_run(self.PROJECTION)
+        last = self._last_projection
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        if n > projections_before and last is not None and last[0] == n - 1 and isinstance(out, torch.Tensor):
+            y = last[1]()
+            if y is not None and _same_memory(out, y):
+                self._output_projection = n - 1
 
     def norm_output(self, out: torch.Tensor, recompute_norm: Callable[[], torch.Tensor]) -> None:
         """``out`` (a norm's output whose input is kept here) can be recomputed by ``recompute_norm()``."""
@@ -516,7 +590,17 @@ class _LayerStash:
         return kept[0] if kept is not None else None
 
 
+@dataclasses.dataclass
+class _ProjectionCall:
+    """One LoRA linear call of a layer run (:meth:`_LayerStash.projection`)."""
+
+    index: int
+    handle: Any  # None: save as usual; RECOMPUTED: save nothing; else a handle whose restore() gives the input
+    output_unused: bool  # the recompute may leave the output uncomputed
+
+
 RECOMPUTED = object()  # _LayerStash.after_attention in the recompute: save nothing
+_ATTENTION_MODULE = "attention_module"  # the call kind counting the attention module's returns in a layer run
 
 
 def _same_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -547,10 +631,10 @@ class _Derived:
         return self.recompute_norm().reshape(self.shape)
 
 
-def _layer_stash(hidden: torch.Tensor, group: "_Group | None") -> _LayerStash | None:
+def _layer_stash(hidden: torch.Tensor, group: "_Group | None", keep_norm_input: bool = False) -> _LayerStash | None:
     """The stash of an offloading layer whose input goes to host memory (``None`` when it stays on the device)."""
     target = _offload_target(hidden)
-    return _LayerStash(target, group) if target is not None and group is not None else None
+    return _LayerStash(target, group, keep_norm_input) if target is not None and group is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ _STATE = threading.local()
 @dataclasses.dataclass
 class RecomputeStats:
     mlp_outputs_skipped: int = 0  # MLP down projections not computed in a recompute (tests read it)
+    projection_outputs_skipped: int = 0  # attention output projections not computed in a recompute (the same)
 
 
 STATS = RecomputeStats()

@@ -421,3 +421,78 @@ def test_offload_moves_inputs_to_pinned_memory_on_gpu(device, monkeypatch):
         for k in grads:
             assert_close(f"grad {k}", grads[k], ref_grads[k], torch.float32, scale=8)
         assert ck.checkpointing_stats().offloaded == (n if mode == "offload" else 0)
+
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_on(model, targets):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=targets))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _skipped_projections(ref, device, early_stop=True, **optimize):
+    """``(skipped, mlp inputs kept, offloaded)`` of one "offload" step of ``ref``, whose loss and gradients are
+    asserted equal (bitwise on the CPU) to the "on" path's."""
+    from sloth_core import recompute
+
+    ids, labels = _batch(device)
+    on = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on", **optimize)
+    loss_on, grads_on = _step(on, ids, labels)
+    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload", **optimize)
+    before = recompute.STATS.projection_outputs_skipped
+    ck.reset_checkpointing_stats()
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):  # read by the forward's checkpoint
+        loss, grads = _step(model, ids, labels)
+    stats = ck.checkpointing_stats()
+    _assert_same("loss", loss, loss_on)
+    assert grads.keys() == grads_on.keys()
+    for name in grads_on:
+        _assert_same(f"grad {name}", grads[name], grads_on[name])
+    return recompute.STATS.projection_outputs_skipped - before, stats.mlp_inputs, stats.offloaded
+
+
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early_stop", "full_recompute"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3", "gemma", "gemma2"])
+def test_offloading_layers_skip_the_attention_output_projection_in_the_recompute(model_type, early_stop, device):
+    """With "offload", in layers declared to feed the attention output into the residual add before the MLP's norm
+    (every declared layout but Gemma2/3, whose MLP output is saved anyway) and running the fused LoRA MLP: the norm
+    keeps its input in host memory instead of the MLP input (one copy a layer, as before), the MLP input is that
+    norm recomputed, and the recompute leaves the attention's output projection uncomputed -- it ends once that
+    projection saved its input. Without the checkpoint's early stop the recompute runs on past the skipped
+    projection and saves nothing. Loss and gradients are bitwise the "on" path's."""
+    ref = _lora_on(tiny_model(model_type, device=device), ALL_TARGETS)
+    skipped, mlp_inputs, offloaded = _skipped_projections(ref, device, early_stop)
+    layers = ref.config.num_hidden_layers
+    declared = model_type != "gemma2"
+    assert skipped == (layers if declared else 0)
+    # the MLP input derived from the norm's copy: one more host copy a layer (gemma2: the MLP saves its input
+    # through the checkpoint, only the layer input goes)
+    assert mlp_inputs == (layers if declared else 0)
+    assert offloaded == (2 if declared else 1) * layers
+
+
+@pytest.mark.parametrize("case", ["o_proj_not_adapted", "norm_not_fused", "mlp_not_fused"])
+def test_the_output_projection_is_computed_where_its_output_may_be_read(case, device):
+    """The recompute skips a projection only when it is the attention module's own output (not the last LoRA
+    linear of a module whose o_proj has no adapter: v_proj here, whose output the attention reads) and the MLP's
+    input is the norm that kept its input (not an unfused norm or MLP, which save their inputs through the
+    checkpoint). Gradients stay bitwise the "on" path's."""
+    targets = {"o_proj_not_adapted": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+               "norm_not_fused": ALL_TARGETS, "mlp_not_fused": ["q_proj", "k_proj", "v_proj", "o_proj"]}[case]
+    exclude = {"o_proj_not_adapted": ("lora_qkv",), "norm_not_fused": ("rms_norm",), "mlp_not_fused": ()}[case]
+    ref = _lora_on(tiny_model("llama", device=device), targets)
+    skipped, _, offloaded = _skipped_projections(ref, device, exclude=exclude)
+    layers = ref.config.num_hidden_layers
+    assert skipped == 0
+    # the norm keeps its input only before a fused LoRA MLP; an unfused norm has no host copy to give
+    assert offloaded == {"o_proj_not_adapted": 2 * layers, "norm_not_fused": 2 * layers,
+                         "mlp_not_fused": layers}[case]

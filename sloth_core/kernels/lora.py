@@ -367,12 +367,21 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, base_layer, scale):
-        y, xa = _project(x, LoRASpec(base_layer, A, B, scale))
-        ctx.base_layer, ctx.scale = base_layer, scale
         stash = recompute.layer_stash()
-        # the output projection of a kept attention output: x comes back from that host copy, nothing is saved
-        # through the checkpoint (recompute.py, checkpointing._LayerStash.after_attention)
-        ctx.stashed = stash.after_attention("lora_linear", x, share=True) if stash is not None else None
+        # In an offloading layer (checkpointing._LayerStash.projection): the output projection of a kept attention
+        # output takes x back from that host copy and saves nothing through the checkpoint; in the recompute, the
+        # output projection whose output no saved tensor depends on computes only what it saves (xa).
+        call = stash.projection(x) if stash is not None else None
+        if call is not None and call.output_unused:
+            recompute.STATS.projection_outputs_skipped += 1
+            xa = torch.mm(x, A.to(x.dtype).t())
+            y = _unused_output(x, _layer_dims(base_layer)[0])
+        else:
+            y, xa = _project(x, LoRASpec(base_layer, A, B, scale))
+            if call is not None:
+                stash.projected(call, y)
+        ctx.base_layer, ctx.scale = base_layer, scale
+        ctx.stashed = call.handle if call is not None else None
         if ctx.stashed is None:
             ctx.save_for_backward(x, xa, A, B)
         else:

@@ -365,8 +365,9 @@ class _RMSNormFunction(torch.autograd.Function):
         out, x_read, rstd = _forward(x, weight, eps, offset, gemma)
         ctx.offset, ctx.gemma = offset, gemma
         stash = recompute.layer_stash()
-        # the norm after a kept attention output (before the MLP): its input goes to the layer's host stash and
-        # nothing is saved through the checkpoint; the MLP input is this norm recomputed from that copy
+        # the norm after the attention (before the MLP) of an offloading layer that keeps it there
+        # (checkpointing._LayerStash): its input goes to the layer's host stash and nothing is saved through the
+        # checkpoint; the MLP input is this norm recomputed from that copy
         ctx.stashed = stash.after_attention("rms_norm", x_read) if stash is not None else None
         if ctx.stashed is None:
             ctx.save_for_backward(x_read, weight, rstd)

@@ -27,10 +27,21 @@ class LayerFacts:
     ``mlp_output_into_residual``: the layer ends with ``hidden = residual + mlp(norm(hidden))``, so nothing the
     layer saves for its backward depends on the MLP's output -- unless the layer has a norm on that output, named
     by ``post_mlp_norm_attr`` (Gemma2/3's ``post_feedforward_layernorm`` saves its input). Then the recompute of a
-    checkpointed layer may skip computing the MLP output (:mod:`sloth_core.recompute`)."""
+    checkpointed layer may skip computing the MLP output (:mod:`sloth_core.recompute`).
+
+    ``attention_output_into_residual``: see :meth:`attention_output_unused`."""
 
     mlp_output_into_residual: bool = False
     post_mlp_norm_attr: str | None = None
+    attention_output_into_residual: bool = False
+
+    def attention_output_unused(self, layer: Any) -> bool:
+        """Whether the recompute of this decoder layer instance may skip its attention output projection once the
+        norm before the MLP keeps its input in host memory: declared by ``attention_output_into_residual`` (the
+        layer starts with ``hidden = residual + self_attn(norm(hidden))``, the output projection is the attention
+        module's last computation and the norm before the MLP reads that sum -- nothing in between saves a tensor
+        for the backward), in layers whose MLP output is unused too (:mod:`sloth_core.checkpointing`)."""
+        return self.attention_output_into_residual and self.mlp_output_unused(layer)
 
     def mlp_output_unused(self, layer: Any) -> bool:
         """Whether the recompute of this decoder layer instance may skip its MLP's output."""
@@ -90,7 +101,8 @@ def generic_architecture(**_: Any) -> Architecture:
 def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
             head: HeadFacts | None = None, post_mlp_norm_attr: str | None = None, notes: str = "") -> Architecture:
     """Register the usual decoder-only layout: RMSNorm (``norm``: ``"llama"`` or ``"gemma"`` casting, the latter
-    with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``) whose output goes
+    with the ``(1 + w)`` offset), an attention whose output projection feeds the residual add before the MLP's
+    norm, a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``) whose output goes
     into the residual add that ends the layer (or first through the norm ``post_mlp_norm_attr`` where a layer has
     one), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs, and
     the q/k/v LoRA projections of an attention call together) as fused functions, and the
@@ -107,6 +119,7 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
                   GATED_MLP.using(activation=activation), LORA_LINEAR.using(), ROPE.using(), LORA_QKV.using(),
                   CAUSAL_LM_LOSS.using(softcap_attr=head.softcap_attr, logit_scale_attr=head.logit_scale_attr)),
         head=head,
-        layer=LayerFacts(mlp_output_into_residual=True, post_mlp_norm_attr=post_mlp_norm_attr),
+        layer=LayerFacts(mlp_output_into_residual=True, post_mlp_norm_attr=post_mlp_norm_attr,
+                         attention_output_into_residual=True),
         notes=notes,
     ))
