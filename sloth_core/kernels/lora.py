@@ -293,9 +293,10 @@ def _base_bias(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _base_plus_lora(x: torch.Tensor, xa: torch.Tensor, layer: nn.Module, B: torch.Tensor, scale: float,
-                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+                    rows: tuple[int, int] | None = None, keep_weight: bool = False):
     """``x W^T + b + s * xa B^T`` given ``xa = x A^T``, in ``x``'s dtype; with ``rows = (c0, c1)`` only the output
-    features ``c0:c1`` (rows of ``W``, ``b``, ``B``).
+    features ``c0:c1`` (rows of ``W``, ``b``, ``B``). ``keep_weight``: returns ``(y, W)``, the (dequantized) ``W``
+    in ``x``'s dtype for a later use.
 
     The small LoRA term is written first (``s * xa B^T``, rounded once) and the base GEMM adds into it (``beta =
     1``: cuBLAS reads it in the epilogue of a compute-bound GEMM). Adding the LoRA term afterwards would read and
@@ -309,8 +310,16 @@ def _base_plus_lora(x: torch.Tensor, xa: torch.Tensor, layer: nn.Module, B: torc
         y += bias
     w = base_weight(layer, rows).to(x.dtype)
     y.addmm_(x, w.t())
-    del w  # a dequantized weight is used once, never kept
+    if keep_weight:
+        return y, w
+    del w  # a dequantized weight is used once unless the caller keeps it
     return y
+
+
+def _shared_input_xa(x: torch.Tensor, As) -> list[torch.Tensor]:
+    """``[x A_1^T, x A_2^T, ...]`` from one GEMM ``x [A_1; A_2; ...]^T`` (``x`` read once); column views of it."""
+    xa = torch.mm(x, torch.cat(As).to(x.dtype).t())
+    return [xa[:, cols] for cols in _rank_slices(As)]
 
 
 def _project(x: torch.Tensor, spec: LoRASpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,9 +330,10 @@ def _project(x: torch.Tensor, spec: LoRASpec) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _base_input_grad(dy: torch.Tensor, layer: nn.Module, accumulate: torch.Tensor | None = None,
-                     rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """``dy W`` (``W``'s rows ``c0:c1`` with ``rows = (c0, c1)``), added to ``accumulate`` in place when given."""
-    w = base_weight(layer, rows).to(dy.dtype)
+                     rows: tuple[int, int] | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``dy W`` (``W``'s rows ``c0:c1`` with ``rows = (c0, c1)``), added to ``accumulate`` in place when given;
+    ``weight``: that ``W`` (rows) in ``dy``'s dtype, already at hand."""
+    w = base_weight(layer, rows).to(dy.dtype) if weight is None else weight
     dx = torch.mm(dy, w) if accumulate is None else accumulate.addmm_(dy, w)
     del w
     return dx
@@ -423,8 +433,9 @@ class _LoRAMLPFunction(torch.autograd.Function):
                 recompute.STATS.mlp_outputs_skipped += 1
                 return _unused_output(x, _layer_dims(layers[2])[0])
         gate, up, down = _specs(layers, (A_g, A_u, A_d), (B_g, B_u, B_d), scales)
-        g, xa_g = _project(x, gate)
-        u, xa_u = _project(x, up)
+        xa_g, xa_u = _shared_input_xa(x, (gate.A, up.A))
+        g = _base_plus_lora(x, xa_g, gate.base_layer, gate.B, gate.scale)
+        u = _base_plus_lora(x, xa_u, up.base_layer, up.B, up.scale)
         if ctx.chunked:  # g, u are not saved: m over g, u freed before the down projection
             m = _ga._forward(g, u, activation, out=g)
             del g, u
@@ -480,11 +491,12 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
     """The MLP's gradients ``(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)`` from ``x`` alone, the intermediate
     dimension in column chunks ``c`` (:func:`chunk_bounds`); ``None`` where ``need`` says no. Per chunk::
 
-        g_c  = x W_g[c]^T + s_g xa_g B_g[c]^T,   u_c likewise       (recomputed; W rows dequantized per use)
+        g_c  = x W_g[c]^T + s_g xa_g B_g[c]^T,   u_c likewise       (recomputed; W rows dequantized per use,
+                                                                  W_u[c]'s kept for dx)
         dm_c = dh W_d[:, c] + s_d dyB_d A_d[:, c]
         dg_c, du_c, m_c = one kernel over (dm_c, g_c, u_c), written over (g_c, u_c, dm_c)
         dA_d[:, c] = s_d dyB_d^T m_c;   ma += m_c A_d[:, c]^T;   dB_g[c] = s_g dg_c^T xa_g (u likewise)
-        dyB_g += dg_c B_g[c] (u likewise);   dx += dg_c W_g[c] + du_c W_u[c]
+        dyB_g += dg_c B_g[c] (u likewise);   dx += du_c W_u[c] + dg_c W_g[c]
 
     and at the end ``dB_d = s_d dh^T ma``, ``dA_g = s_g dyB_g^T x``, ``dx += s_g dyB_g A_g + s_u dyB_u A_u``
     (u likewise). ``ma`` and ``dyB`` ([T, r]) are summed over the chunks in fp32 and rounded once, as the
@@ -494,7 +506,7 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
     need_dx, need_Ag, need_Bg, need_Au, need_Bu, need_Ad, need_Bd = need
     dtype, tokens = dh.dtype, x.shape[0]
     A_g, B_g, A_u, B_u, A_d, B_d = (t.to(dtype) for t in (gate.A, gate.B, up.A, up.B, down.A, down.B))
-    xa_g, xa_u = torch.mm(x, A_g.t()), torch.mm(x, A_u.t())
+    xa_g, xa_u = _shared_input_xa(x, (A_g, A_u))
     dyB_d = torch.mm(dh, B_d)
 
     def fp32_sum(wanted: bool, rank: int):
@@ -510,7 +522,7 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
     for c0, c1 in chunk_bounds(A_d.shape[1]):
         dm = _scaled_mm(dyB_d, A_d[:, c0:c1], down.scale, dtype).addmm_(dh, w_d[:, c0:c1])
         g = _base_plus_lora(x, xa_g, gate.base_layer, B_g, gate.scale, (c0, c1))
-        u = _base_plus_lora(x, xa_u, up.base_layer, B_u, up.scale, (c0, c1))
+        u, w_u = _base_plus_lora(x, xa_u, up.base_layer, B_u, up.scale, (c0, c1), keep_weight=True)
         dg, du = _ga._backward(dm, g, u, activation, out=(g, u), h_out=dm)
         m = dm
         if need_Ad:
@@ -526,10 +538,11 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
             dyB_g += _mm_to(dg, B_g[c0:c1], torch.float32)
         if dyB_u is not None:
             dyB_u += _mm_to(du, B_u[c0:c1], torch.float32)
-        if need_dx:
+        if need_dx:  # u's weight rows first, while at hand (dropped before W_g's rows are dequantized again)
+            dx = _base_input_grad(du, up.base_layer, dx, (c0, c1), weight=w_u)
+            w_u = None
             dx = _base_input_grad(dg, gate.base_layer, dx, (c0, c1))
-            dx = _base_input_grad(du, up.base_layer, dx, (c0, c1))
-        del dg, du, g, u
+        del dg, du, g, u, w_u
     del w_d
     dB_d = _scaled_mm(dh.t(), ma.to(dtype), down.scale, down.B.dtype) if need_Bd else None
     dA_g = _scaled_mm(dyB_g.to(dtype).t(), x, gate.scale, gate.A.dtype) if need_Ag else None
