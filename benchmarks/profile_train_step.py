@@ -163,9 +163,16 @@ def stream_gaps(prof, wall_ms: float, min_gap_us: float = 5.0, top: int = 12) ->
         print(f"  stream {stream}: {len(evs)} ops, span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle "
               f"{idle / 1e3:.1f} ms in {len(gaps)} gaps > {min_gap_us:g} us")
         gaps.sort(key=lambda g: -g[0])
-        if len(out) == 0:  # the compute stream (the busiest): its largest gaps
+        if len(out) == 0:  # the compute stream (the busiest): its largest gaps, and the gaps by what ends them
             for g, before, after in gaps[:top]:
                 print(f"      {g / 1e3:7.2f} ms  after {before[:60]}  before {after[:60]}")
+            ended = collections.defaultdict(lambda: [0, 0.0])
+            for g, _, after in gaps:
+                ended[after[:60]][0] += 1
+                ended[after[:60]][1] += g
+            print("    by the operation after the gap: count, idle ms")
+            for name, (n, g) in sorted(ended.items(), key=lambda kv: -kv[1][1])[:top]:
+                print(f"      {n:5d} {g / 1e3:7.2f} ms  {name}")
         out[str(stream)] = {"ops": len(evs), "span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": idle / 1e3,
                             "gaps": len(gaps), "largest": [(g / 1e3, b[:120], a[:120]) for g, b, a in gaps[:top]]}
     return out

@@ -38,15 +38,17 @@ layer_stash`), gradients enabled and wanted by ``q``, ``k`` or ``v``, ``dropout_
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from . import recompute
 
-_SDPA = F.scaled_dot_product_attention  # the function the mode routes (calls go through F: tests can count them)
+# torch's own function (calls here go through F, where tests count them; torch's even after a reload of this module)
+_SDPA = getattr(F.scaled_dot_product_attention, "torch_function", F.scaled_dot_product_attention)
+_ROUTING = threading.local()  # .stash: the stash whose attention module runs now on this thread (see _routed_sdpa)
 MIN_BYTES = 1 << 20  # saved tensors below this stay on the device (seeds, offsets, small statistics)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -206,28 +208,52 @@ def _offloadable(bound: dict, stash: Any) -> bool:
     return q.device == k.device == v.device and stash.target == ("pinned" if q.is_cuda else "host")
 
 
-class _AttentionOffload(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` calls to :class:`_OffloadedAttention` where it applies."""
+def _routed_sdpa(*args, **kwargs):
+    """``torch.nn.functional.scaled_dot_product_attention`` once the routing is installed (:func:`attention_offload`
+    installs it at its first use and leaves it): inside an offloading layer's attention module on this thread, a
+    call that :func:`_offloadable` accepts runs as :class:`_OffloadedAttention`; every other call goes straight to
+    torch's function. (A ``TorchFunctionMode`` around the attention module did the same, but it intercepts every
+    torch call there -- about 500 a layer, tensor attribute reads included -- which made the host, not the GPU,
+    the bound of the step on the H200.)"""
+    stash = getattr(_ROUTING, "stash", None)
+    if stash is not None:
+        bound = _sdpa_arguments(args, kwargs)
+        if bound is not None and _offloadable(bound, stash):
+            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+            slot = recompute.next_call_index("attention")
+            _ROUTING.stash = None  # the attention the function runs inside goes to torch as is
+            try:
+                return _OffloadedAttention.apply(q, k, v, bound, stash, slot)
+            finally:
+                _ROUTING.stash = stash
+    return _SDPA(*args, **kwargs)
 
-    def __init__(self, stash: Any):
-        super().__init__()
-        self.stash = stash
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA:
-            bound = _sdpa_arguments(args, kwargs)
-            if bound is not None and _offloadable(bound, self.stash):
-                q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
-                slot = recompute.next_call_index("attention")
-                return _OffloadedAttention.apply(q, k, v, bound, self.stash, slot)
-        return func(*args, **kwargs)
+_routed_sdpa.torch_function = _SDPA
+
+
+def _install_routing() -> None:
+    functional = torch.nn.functional
+    if functional.scaled_dot_product_attention is not _routed_sdpa:
+        functional.scaled_dot_product_attention = _routed_sdpa
+
+
+@contextlib.contextmanager
+def _routing(stash: Any):
+    _install_routing()
+    previous = getattr(_ROUTING, "stash", None)
+    _ROUTING.stash = stash
+    try:
+        yield
+    finally:
+        _ROUTING.stash = previous
 
 
 def attention_offload():
     """A context in which the attention calls of the offloading layer running now keep their tensors in its host
-    stash (a no-op outside such a layer)."""
+    stash (a no-op outside such a layer): calls of ``torch.nn.functional.scaled_dot_product_attention`` made
+    through the module attribute (as transformers' ``sdpa`` attention does) are routed (:func:`_routed_sdpa`)."""
     stash = recompute.layer_stash()
     if stash is None or not stash.attention:  # the layer's OFFLOAD_ATTENTION, read when the layer started
         return contextlib.nullcontext()
-    return _AttentionOffload(stash)
+    return _routing(stash)

@@ -290,3 +290,21 @@ def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its
     for n, p in model.named_parameters():
         if p.requires_grad:
             _assert_same(p.grad, grads_on[n], n, device)
+
+
+def test_the_routing_sends_every_other_call_to_torch(device, offload_on_cpu):
+    """Once an offloading layer installed the routing, ``F.scaled_dot_product_attention`` is the routing function:
+    outside an offloading layer's attention module (and inside it, for calls it does not take) it is torch's own
+    function, same values, same gradients."""
+    model = sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")
+    ids, labels = token_batch(device)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert F.scaled_dot_product_attention is ao._routed_sdpa and ao._routed_sdpa.torch_function is ao._SDPA
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=gen).to(device).requires_grad_() for _ in range(3))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.grad_fn is not None and "Offloaded" not in type(out.grad_fn).__name__
+    ref = ao._SDPA(q, k, v, is_causal=True)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)),
+                                                 torch.autograd.grad(ref.sum(), (q, k, v))))
