@@ -1,6 +1,5 @@
-"""Attention tensors kept in host memory instead of recomputed, in offloading checkpointed layers. EXPERIMENTAL,
-off unless ``sloth_core.checkpointing.OFFLOAD_ATTENTION`` is set: exact (tests), but on the H200 its step times
-were erratic (benchmarks/results/attention_offload_diag_h200_20261129.txt).
+"""Attention tensors kept in host memory instead of recomputed, in offloading checkpointed layers (on unless
+``sloth_core.checkpointing.OFFLOAD_ATTENTION`` is set to False). Exact (tests).
 
 A checkpointed decoder layer reruns its forward in the backward to regenerate what autograd saved. The attention
 node (``F.scaled_dot_product_attention``, whatever backend PyTorch picks) saves ``q``, ``k``, ``v``, its output
@@ -29,6 +28,12 @@ memory) the attention call runs as :class:`_OffloadedAttention`:
 The kernels called and the tensors they see are the recomputing path's (the attention forward is deterministic),
 so losses and gradients are bit-identical; the attention forward runs once a step instead of twice. The host
 traffic grows by ``o`` and ``lse`` (64 MiB + 1 MiB a layer for Llama-3-8B at 4 x 2048 tokens).
+
+Routing: the first offloading layer call replaces ``torch.nn.functional.scaled_dot_product_attention`` (the module
+attribute, through which transformers' ``sdpa`` attention calls it) by :func:`_routed_sdpa`, for the whole process:
+it hands every call straight to torch's function unless this thread runs an offloading layer's attention module,
+at the cost of one Python call. Code that took torch's function before (``from torch.nn.functional import
+scaled_dot_product_attention``) is not routed: its attention is recomputed as usual.
 
 Used only where every condition holds: inside an offloading layer's stash scope (:func:`sloth_core.recompute.
 layer_stash`), gradients enabled and wanted by ``q``, ``k`` or ``v``, ``dropout_p == 0``, tensors the stash takes

@@ -17,9 +17,9 @@ What is measured, per (model preset, setup) -- one model, built once:
   - ``sloth_core``: HF checkpointing off, ``sloth_core.optimize(model, gradient_checkpointing="offload")``
     (its own decoder-layer checkpointing, layer inputs kept in pinned host memory); ``sloth_core.restore``
     afterwards. ``sloth_checkpointing="on"`` keeps the inputs on the GPU; ``"hf"`` keeps HF's checkpointing
-    (as ``hf_peft``) and calls ``optimize`` without the option; ``"offload-attention"`` is ``"offload"`` with
-    the experimental ``sloth_core.checkpointing.OFFLOAD_ATTENTION`` on for the provider's steps (attention outputs
-    kept in host memory instead of recomputed).
+    (as ``hf_peft``) and calls ``optimize`` without the option; ``"offload-attention"`` /
+    ``"offload-recompute-attention"`` are ``"offload"`` with ``sloth_core.checkpointing.OFFLOAD_ATTENTION`` (on by
+    default: attention outputs kept in host memory instead of recomputed) set on / off for the provider's steps.
   - ``liger`` (when ``liger_kernel`` is importable): HF checkpointing as ``hf_peft``, plus Liger-Kernel's
     ``_apply_liger_kernel_to_instance`` on the transformers model (RMSNorm, RoPE, SwiGLU/GeGLU, fused linear
     cross-entropy; its defaults). Liger patches the model instance and the ``modeling_<type>`` module; the module
@@ -68,7 +68,8 @@ WARMUP = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = {"none": "lora_bf16", "nf4": "qlora_nf4"}  # --quant value -> setup name in the rows
 PROVIDERS = ("hf_peft", "sloth_core", "liger")  # the order they run in
-SLOTH_CHECKPOINTING = ("offload", "on", "hf", "offload-attention")
+SLOTH_CHECKPOINTING = ("offload", "on", "hf", "offload-attention", "offload-recompute-attention")
+_ATTENTION_FLAG = {"offload-attention": True, "offload-recompute-attention": False}
 DEFAULT_OUT = "benchmarks/results"
 
 # transformers config kwargs of the real models (their config.json, minus token ids and dtype).
@@ -285,9 +286,9 @@ def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str, sloth_
     attention_flag = sloth_ckpt.OFFLOAD_ATTENTION
     if sloth_checkpointing == "hf":
         _hf_checkpointing(model, checkpointing)
-    elif sloth_checkpointing == "offload-attention":
+    elif sloth_checkpointing in _ATTENTION_FLAG:
         options["gradient_checkpointing"] = "offload"
-        sloth_ckpt.OFFLOAD_ATTENTION = True
+        sloth_ckpt.OFFLOAD_ATTENTION = _ATTENTION_FLAG[sloth_checkpointing]
     else:
         options["gradient_checkpointing"] = sloth_checkpointing
 

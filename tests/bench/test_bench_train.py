@@ -182,9 +182,11 @@ def test_excluded_patterns_reach_optimize_and_the_settings(monkeypatch):
     assert "error" not in results["rows"][0]
 
 
-def test_offload_attention_turns_the_flag_on_for_sloth_core_only(monkeypatch):
-    """``--sloth-checkpointing offload-attention``: optimize(gradient_checkpointing="offload") with
-    ``checkpointing.OFFLOAD_ATTENTION`` on while sloth_core runs, put back afterwards; the settings record it."""
+@pytest.mark.parametrize("option, flag", [("offload-attention", True), ("offload-recompute-attention", False)])
+def test_the_attention_options_set_the_flag_for_sloth_core_only(monkeypatch, option, flag):
+    """``--sloth-checkpointing offload-attention`` / ``offload-recompute-attention``: optimize(
+    gradient_checkpointing="offload") with ``checkpointing.OFFLOAD_ATTENTION`` on / off while sloth_core runs, put
+    back afterwards; the settings record it."""
     from sloth_core import checkpointing
 
     seen = []
@@ -195,15 +197,14 @@ def test_offload_attention_turns_the_flag_on_for_sloth_core_only(monkeypatch):
         return optimize(model, **options)
 
     monkeypatch.setattr(sloth_core, "optimize", recording_optimize)
-    monkeypatch.setattr(checkpointing, "OFFLOAD_ATTENTION", False)
+    monkeypatch.setattr(checkpointing, "OFFLOAD_ATTENTION", not flag)
     args = _parse(["--preset", "tiny-llama", "--quant", "none", "--batch", "1", "--seq", "8", "--steps", "1",
-                   "--provider", "hf_peft", "sloth_core", "--device", "cpu", "--sloth-checkpointing",
-                   "offload-attention"])
+                   "--provider", "hf_peft", "sloth_core", "--device", "cpu", "--sloth-checkpointing", option])
     results = train.run(args.preset, args.quant, batch=args.batch, seq=args.seq, steps=args.steps,
                         providers=args.provider, device=args.device, sloth_checkpointing=args.sloth_checkpointing)
-    assert seen == [({"gradient_checkpointing": "offload"}, True)]
-    assert checkpointing.OFFLOAD_ATTENTION is False
-    assert results["settings"]["sloth_checkpointing"] == "offload-attention"
+    assert seen == [({"gradient_checkpointing": "offload"}, flag)]
+    assert checkpointing.OFFLOAD_ATTENTION is (not flag)
+    assert results["settings"]["sloth_checkpointing"] == option
     rows = _rows(results)
     assert "error" not in rows["sloth_core"]
     assert rows["sloth_core"]["losses"] == pytest.approx(rows["hf_peft"]["losses"], rel=1e-4)

@@ -348,6 +348,73 @@ def test_dequantize_weight_quant_storage(device):
     assert_bitwise(dequantize_weight(layer), expected)
 
 
+def test_repeated_dequantizations_reuse_one_checked_plan(device, monkeypatch):
+    """A second call on the same weight, dtype and rows reuses the launch plan of the first (no checks, no
+    config), with bit-identical results; each of whole / row range / dtype has a plan of its own."""
+    layer = _linear4bit(64, 128, device)
+    state = layer.weight.quant_state
+    expected = F.dequantize_4bit(layer.weight.data, state)
+    expected32 = dequant.dequantize_4bit(layer.weight.data, state, dtype=torch.float32)  # the unplanned path
+    built = []
+    real = dequant._LaunchPlan.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(args[3])
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(dequant._LaunchPlan, "__init__", counting)
+    for _ in range(3):
+        assert_bitwise(dequantize_weight(layer), expected, "whole")
+        assert_bitwise(dequantize_weight(layer, rows=(32, 64)), expected[32:64], "rows")
+        assert_bitwise(dequantize_weight(layer, dtype=torch.float32), expected32, "float32")
+    assert built == [None, (32, 64), None]
+    assert len(dequant._plans_of(state)) == 3
+
+
+@pytest.mark.parametrize("change", ["absmax", "nested_absmax", "offset", "storage", "quant_state",
+                                    "nested_absmax_in_place", "storage_in_place"])
+def test_a_plan_is_rebuilt_when_the_weight_or_its_state_changes(change, device):
+    """A plan runs only on the tensors it was built from: a state whose absmax (or second-level absmax, or
+    offset) is another tensor, a weight with other storage, or a new QuantState get a new plan; tensors changed in
+    place are read as they are now -- the result of the new data, bit for bit as bitsandbytes'."""
+    layer, other = _linear4bit(64, 128, device, seed=1), _linear4bit(64, 128, device, seed=2)
+    dequantize_weight(layer)  # the plan of the original
+    dequantize_weight(layer, rows=(0, 32))
+    param, state = layer.weight, layer.weight.quant_state
+    if change == "absmax":
+        state.absmax = other.weight.quant_state.absmax.clone()
+    elif change == "nested_absmax":
+        state.state2.absmax = state.state2.absmax * 2
+    elif change == "offset":
+        state.offset = state.offset + 0.5
+    elif change == "storage":
+        param.data = other.weight.data.clone()
+    elif change == "nested_absmax_in_place":  # same tensor, new values: the plan reads its memory
+        state.state2.absmax.mul_(2)
+    elif change == "storage_in_place":
+        param.data.copy_(other.weight.data)
+    else:
+        param.quant_state = copy.deepcopy(other.weight.quant_state)
+        param.data = other.weight.data.clone()
+    expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert not torch.equal(expected, F.dequantize_4bit(other.weight.data, state)) or change != "absmax"
+    assert_bitwise(dequantize_weight(layer), expected, change)
+    assert_bitwise(dequantize_weight(layer, rows=(0, 32)), expected[:32], change)
+
+
+def test_an_override_gets_a_plan_of_its_own(device):
+    """Launch parameters forced by ``autotune.override`` (tests use them to reach the multi-program paths) are not
+    shadowed by a plan made before: the plans are keyed by the override in force."""
+    layer = _linear4bit(64, 128, device)
+    expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert_bitwise(dequantize_weight(layer), expected)
+    with override("dequantize_4bit", TILE_BYTES=32):
+        assert_bitwise(dequantize_weight(layer), expected, "override")
+        plans = dequant._plans_of(layer.weight.quant_state)
+        assert len(plans) == 2 and {p.grid for p in plans.values()} != {next(iter(plans.values())).grid}
+    assert_bitwise(dequantize_weight(layer), expected)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 
