@@ -432,8 +432,9 @@ class _LaunchPlan:
         self.reads_own_memory = all(t.data_ptr() in ptrs for t in self.operands[:5])
 
     def valid(self, data: torch.Tensor, state) -> bool:
+        # objects by identity: == on a tensor or a QuantState (whose __eq__ compares tensors) would synchronize
         return (data.data_ptr() == self.data_ptr and data.numel() == self.numel
-                and all(a is b if isinstance(b, torch.Tensor) or b is None else a == b
+                and all(a is b or (type(b) in _PLAIN and type(a) is type(b) and a == b)
                         for a, b in zip(_plan_attrs(state), self.attrs)))
 
     def run(self) -> torch.Tensor:
@@ -445,8 +446,11 @@ class _LaunchPlan:
         return out
 
 
+_PLAIN = (int, bool, str, tuple, torch.Size)  # plan attributes compared by value; everything else by identity
+
+
 def _plan_attrs(state) -> tuple:
-    """The ``QuantState`` attributes a plan depends on (tensors compared by identity, the rest by value)."""
+    """The ``QuantState`` attributes a plan depends on (compared by identity, plain values by value)."""
     s2 = state.state2 if state.nested else None
     return (state.absmax, state.shape, state.blocksize, state.quant_type, state.nested, state.offset,
             s2, getattr(s2, "absmax", None), getattr(s2, "code", None), getattr(s2, "blocksize", None))
