@@ -43,7 +43,7 @@ hooks around the checkpoint call that catch exactly the layer input:
   layer a stash (:func:`sloth_core.recompute.mlp_input_stash`) that puts the fused LoRA MLP's input into the same
   pool. That MLP then saves nothing through the checkpoint, so its backward (which recomputes gate/up itself) runs
   before the layer's recompute -- the recomputed attention tensors are not alive during it.
-* In those layers, with :data:`OFFLOAD_ATTENTION` on (the default), the attention's output and
+* In those layers, with :data:`OFFLOAD_ATTENTION` on (off by default), the attention's output and
   row statistics too (:mod:`sloth_core.attention_offload`, through a wrapper on the layer's ``self_attn``): the
   recompute takes the output back instead of running the attention, and ends there.
 * Prefetch: the host copies one layer call makes form a group (:class:`_Group`). In the backward, restoring any
@@ -92,13 +92,14 @@ _FALLBACK_CONTAINERS = ("layers", "h")
 ATTENTION_ATTR = "self_attn"  # the decoder layer's attention module (transformers' name in every decoder layer)
 MLP_ATTR = "mlp"  # ... and its MLP
 LORA_MLP_PATTERN = "lora_mlp"  # the registry pattern of the fused LoRA MLP (sloth_core.registry.patterns.lora)
-# On: offloading layers keep their attention output in host memory instead of recomputing it
-# (sloth_core.attention_offload; exact, tests). On the H200 its steps were 1.4% (LoRA) / 2.7% (QLoRA) shorter than
-# with the recomputed attention, same machine (benchmarks/results/train_llama-3-8b_20261129_s6d/s6e). Until its
-# attention calls were routed without a TorchFunctionMode (whose host cost made steps erratic: session 4's
-# attention_offload_diag_h200_20261129.txt) it was off. False: the attention is recomputed (and the recompute
-# skips the output projection: _LayerStash).
-OFFLOAD_ATTENTION = True
+# Off by default. On: offloading layers keep their attention output in host memory instead of recomputing it
+# (sloth_core.attention_offload; exact, tests). Since its attention calls are routed without a TorchFunctionMode
+# (whose host cost made steps erratic: attention_offload_diag_h200_20261129.txt) its steps on the H200 were 1.4%
+# (LoRA) / 2.7% (QLoRA) shorter than with the recomputed attention, same machine (train_llama-3-8b_20261129_s6d /
+# s6e); but in one run with it on by default, QLoRA steps after a Liger-Kernel LoRA run in the same process took
+# 1.07 s instead of 0.63 s (s6f), not understood yet. Off: the attention is recomputed (and the recompute skips
+# the output projection: _LayerStash).
+OFFLOAD_ATTENTION = False
 _CACHE_KWARGS = ("past_key_values", "layer_past")
 
 # Test hook: route CPU layer inputs through the offload path too (plain host buffers, synchronous copies).

@@ -47,11 +47,11 @@ def _sdpa_lora_model(model_type, device, **overrides):
 
 @pytest.fixture(autouse=True)
 def attention_offload_on(monkeypatch):
-    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", True)  # the default; other test files may turn it off
+    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", True)  # off by default
 
 
-def test_on_by_default():
-    assert _DEFAULT is True
+def test_off_by_default():
+    assert _DEFAULT is False
 
 
 @pytest.fixture

@@ -77,12 +77,6 @@ def config_for(kernel: str, **key: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-def override_token(kernel: str) -> Any:
-    """The override in force for ``kernel`` (:func:`override`), or ``None``: callers that keep launch parameters
-    (``sloth_core.kernels.dequant``'s launch plans) key them with it."""
-    return _OVERRIDES.get(kernel)
-
-
 def registered_kernels() -> list[str]:
     return sorted(_HEURISTICS)
 

@@ -18,7 +18,7 @@ What is measured, per (model preset, setup) -- one model, built once:
     (its own decoder-layer checkpointing, layer inputs kept in pinned host memory); ``sloth_core.restore``
     afterwards. ``sloth_checkpointing="on"`` keeps the inputs on the GPU; ``"hf"`` keeps HF's checkpointing
     (as ``hf_peft``) and calls ``optimize`` without the option; ``"offload-attention"`` /
-    ``"offload-recompute-attention"`` are ``"offload"`` with ``sloth_core.checkpointing.OFFLOAD_ATTENTION`` (on by
+    ``"offload-recompute-attention"`` are ``"offload"`` with ``sloth_core.checkpointing.OFFLOAD_ATTENTION`` (off by
     default: attention outputs kept in host memory instead of recomputed) set on / off for the provider's steps.
   - ``liger`` (when ``liger_kernel`` is importable): HF checkpointing as ``hf_peft``, plus Liger-Kernel's
     ``_apply_liger_kernel_to_instance`` on the transformers model (RMSNorm, RoPE, SwiGLU/GeGLU, fused linear

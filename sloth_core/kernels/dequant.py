@@ -40,13 +40,12 @@ through the attention backward, where a QLoRA step's memory peaks). Callers that
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from sloth_core.autotune import config_for, override_token, register_heuristic
+from sloth_core.autotune import config_for, register_heuristic
 from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -397,113 +396,6 @@ def _param_and_state(module_or_param):
     return param, state
 
 
-class _LaunchPlan:
-    """One checked dequantization of a weight (all of it, or a row range) into ``dtype``: the kernel's operands,
-    grid and launch parameters, computed once. :func:`dequantize_weight` is called for every use of every 4-bit
-    weight in a training step (about 700 times a Llama-3-8B QLoRA step); checking the inputs and building the
-    launch again each time cost about 40 us of host time a call on the H200 (``diag_launch_overhead.py``).
-
-    Valid while the weight's storage and its ``QuantState``'s tensors are the ones it was built from (every state
-    attribute it read is compared on each use, tensors by identity), and kept only when the kernel reads their
-    own memory (a plan holding a converted copy would miss an in-place change): it never runs on other data."""
-
-    def __init__(self, data: torch.Tensor, state, dtype: torch.dtype, rows: tuple[int, int] | None):
-        self.data_ptr, self.numel = data.data_ptr(), data.numel()
-        self.attrs = _plan_attrs(state)
-        rows_total, cols = (int(d) for d in state.shape) if len(state.shape) == 2 else (None, None)
-        start, stop = rows if rows is not None else (0, rows_total)
-        self.shape = tuple(state.shape) if rows is None else (stop - start, cols)
-        self.dtype, self.device = dtype, data.device
-        first_block = 0 if rows is None else start * cols // state.blocksize
-        # under the interpreter a bf16 result is made in float32 and rounded by torch (see _kernel_into)
-        self.kernel_dtype = torch.float32 if interpreting() and dtype == torch.bfloat16 else dtype
-        n = math.prod(self.shape)
-        self.grid, self.cfg = _launch_config(state, n, self.kernel_dtype, first_block)
-        absmax, absmax2, code2, offset, nested, bs2 = _scale_operands(state, data.device)
-        self.operands = (data.contiguous().reshape(-1), absmax, absmax2, code2, offset,
-                         code_table(state.quant_type, data.device))
-        self.scalars = (n, data.numel(), cdiv(n, state.blocksize), first_block)
-        self.constants = dict(NESTED=nested, BLOCKSIZE2=bs2, enable_fp_fusion=False, **self.cfg)
-        # the kernel reads the weight's and the state's own memory (no copy made here that an in-place change of
-        # theirs would leave stale): only then is the plan kept
-        own = [data] + [t for t in (state.absmax, state.offset, getattr(state.state2, "absmax", None),
-                                    getattr(state.state2, "code", None)) if isinstance(t, torch.Tensor)]
-        ptrs = {t.data_ptr() for t in own}
-        self.reads_own_memory = all(t.data_ptr() in ptrs for t in self.operands[:5])
-
-    def valid(self, data: torch.Tensor, state) -> bool:
-        # objects by identity: == on a tensor or a QuantState (whose __eq__ compares tensors) would synchronize
-        return (data.data_ptr() == self.data_ptr and data.numel() == self.numel
-                and all(a is b or (type(b) in _PLAIN and type(a) is type(b) and a == b)
-                        for a, b in zip(_plan_attrs(state), self.attrs)))
-
-    def run(self) -> torch.Tensor:
-        out = new_empty(self.shape, self.dtype, self.device)
-        target = out if self.kernel_dtype == self.dtype else new_empty(self.shape, self.kernel_dtype, self.device)
-        _dequant_4bit_kernel[self.grid](*self.operands, target, *self.scalars, **self.constants)
-        if target is not out:
-            out.copy_(target)
-        return out
-
-
-_PLAIN = (int, bool, str, tuple, torch.Size)  # plan attributes compared by value; everything else by identity
-
-
-def _plan_attrs(state) -> tuple:
-    """The ``QuantState`` attributes a plan depends on (compared by identity, plain values by value)."""
-    s2 = state.state2 if state.nested else None
-    return (state.absmax, state.shape, state.blocksize, state.quant_type, state.nested, state.offset,
-            s2, getattr(s2, "absmax", None), getattr(s2, "code", None), getattr(s2, "blocksize", None))
-
-
-# id(QuantState) -> (weak reference to it, its plans); the entry goes when the state does. (QuantState defines
-# __eq__ and so is not hashable: a WeakKeyDictionary cannot hold it.)
-_PLANS: dict[int, tuple[weakref.ref, dict[tuple, _LaunchPlan]]] = {}
-
-
-def _plans_of(state) -> dict[tuple, _LaunchPlan] | None:
-    """The launch plans of ``state`` (``None`` for a state that cannot be weakly referenced: no plans)."""
-    entry = _PLANS.get(id(state))
-    if entry is not None and entry[0]() is state:
-        return entry[1]
-    try:
-        ref = weakref.ref(state)
-    except TypeError:
-        return None
-    plans: dict[tuple, _LaunchPlan] = {}
-    _PLANS[id(state)] = (ref, plans)
-    weakref.finalize(state, _PLANS.pop, id(state), None)
-    return plans
-
-
-def _launch_plan(data: torch.Tensor, state, dtype: torch.dtype, rows: tuple[int, int] | None) -> _LaunchPlan | None:
-    """The plan of this dequantization (made after the full checks the first time), or ``None`` where the call
-    does not take the Triton kernel directly (reference fallbacks, row ranges that do not start a block)."""
-    key = (rows, dtype, interpreting(), override_token("dequantize_4bit"))
-    plans = _plans_of(state)
-    if plans is None:
-        return None
-    plan = plans.get(key)
-    if plan is not None and plan.valid(data, state):
-        return plan
-    _check_inputs(data, state)
-    if dtype not in OUT_DTYPES or not triton_ok(torch.empty(0, dtype=dtype, device=data.device)):
-        return None
-    if rows is not None:
-        if len(state.shape) != 2:
-            return None
-        rows_total, cols = (int(d) for d in state.shape)
-        start, stop = rows
-        if not 0 <= start < stop <= rows_total or (start * cols) % state.blocksize:
-            return None
-    elif math.prod(state.shape) == 0:
-        return None
-    plan = _LaunchPlan(data, state, dtype, rows)
-    if plan.reads_own_memory:
-        plans[key] = plan
-    return plan
-
-
 def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
                       rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The dequantized weight of a ``bitsandbytes.nn.Linear4bit`` (or of its ``Params4bit``), shape
@@ -511,16 +403,12 @@ def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
     of the 2-D weight (:func:`dequantize_4bit_rows`).
 
     A fresh tensor (from the caching allocator: dropping it right after use lets the next dequantization, or
-    anything else, reuse its memory). Repeated calls on one weight reuse a checked launch plan
-    (:class:`_LaunchPlan`)."""
+    anything else, reuse its memory)."""
     param, state = _param_and_state(module_or_param)
     data = param.data
     if data.dtype != torch.uint8 and data.dtype == getattr(param, "quant_storage", None):
         data = data.view(torch.uint8)  # bitsandbytes' quant_storage (e.g. bf16 for FSDP) holds the same bytes
     dtype = dtype or state.dtype  # the inputs are checked by dequantize_4bit / dequantize_4bit_rows
-    plan = _launch_plan(data, state, dtype, None if rows is None else (int(rows[0]), int(rows[1])))
-    if plan is not None:
-        return plan.run()
     if rows is None:
         return dequantize_4bit(data, state, dtype=dtype)
     return dequantize_4bit_rows(data, state, *rows, dtype=dtype)
