@@ -96,8 +96,8 @@ LORA_MLP_PATTERN = "lora_mlp"  # the registry pattern of the fused LoRA MLP (slo
 # (sloth_core.attention_offload; exact, tests). Since its attention calls are routed without a TorchFunctionMode
 # (whose host cost made steps erratic: attention_offload_diag_h200_20261129.txt) its steps on the H200 were 1.4%
 # (LoRA) / 2.7% (QLoRA) shorter than with the recomputed attention, same machine (train_llama-3-8b_20261129_s6d /
-# s6e); but in one run with it on by default, QLoRA steps after a Liger-Kernel LoRA run in the same process took
-# 1.07 s instead of 0.63 s (s6f), not understood yet. Off: the attention is recomputed (and the recompute skips
+# s6e). It stays off until a full benchmark run of it as the default (the one made, s6f, also had a dequantization
+# change that synchronized the device on every call). Off: the attention is recomputed (and the recompute skips
 # the output projection: _LayerStash).
 OFFLOAD_ATTENTION = False
 _CACHE_KWARGS = ("past_key_values", "layer_past")
