@@ -308,3 +308,14 @@ def test_the_routing_sends_every_other_call_to_torch(device, offload_on_cpu):
     assert torch.equal(out, ref)
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)),
                                                  torch.autograd.grad(ref.sum(), (q, k, v))))
+
+
+def test_with_the_flag_off_torch_is_left_alone(device, offload_on_cpu, monkeypatch):
+    """``OFFLOAD_ATTENTION`` off (the default): an offloading step does not install the routing --
+    ``F.scaled_dot_product_attention`` stays torch's own function."""
+    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", False)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", ao._SDPA)
+    model = sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")
+    ids, labels = token_batch(device)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert torch.nn.functional.scaled_dot_product_attention is ao._SDPA
