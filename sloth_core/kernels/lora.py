@@ -316,16 +316,21 @@ def _base_plus_lora(x: torch.Tensor, xa: torch.Tensor, layer: nn.Module, B: torc
     return y
 
 
+def _input_xa(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``x A^T`` [T, r] in ``x``'s dtype (the forward, a recompute and a backward that recomputes it agree)."""
+    return torch.mm(x, A.to(x.dtype).t())
+
+
 def _shared_input_xa(x: torch.Tensor, As) -> list[torch.Tensor]:
     """``[x A_1^T, x A_2^T, ...]`` from one GEMM ``x [A_1; A_2; ...]^T`` (``x`` read once); column views of it."""
-    xa = torch.mm(x, torch.cat(As).to(x.dtype).t())
+    xa = _input_xa(x, torch.cat(As))
     return [xa[:, cols] for cols in _rank_slices(As)]
 
 
 def _project(x: torch.Tensor, spec: LoRASpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of one LoRA linear on 2-D ``x`` in the compute dtype: ``(y, xa)``."""
     layer, A, B, scale = spec
-    xa = torch.mm(x, A.to(x.dtype).t())
+    xa = _input_xa(x, A)
     return _base_plus_lora(x, xa, layer, B, scale), xa
 
 
@@ -384,7 +389,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         call = stash.projection(x) if stash is not None else None
         if call is not None and call.output_unused:
             recompute.STATS.projection_outputs_skipped += 1
-            xa = torch.mm(x, A.to(x.dtype).t())
+            xa = _input_xa(x, A)
             y = _unused_output(x, _layer_dims(base_layer)[0])
         else:
             y, xa = _project(x, LoRASpec(base_layer, A, B, scale))
@@ -404,7 +409,7 @@ class _LoRALinearFunction(torch.autograd.Function):
             x, xa, A, B = ctx.saved_tensors
         else:
             (A, B), x = ctx.params, ctx.stashed.restore()
-            xa = torch.mm(x, A.to(x.dtype).t())  # as the forward computed it
+            xa = _input_xa(x, A)  # as the forward computed it
         with _no_autocast(dy.device.type):
             dx, dA, dB = _project_backward(dy, x, xa, LoRASpec(ctx.base_layer, A, B, ctx.scale),
                                            tuple(ctx.needs_input_grad[:3]))
@@ -558,9 +563,8 @@ class _LoRAQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A_q, B_q, A_k, B_k, A_v, B_v, layers, scales):
         As, Bs = (A_q, A_k, A_v), (B_q, B_k, B_v)
-        xa = torch.mm(x, torch.cat([A.to(x.dtype) for A in As]).t())  # [T, r_q + r_k + r_v]: x read once
-        xas = [xa[:, cols].contiguous() for cols in _rank_slices(As)]  # [T, r] each (cuBLAS-friendly, tiny)
-        del xa
+        # [T, r] each from one GEMM (x read once), made contiguous (cuBLAS-friendly, tiny)
+        xas = [xa.contiguous() for xa in _shared_input_xa(x, As)]
         outs = [_base_plus_lora(x, xa_j, layer, B, scale) for layer, B, scale, xa_j in zip(layers, Bs, scales, xas)]
         ctx.save_for_backward(x, *xas, *As, *Bs)
         ctx.layers, ctx.scales = layers, scales
