@@ -1,5 +1,5 @@
 """Attention tensors kept in host memory instead of recomputed, in offloading checkpointed layers, when
-``sloth_core.checkpointing.OFFLOAD_ATTENTION`` is set (off by default; see there). Exact (tests).
+``sloth_core.checkpointing.OFFLOAD_ATTENTION`` is set (the default; see there). Exact (tests).
 
 A checkpointed decoder layer reruns its forward in the backward to regenerate what autograd saved. The attention
 node (``F.scaled_dot_product_attention``, whatever backend PyTorch picks) saves ``q``, ``k``, ``v``, its output

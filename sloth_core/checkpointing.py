@@ -43,9 +43,11 @@ hooks around the checkpoint call that catch exactly the layer input:
   layer a stash (:func:`sloth_core.recompute.mlp_input_stash`) that puts the fused LoRA MLP's input into the same
   pool. That MLP then saves nothing through the checkpoint, so its backward (which recomputes gate/up itself) runs
   before the layer's recompute -- the recomputed attention tensors are not alive during it.
-* In those layers, with :data:`OFFLOAD_ATTENTION` on (off by default), the attention's output and
+* In those layers, with :data:`OFFLOAD_ATTENTION` on (the default), the attention's output and
   row statistics too (:mod:`sloth_core.attention_offload`, through a wrapper on the layer's ``self_attn``): the
   recompute takes the output back instead of running the attention, and ends there.
+* In those layers, with :data:`OFFLOAD_QKV` on (the default), the fused q/k/v projection's three outputs too: the
+  recompute takes them back instead of running the projections (:meth:`_LayerStash.kept_qkv`).
 * Prefetch: the host copies one layer call makes form a group (:class:`_Group`). In the backward, restoring any
   copy of a group starts copying back the rest of that group, and restoring a layer input (its recompute starts)
   starts copying back the previous layer's last copy (its MLP input, or its input) -- each copy overlaps the
@@ -92,14 +94,18 @@ _FALLBACK_CONTAINERS = ("layers", "h")
 ATTENTION_ATTR = "self_attn"  # the decoder layer's attention module (transformers' name in every decoder layer)
 MLP_ATTR = "mlp"  # ... and its MLP
 LORA_MLP_PATTERN = "lora_mlp"  # the registry pattern of the fused LoRA MLP (sloth_core.registry.patterns.lora)
-# Off by default. On: offloading layers keep their attention output in host memory instead of recomputing it
-# (sloth_core.attention_offload; exact, tests). Since its attention calls are routed without a TorchFunctionMode
-# (whose host cost made steps erratic: attention_offload_diag_h200_20261129.txt) its steps on the H200 were 1.4%
-# (LoRA) / 2.7% (QLoRA) shorter than with the recomputed attention, same machine (train_llama-3-8b_20261129_s6d /
-# s6e). It stays off until a full benchmark run of it as the default (the one made, s6f, also had a dequantization
-# change that synchronized the device on every call). Off: the attention is recomputed (and the recompute skips
-# the output projection: _LayerStash).
-OFFLOAD_ATTENTION = False
+# On by default. Offloading layers keep their attention output in host memory instead of recomputing it
+# (sloth_core.attention_offload; exact, tests). Off: the attention is recomputed (and the recompute skips the output
+# projection: _LayerStash). H200, same machine: steps 1.5% (QLoRA) / 0.9% (LoRA) shorter than with it off
+# (train_llama-3-8b_20261129_s7a / s7b); with OFFLOAD_QKV on in both, 0.9% / 1.5% (s7c against s7e).
+OFFLOAD_ATTENTION = True
+# On by default. In offloading layers the fused q/k/v LoRA projection (sloth_core.kernels.lora.lora_qkv) keeps its
+# three outputs in host memory, and the recompute takes them back instead of running the projections' GEMMs again
+# (its saved x and x A^T are recomputed as before). Exact: the recompute's input is bitwise the first forward's, so
+# the kept outputs are what it would compute. Costs q + k + v of host traffic a layer each way (96 MiB for
+# Llama-3-8B at 4 x 2048 tokens). H200, same machine: steps 2.3% (QLoRA) / 3.0% (LoRA) shorter with it (s7c against
+# s7d, attention offload on in both).
+OFFLOAD_QKV = True
 _CACHE_KWARGS = ("past_key_values", "layer_past")
 
 # Test hook: route CPU layer inputs through the offload path too (plain host buffers, synchronous copies).
@@ -118,6 +124,8 @@ class CheckpointingStats:
     attention_tensors: int = 0   # of those, tensors attention nodes saved (sloth_core.attention_offload)
     attention_reused: int = 0    # attention outputs a recompute took from host memory instead of recomputing
     attention_composite: int = 0  # attention calls that were no single node (math backend): recomputed as before
+    qkv_outputs: int = 0         # of the offloaded tensors, q/k/v projection outputs (OFFLOAD_QKV)
+    qkv_reused: int = 0          # q/k/v projection calls a recompute answered from host memory instead of computing
     offloaded_bytes: int = 0
     pinned: int = 0              # of those, into pinned memory
     kept_on_device: int = 0      # "offload" calls whose input stayed on its device
@@ -483,6 +491,8 @@ class _LayerStash:
       recompute can end at the attention (:data:`RECOMPUTED` in the recompute). Without a kept attention, in
       layers whose norm before the MLP keeps its input (``keep_norm_input``: declared by the architecture,
       fused LoRA MLP), that norm's input -- the norms that run after the attention module returned.
+    * :meth:`qkv_slot` / :meth:`keep_qkv` / :meth:`kept_qkv` (:data:`OFFLOAD_QKV`): the fused q/k/v projection's
+      outputs, which the recompute takes back instead of computing them;
     * :meth:`projection`: for a LoRA linear, the same, and whether the recompute may leave its output
       uncomputed: the attention module's last LoRA linear (its output projection), in a layer whose norm before
       the MLP kept its input and whose MLP input is that norm recomputed. Nothing saved then depends on the
@@ -493,13 +503,16 @@ class _LayerStash:
     the norm from that copy (the same kernel on the same tensor: the same values)."""
 
     PROJECTION = "lora_linear"  # the call kind of :meth:`projection`
+    QKV = "lora_qkv"  # ... and of :meth:`qkv_slot`
 
     def __init__(self, target: str, group: "_Group", keep_norm_input: bool = False):
         self.target, self.group = target, group
         # read once: the first forward and the recompute must take the same path (the checkpoint pairs their saves)
         self.attention = OFFLOAD_ATTENTION
+        self.qkv = OFFLOAD_QKV
         self.keep_norm_input = keep_norm_input
         self._outputs: dict[int, tuple[_HostCopy, weakref.ref]] = {}
+        self._qkv: dict[int, list[_HostCopy]] = {}
         self._decisions: dict[tuple[str, int], bool] = {}
         self._norm_outputs: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
         # first forward: the attention module's last LoRA linear call, and whether the MLP input was derived
@@ -592,6 +605,29 @@ class _LayerStash:
     def kept_output(self, slot: int) -> "_HostCopy | None":
         kept = self._outputs.get(slot)
         return kept[0] if kept is not None else None
+
+    def qkv_slot(self) -> int | None:
+        """The index of a fused q/k/v projection call in this layer run when the layer keeps their outputs
+        (:data:`OFFLOAD_QKV`, read when the layer started), else ``None``."""
+        return recompute.next_call_index(self.QKV) if self.qkv else None
+
+    def keep_qkv(self, slot: int, outputs: tuple[torch.Tensor, ...]) -> None:
+        """First forward: the ``slot``-th q/k/v call computed ``outputs``; their host copies answer the recompute's
+        call (all of them or none: an output that cannot go to host memory keeps the call computing)."""
+        if recompute.recomputing():
+            return
+        copies = [self.host_copy(y, kind="qkv") for y in outputs]
+        if all(c is not None for c in copies):
+            self._qkv[slot] = copies
+
+    def kept_qkv(self, slot: int) -> "tuple[torch.Tensor, ...] | None":
+        """Recompute: the ``slot``-th q/k/v call's outputs from the first forward, back on the device, or ``None``
+        (compute them)."""
+        copies = self._qkv.get(slot) if recompute.recomputing() else None
+        if copies is None:
+            return None
+        STATS.qkv_reused += 1
+        return tuple(c.restore() for c in copies)
 
 
 @dataclasses.dataclass
@@ -817,6 +853,7 @@ class _HostCopy:
         STATS.offloaded += 1
         STATS.mlp_inputs += int(kind == "mlp_input")
         STATS.attention_tensors += int(kind == "attention")
+        STATS.qkv_outputs += int(kind == "qkv")
         STATS.offloaded_bytes += x.numel() * x.element_size()
         STATS.pinned += int(pinned)
         self.group = weakref.ref(group) if group is not None else None

@@ -47,11 +47,11 @@ def _sdpa_lora_model(model_type, device, **overrides):
 
 @pytest.fixture(autouse=True)
 def attention_offload_on(monkeypatch):
-    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", True)  # off by default
+    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", True)  # the default (tests may turn it off)
 
 
-def test_off_by_default():
-    assert _DEFAULT is False
+def test_on_by_default():
+    assert _DEFAULT is True
 
 
 @pytest.fixture

@@ -440,13 +440,14 @@ def _lora_on(model, targets):
 
 
 def _skipped_projections(ref, device, early_stop=True, **optimize):
-    """``(skipped, mlp inputs kept, offloaded)`` of one "offload" step of ``ref`` with the attention recomputed
-    (``OFFLOAD_ATTENTION`` off), whose loss and gradients are asserted equal (bitwise on the CPU) to the "on"
-    path's."""
+    """``(skipped, mlp inputs kept, offloaded)`` of one "offload" step of ``ref`` with the attention and the q/k/v
+    projections recomputed (``OFFLOAD_ATTENTION`` and ``OFFLOAD_QKV`` off), whose loss and gradients are asserted
+    equal (bitwise on the CPU) to the "on" path's."""
     from sloth_core import recompute
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ck, "OFFLOAD_ATTENTION", False)
+        patch.setattr(ck, "OFFLOAD_QKV", False)
         return _skipped_projections_of(ref, device, early_stop, recompute, **optimize)
 
 

@@ -18,8 +18,10 @@ What is measured, per (model preset, setup) -- one model, built once:
     (its own decoder-layer checkpointing, layer inputs kept in pinned host memory); ``sloth_core.restore``
     afterwards. ``sloth_checkpointing="on"`` keeps the inputs on the GPU; ``"hf"`` keeps HF's checkpointing
     (as ``hf_peft``) and calls ``optimize`` without the option; ``"offload-attention"`` /
-    ``"offload-recompute-attention"`` are ``"offload"`` with ``sloth_core.checkpointing.OFFLOAD_ATTENTION`` (off by
-    default: attention outputs kept in host memory instead of recomputed) set on / off for the provider's steps.
+    ``"offload-recompute-attention"`` are ``"offload"`` with ``sloth_core.checkpointing.OFFLOAD_ATTENTION``
+    (attention outputs kept in host memory instead of recomputed) set on / off for the provider's steps,
+    ``"offload-qkv"`` with ``OFFLOAD_QKV`` (q/k/v projection outputs kept) on, ``"offload-attention-qkv"`` with
+    both on, ``"offload-recompute"`` with both off.
   - ``liger`` (when ``liger_kernel`` is importable): HF checkpointing as ``hf_peft``, plus Liger-Kernel's
     ``_apply_liger_kernel_to_instance`` on the transformers model (RMSNorm, RoPE, SwiGLU/GeGLU, fused linear
     cross-entropy; its defaults). Liger patches the model instance and the ``modeling_<type>`` module; the module
@@ -68,8 +70,13 @@ WARMUP = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = {"none": "lora_bf16", "nf4": "qlora_nf4"}  # --quant value -> setup name in the rows
 PROVIDERS = ("hf_peft", "sloth_core", "liger")  # the order they run in
-SLOTH_CHECKPOINTING = ("offload", "on", "hf", "offload-attention", "offload-recompute-attention")
-_ATTENTION_FLAG = {"offload-attention": True, "offload-recompute-attention": False}
+# "offload" with sloth_core.checkpointing's experimental flags set for the provider's steps
+_OFFLOAD_FLAGS = {"offload-attention": {"OFFLOAD_ATTENTION": True},
+                  "offload-recompute-attention": {"OFFLOAD_ATTENTION": False},
+                  "offload-qkv": {"OFFLOAD_QKV": True},
+                  "offload-attention-qkv": {"OFFLOAD_ATTENTION": True, "OFFLOAD_QKV": True},
+                  "offload-recompute": {"OFFLOAD_ATTENTION": False, "OFFLOAD_QKV": False}}
+SLOTH_CHECKPOINTING = ("offload", "on", "hf", *_OFFLOAD_FLAGS)
 DEFAULT_OUT = "benchmarks/results"
 
 # transformers config kwargs of the real models (their config.json, minus token ids and dtype).
@@ -283,17 +290,20 @@ def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str, sloth_
     from sloth_core import checkpointing as sloth_ckpt
 
     options = dict(sloth_options)
-    attention_flag = sloth_ckpt.OFFLOAD_ATTENTION
+    flags = _OFFLOAD_FLAGS.get(sloth_checkpointing, {})
+    saved_flags = {name: getattr(sloth_ckpt, name) for name in flags}
     if sloth_checkpointing == "hf":
         _hf_checkpointing(model, checkpointing)
-    elif sloth_checkpointing in _ATTENTION_FLAG:
+    elif flags:
         options["gradient_checkpointing"] = "offload"
-        sloth_ckpt.OFFLOAD_ATTENTION = _ATTENTION_FLAG[sloth_checkpointing]
+        for name, value in flags.items():
+            setattr(sloth_ckpt, name, value)
     else:
         options["gradient_checkpointing"] = sloth_checkpointing
 
     def undo():
-        sloth_ckpt.OFFLOAD_ATTENTION = attention_flag
+        for name, value in saved_flags.items():
+            setattr(sloth_ckpt, name, value)
         sloth_core.restore(model)
         _hf_checkpointing(model, False)
         sloth_ckpt.clear_host_pool()  # the pinned buffers of "offload" (sized for this model)
@@ -502,8 +512,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-checkpointing", action="store_true",
                         help="no HF gradient checkpointing for hf_peft / liger")
     parser.add_argument("--sloth-checkpointing", choices=SLOTH_CHECKPOINTING, default="offload",
-                        help="sloth_core's checkpointing: offload, on, hf (HF's, as hf_peft), or offload-attention "
-                             "(offload with the experimental checkpointing.OFFLOAD_ATTENTION); default: %(default)s")
+                        help="sloth_core's checkpointing: offload, on, hf (HF's, as hf_peft), or offload with "
+                             "sloth_core.checkpointing's flags set: offload-attention (OFFLOAD_ATTENTION), "
+                             "offload-qkv (OFFLOAD_QKV), offload-attention-qkv (both), offload-recompute-attention "
+                             "(OFFLOAD_ATTENTION off), offload-recompute (both off); default: %(default)s")
     parser.add_argument("--opt-in", nargs="+", default=[], metavar="PATTERN",
                         help="sloth_core patterns in no default list to apply too (optimize(opt_in=...))")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",

@@ -691,8 +691,8 @@ def test_lora_mlp_saves_no_weight_and_no_product(device, counted_dequantizations
 
 def test_lora_mlp_chunked_recompute_saves_only_x(device, counted_dequantizations):
     """As a recompute whose output nothing reads, the MLP saves x (and the adapter matrices) and dequantizes
-    nothing; its backward dequantizes W_down once and, per chunk, the gate/up rows for g, u and the gate rows again
-    for dx (the up rows are kept from u to dx)."""
+    nothing; its backward dequantizes, per chunk, W_down for dm (dropped before g, u: the memory peak), the gate/up
+    rows for g, u and the gate rows again for dx (the up rows are kept from u to dx)."""
     gen = torch.Generator().manual_seed(10)
     mlp = peft_mlp(64, 128, "silu", torch.bfloat16, device, gen, quant="nf4", r=4)
     specs = [spec_of(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -704,7 +704,7 @@ def test_lora_mlp_chunked_recompute_saves_only_x(device, counted_dequantizations
         h.backward(torch.ones_like(h))
     bounds = [(0, 32), (32, 64), (64, 96), (96, 128)]
     gate, up, down = (s.base_layer for s in specs)
-    assert counted_dequantizations == [down] + [(w, b) for b in bounds for w in (gate, up, gate)]
+    assert counted_dequantizations == [w for b in bounds for w in (down, (gate, b), (up, b), (gate, b))]
 
 
 # --------------------------------------------------------------------------------------------- lora_spec
