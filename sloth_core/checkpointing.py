@@ -104,7 +104,10 @@ OFFLOAD_ATTENTION = True
 # (its saved x and x A^T are recomputed as before). Exact: the recompute's input is bitwise the first forward's, so
 # the kept outputs are what it would compute. Costs q + k + v of host traffic a layer each way (96 MiB for
 # Llama-3-8B at 4 x 2048 tokens). H200, same machine: steps 2.3% (QLoRA) / 3.0% (LoRA) shorter with it (s7c against
-# s7d, attention offload on in both).
+# s7d, attention offload on in both). Both flags on against both off (s7f / s7g, W_d change included): LoRA 592.1
+# against 615.7 ms, QLoRA 647.0 against 629.2 ms: a QLoRA step takes the host about as long as the GPU
+# (diag_offload_jitter_qlora_h200_20261129.txt), and the copies are host work (_HostCopy: 0.14 s of 1.76 s
+# profiled over two steps, profile_host_qlora_h200_20261129_s7.txt).
 OFFLOAD_QKV = True
 _CACHE_KWARGS = ("past_key_values", "layer_past")
 
