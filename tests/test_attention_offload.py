@@ -11,38 +11,10 @@ import torch.nn.functional as F
 import sloth_core
 from sloth_core import attention_offload as ao
 from sloth_core import checkpointing as ck
-from sloth_core.tiny import tiny_model
 from tests.batches import token_batch
+from tests.sdpa_lora import assert_same, run_step, sdpa_lora_model
 
 _DEFAULT = ck.OFFLOAD_ATTENTION
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _dtype(device):
-    """bf16 on CUDA (a fused attention kernel: flash / cuDNN), fp32 on the CPU (its fused flash kernel)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def _assert_same(a, b, name, device):
-    if torch.device(device).type == "cpu":
-        assert torch.equal(a, b), name
-    else:  # the GPU attention backward need not be bitwise deterministic
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3, msg=name)
-
-
-def _sdpa_lora_model(model_type, device, **overrides):
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_model(model_type, dtype=_dtype(device), device=device, **overrides)
-    model.config._attn_implementation = "sdpa"  # the tiny presets use eager attention
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    with torch.no_grad():  # B = 0 at init: give the adapters values so their gradients are not trivial
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
 
 
 @pytest.fixture(autouse=True)
@@ -73,22 +45,15 @@ def attention_runs(monkeypatch):
     return count
 
 
-def _run(model, ids, labels):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])
 def test_recompute_reuses_the_attention_output_with_identical_gradients(model_type, device, offload_on_cpu,
                                                                         attention_runs):
-    ref = _sdpa_lora_model(model_type, device)
+    ref = sdpa_lora_model(model_type, device)
     ids, labels = token_batch(device)
     on = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on")
     off = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
     layers = ref.config.num_hidden_layers
-    loss_on, grads_on = _run(on, ids, labels)
+    loss_on, grads_on = run_step(on, ids, labels)
     assert attention_runs["n"] == 0  # "on": the attention is not routed (it runs, and reruns, as is)
     ck.reset_checkpointing_stats()
     model_loss = off(input_ids=ids, labels=labels).loss
@@ -101,13 +66,13 @@ def test_recompute_reuses_the_attention_output_with_identical_gradients(model_ty
     # every copy back but the first one of the backward (the last layer's MLP input) was started ahead
     assert stats.restored - stats.prefetched == 1, stats
     assert stats.attention_composite == 0
-    _assert_same(model_loss.detach(), loss_on, "loss", device)
+    assert_same(model_loss.detach(), loss_on, "loss", device)
     grads = {n: p.grad for n, p in off.named_parameters() if p.requires_grad}
     assert grads.keys() == grads_on.keys()
     for n, g in grads_on.items():
-        _assert_same(grads[n], g, n, device)
+        assert_same(grads[n], g, n, device)
     if torch.device(device).type == "cpu":  # and PEFT's own path agrees
-        ref_loss, ref_grads = _run(ref, ids, labels)
+        ref_loss, ref_grads = run_step(ref, ids, labels)
         torch.testing.assert_close(model_loss.detach(), ref_loss)
         for n, g in ref_grads.items():
             torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
@@ -116,7 +81,7 @@ def test_recompute_reuses_the_attention_output_with_identical_gradients(model_ty
 def test_the_attention_node_keeps_no_input_alive(device, offload_on_cpu):
     """The kept attention node reaches q, k, v through ``_Attach`` nodes, which hold nothing: no ``AccumulateGrad``
     (which holds its tensor) keeps a layer's q, k, v in memory until the backward."""
-    model = sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")
+    model = sloth_core.optimize(sdpa_lora_model("llama", device), gradient_checkpointing="offload")
     ids, labels = token_batch(device)
     seen = []
     forward = ao._OffloadedAttention.forward
@@ -142,40 +107,40 @@ def test_a_composite_attention_is_recomputed_in_the_backward(device, offload_on_
     the recomputing path's gradients."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ref = _sdpa_lora_model("llama", device)
+    ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     results = []
     with sdpa_kernel(SDPBackend.MATH):
         for mode in ("on", "offload"):
             model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing=mode)
             ck.reset_checkpointing_stats()
-            results.append((*_run(model, ids, labels), ck.checkpointing_stats()))
+            results.append((*run_step(model, ids, labels), ck.checkpointing_stats()))
     (loss_on, grads_on, _), (loss_off, grads_off, stats) = results
     layers = ref.config.num_hidden_layers
     assert stats.attention_composite == layers and stats.attention_reused == 0
     assert attention_runs["n"] == 3 * layers  # forward, recompute, backward
-    _assert_same(loss_off, loss_on, "loss", device)
+    assert_same(loss_off, loss_on, "loss", device)
     for n, g in grads_on.items():
-        _assert_same(grads_off[n], g, n, device)
+        assert_same(grads_off[n], g, n, device)
 
 
 def test_attention_dropout_and_other_modes_are_not_routed(device, offload_on_cpu, attention_runs):
     ids, labels = token_batch(device)
-    dropout = sloth_core.optimize(_sdpa_lora_model("llama", device, attention_dropout=0.1).train(),
+    dropout = sloth_core.optimize(sdpa_lora_model("llama", device, attention_dropout=0.1).train(),
                                   gradient_checkpointing="offload")
     ck.reset_checkpointing_stats()
-    loss, grads = _run(dropout, ids, labels)
+    loss, grads = run_step(dropout, ids, labels)
     stats = ck.checkpointing_stats()
     assert attention_runs["n"] == 0 and stats.attention_tensors == 0 and stats.attention_reused == 0
     assert stats.recomputes == dropout.config.num_hidden_layers and torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads.values())
     with torch.no_grad():  # no graph: no checkpoint, no stash
-        sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")(input_ids=ids)
+        sloth_core.optimize(sdpa_lora_model("llama", device), gradient_checkpointing="offload")(input_ids=ids)
     assert attention_runs["n"] == 0
 
 
 def test_disable_checkpointing_unwraps_the_attention_modules(device):
-    model = sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")
+    model = sloth_core.optimize(sdpa_lora_model("llama", device), gradient_checkpointing="offload")
     attn = model.base_model.model.model.layers[0].self_attn
     assert any(r.pattern == ck.PATTERN for r in sloth_core.binding.records(attn))
     ck.disable_checkpointing(model)
@@ -208,7 +173,7 @@ def test_tensors_that_are_not_dense_stay_on_the_device(monkeypatch):
 def test_a_padding_mask_stays_where_it_is(device, offload_on_cpu, attention_runs):
     """With a padding mask the attention gets a mask tensor (shared by the layers): the node keeps a reference to
     it, only its own tensors go to the host stash; gradients as the recomputing path's."""
-    ref = _sdpa_lora_model("llama", device)
+    ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding in the first sequence
@@ -223,9 +188,9 @@ def test_a_padding_mask_stays_where_it_is(device, offload_on_cpu, attention_runs
     (loss_on, grads_on, _), (loss_off, grads_off, stats) = results
     layers = ref.config.num_hidden_layers
     assert attention_runs["n"] == layers and stats.attention_reused == layers
-    _assert_same(loss_off, loss_on, "loss", device)
+    assert_same(loss_off, loss_on, "loss", device)
     for n, g in grads_on.items():
-        _assert_same(grads_off[n], g, n, device)
+        assert_same(grads_off[n], g, n, device)
 
 
 @pytest.mark.parametrize("early_stop", [True, False], ids=["early_stop", "full_recompute"])
@@ -236,7 +201,7 @@ def test_the_recompute_ends_at_the_attention(device, offload_on_cpu, monkeypatch
     checkpoint's early stop the recompute runs on and saves nothing there either; gradients as the "on" path's."""
     from sloth_core.kernels import lora, rms_norm
 
-    ref = _sdpa_lora_model("llama", device)
+    ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     layers = ref.config.num_hidden_layers
     calls = {"lora": 0, "norm": 0}
@@ -266,9 +231,9 @@ def test_the_recompute_ends_at_the_attention(device, offload_on_cpu, monkeypatch
         assert recomputed == {"lora": 0, "norm": layers}, recomputed
     else:  # ... the output projection and the second norm too, saving nothing
         assert recomputed == {"lora": layers, "norm": 2 * layers}, recomputed
-    _assert_same(loss_off, loss_on, "loss", device)
+    assert_same(loss_off, loss_on, "loss", device)
     for n, g in grads_on.items():
-        _assert_same(grads_off[n], g, n, device)
+        assert_same(grads_off[n], g, n, device)
 
 
 @pytest.mark.parametrize("forward_flag", [True, False], ids=["on_then_off", "off_then_on"])
@@ -276,9 +241,9 @@ def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its
         device, offload_on_cpu, monkeypatch, forward_flag):
     """Each layer call reads ``OFFLOAD_ATTENTION`` once: its recompute takes the first forward's path even when
     the flag changed in between (otherwise the two passes would save different tensors)."""
-    ref = _sdpa_lora_model("llama", device)
+    ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
-    loss_on, grads_on = _run(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on"), ids, labels)
+    loss_on, grads_on = run_step(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on"), ids, labels)
     model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
     ck.reset_checkpointing_stats()
     monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", forward_flag)
@@ -286,17 +251,17 @@ def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its
     monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", not forward_flag)
     loss.backward()
     assert ck.checkpointing_stats().attention_reused == (ref.config.num_hidden_layers if forward_flag else 0)
-    _assert_same(loss.detach(), loss_on, "loss", device)
+    assert_same(loss.detach(), loss_on, "loss", device)
     for n, p in model.named_parameters():
         if p.requires_grad:
-            _assert_same(p.grad, grads_on[n], n, device)
+            assert_same(p.grad, grads_on[n], n, device)
 
 
 def test_the_routing_sends_every_other_call_to_torch(device, offload_on_cpu):
     """Once an offloading layer installed the routing, ``F.scaled_dot_product_attention`` is the routing function:
     outside an offloading layer's attention module (and inside it, for calls it does not take) it is torch's own
     function, same values, same gradients."""
-    model = sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")
+    model = sloth_core.optimize(sdpa_lora_model("llama", device), gradient_checkpointing="offload")
     ids, labels = token_batch(device)
     model(input_ids=ids, labels=labels).loss.backward()
     assert F.scaled_dot_product_attention is ao._routed_sdpa and ao._routed_sdpa.torch_function is ao._SDPA
@@ -315,7 +280,7 @@ def test_with_the_flag_off_torch_is_left_alone(device, offload_on_cpu, monkeypat
     ``F.scaled_dot_product_attention`` stays torch's own function."""
     monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", False)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", ao._SDPA)
-    model = sloth_core.optimize(_sdpa_lora_model("llama", device), gradient_checkpointing="offload")
+    model = sloth_core.optimize(sdpa_lora_model("llama", device), gradient_checkpointing="offload")
     ids, labels = token_batch(device)
     model(input_ids=ids, labels=labels).loss.backward()
     assert torch.nn.functional.scaled_dot_product_attention is ao._SDPA

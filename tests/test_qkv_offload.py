@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import sloth_core
+from sloth_core import attention_offload as ao
 from sloth_core import checkpointing as ck
 from sloth_core.kernels import lora
 from tests.batches import token_batch
-from tests.test_attention_offload import _assert_same, _run, _sdpa_lora_model
+from tests.sdpa_lora import assert_same, run_step, sdpa_lora_model
 
 _DEFAULT = ck.OFFLOAD_QKV
 
@@ -22,6 +23,7 @@ def test_on_by_default():
 @pytest.fixture
 def offload_on_cpu(monkeypatch):
     monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the offload path (plain host buffers)
+    monkeypatch.setattr(ao, "MIN_BYTES", 1)  # tiny shapes: the attention's output goes to the host stash too
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def projections_computed(monkeypatch):
 def _step(model, ids, labels, early_stop=True):
     ck.reset_checkpointing_stats()
     with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):  # read by the forward's checkpoint
-        loss, grads = _run(model, ids, labels)
+        loss, grads = run_step(model, ids, labels)
     return loss, grads, ck.checkpointing_stats()
 
 
@@ -64,7 +66,7 @@ def test_the_recompute_takes_the_kept_qkv_outputs_with_identical_gradients(model
     recomputed (``OFFLOAD_ATTENTION`` off) or kept; Qwen3 normalises q and k after the projection, Gemma2 saves
     its MLP output: both take the same path. Loss and gradients are the "on" path's (which recomputes them)."""
     monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", attention)
-    ref = _sdpa_lora_model(model_type, device)
+    ref = sdpa_lora_model(model_type, device)
     ids, labels = token_batch(device)
     layers = ref.config.num_hidden_layers
     on = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on")
@@ -79,11 +81,12 @@ def test_the_recompute_takes_the_kept_qkv_outputs_with_identical_gradients(model
     assert projections_computed["n"] == (1 if stashed else 2) * 3 * layers
     assert stats.qkv_outputs == (3 * layers if stashed else 0)
     assert stats.qkv_reused == (layers if stashed else 0)
+    assert stats.attention_reused == (layers if stashed and attention else 0)
     assert stats.recomputes == layers
-    _assert_same(loss, loss_on, "loss", device)
+    assert_same(loss, loss_on, "loss", device)
     assert grads.keys() == grads_on.keys()
     for n, g in grads_on.items():
-        _assert_same(grads[n], g, n, device)
+        assert_same(grads[n], g, n, device)
 
 
 def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its_path(device, offload_on_cpu,
@@ -91,10 +94,10 @@ def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its
                                                                                      projections_computed):
     """Each layer call reads ``OFFLOAD_QKV`` once: a flag turned on after the forward does not make the recompute
     look for copies that were never made, and one turned off does not make it compute what it kept."""
-    ref = _sdpa_lora_model("llama", device)
+    ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     layers = ref.config.num_hidden_layers
-    loss_on, grads_on = _run(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on"), ids, labels)
+    loss_on, grads_on = run_step(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on"), ids, labels)
     for forward_flag in (True, False):
         model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
         ck.reset_checkpointing_stats()
@@ -106,17 +109,17 @@ def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its
         loss.backward()
         assert ck.checkpointing_stats().qkv_reused == (layers if forward_flag else 0)
         assert projections_computed["n"] == (1 if forward_flag else 2) * 3 * layers
-        _assert_same(loss.detach(), loss_on, "loss", device)
+        assert_same(loss.detach(), loss_on, "loss", device)
         for n, p in model.named_parameters():
             if p.requires_grad:
-                _assert_same(p.grad, grads_on[n], n, device)
+                assert_same(p.grad, grads_on[n], n, device)
 
 
 def test_unfused_projections_are_recomputed(device, offload_on_cpu, monkeypatch, projections_computed):
     """Without the fused q/k/v function (``exclude=("lora_qkv",)``) nothing is kept: PEFT's projections are
     recomputed as usual, gradients as the "on" path's."""
     monkeypatch.setattr(ck, "OFFLOAD_QKV", True)
-    ref = _sdpa_lora_model("llama", device)
+    ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     loss_on, grads_on, _ = _step(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on",
                                                      exclude=("lora_qkv",)), ids, labels)
@@ -124,6 +127,6 @@ def test_unfused_projections_are_recomputed(device, offload_on_cpu, monkeypatch,
     projections_computed["n"] = 0
     loss, grads, stats = _step(model, ids, labels)
     assert projections_computed["n"] == 0 and stats.qkv_outputs == 0 and stats.qkv_reused == 0
-    _assert_same(loss, loss_on, "loss", device)
+    assert_same(loss, loss_on, "loss", device)
     for n, g in grads_on.items():
-        _assert_same(grads[n], g, n, device)
+        assert_same(grads[n], g, n, device)

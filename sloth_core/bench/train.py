@@ -70,7 +70,7 @@ WARMUP = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = {"none": "lora_bf16", "nf4": "qlora_nf4"}  # --quant value -> setup name in the rows
 PROVIDERS = ("hf_peft", "sloth_core", "liger")  # the order they run in
-# "offload" with sloth_core.checkpointing's experimental flags set for the provider's steps
+# "offload" with sloth_core.checkpointing's flags set as named for the provider's steps
 _OFFLOAD_FLAGS = {"offload-attention": {"OFFLOAD_ATTENTION": True},
                   "offload-recompute-attention": {"OFFLOAD_ATTENTION": False},
                   "offload-qkv": {"OFFLOAD_QKV": True},
