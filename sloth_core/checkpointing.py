@@ -494,13 +494,13 @@ class _LayerStash:
       recompute can end at the attention (:data:`RECOMPUTED` in the recompute). Without a kept attention, in
       layers whose norm before the MLP keeps its input (``keep_norm_input``: declared by the architecture,
       fused LoRA MLP), that norm's input -- the norms that run after the attention module returned.
-    * :meth:`qkv_slot` / :meth:`keep_qkv` / :meth:`kept_qkv` (:data:`OFFLOAD_QKV`): the fused q/k/v projection's
-      outputs, which the recompute takes back instead of computing them;
     * :meth:`projection`: for a LoRA linear, the same, and whether the recompute may leave its output
       uncomputed: the attention module's last LoRA linear (its output projection), in a layer whose norm before
       the MLP kept its input and whose MLP input is that norm recomputed. Nothing saved then depends on the
       projection's output (``keep_norm_input`` declares that nothing in between saves), so the recompute ends
-      once the projection has saved its input -- the output projection's GEMM runs once a step, not twice.
+      once the projection has saved its input -- the output projection's GEMM runs once a step, not twice;
+    * :meth:`qkv_slot` / :meth:`keep_qkv` / :meth:`kept_qkv` (:data:`OFFLOAD_QKV`): the fused q/k/v projection's
+      outputs, which the recompute takes back instead of computing them.
 
     The MLP input of a layer whose norm before the MLP kept its input here is not copied: its handle recomputes
     the norm from that copy (the same kernel on the same tensor: the same values)."""

@@ -1,7 +1,10 @@
 """The tiny PEFT LoRA models with sdpa attention and the step shared by the offload tests
 (tests/test_attention_offload.py, tests/test_qkv_offload.py)."""
+import pytest
 import torch
 
+from sloth_core import attention_offload as ao
+from sloth_core import checkpointing as ck
 from sloth_core.tiny import tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,3 +45,11 @@ def run_step(model, ids, labels):
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def offload_on_cpu(monkeypatch):
+    """CPU tensors take the whole offload path (plain host buffers), and every tensor an attention node saves goes
+    to the host stash (the tiny shapes are below ``MIN_BYTES``)."""
+    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)
+    monkeypatch.setattr(ao, "MIN_BYTES", 1)

@@ -7,23 +7,16 @@ import pytest
 import torch
 
 import sloth_core
-from sloth_core import attention_offload as ao
 from sloth_core import checkpointing as ck
 from sloth_core.kernels import lora
 from tests.batches import token_batch
-from tests.sdpa_lora import assert_same, run_step, sdpa_lora_model
+from tests.sdpa_lora import assert_same, offload_on_cpu, run_step, sdpa_lora_model  # noqa: F401 (a fixture)
 
 _DEFAULT = ck.OFFLOAD_QKV
 
 
 def test_on_by_default():
     assert _DEFAULT is True
-
-
-@pytest.fixture
-def offload_on_cpu(monkeypatch):
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the offload path (plain host buffers)
-    monkeypatch.setattr(ao, "MIN_BYTES", 1)  # tiny shapes: the attention's output goes to the host stash too
 
 
 @pytest.fixture
