@@ -617,11 +617,9 @@ class _LayerStash:
     def keep_qkv(self, slot: int, outputs: tuple[torch.Tensor, ...]) -> None:
         """First forward: the ``slot``-th q/k/v call computed ``outputs``; their host copies answer the recompute's
         call (all of them or none: an output that cannot go to host memory keeps the call computing)."""
-        if recompute.recomputing():
+        if recompute.recomputing() or any(_offload_target(y) != self.target for y in outputs):
             return
-        copies = [self.host_copy(y, kind="qkv") for y in outputs]
-        if all(c is not None for c in copies):
-            self._qkv[slot] = copies
+        self._qkv[slot] = _HostCopy.many(list(outputs), pinned=self.target == "pinned", group=self.group, kind="qkv")
 
     def kept_qkv(self, slot: int) -> "tuple[torch.Tensor, ...] | None":
         """Recompute: the ``slot``-th q/k/v call's outputs from the first forward, back on the device, or ``None``
@@ -827,32 +825,110 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return stream
 
 
+# Stream switching costs tens of microseconds through torch.cuda's public helpers (``current_stream`` builds a
+# Stream object under a device guard, ``torch.cuda.stream`` does that twice more); an offloading step switches
+# ~450 times. On the current device, the same calls go through the bindings those helpers wrap, with the Stream
+# objects cached by id; elsewhere (another device current) through the public helpers.
+_GET_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
+_SET_STREAM = getattr(torch._C, "_cuda_setStream", None)
+_STREAMS: dict[tuple, "torch.cuda.Stream"] = {}
+_READY: dict[int, "torch.cuda.Event"] = {}  # per device: marks the compute stream's queue for the side stream
+
+
+def _fast_streams(device: torch.device) -> bool:
+    return _GET_STREAM is not None and _SET_STREAM is not None and device.index == torch.cuda.current_device()
+
+
+def _current_stream(device: torch.device) -> "torch.cuda.Stream":
+    if not _fast_streams(device):
+        return torch.cuda.current_stream(device)
+    key = tuple(_GET_STREAM(device.index))
+    stream = _STREAMS.get(key)
+    if stream is None:
+        stream = _STREAMS.setdefault(key, torch.cuda.Stream(stream_id=key[0], device_index=key[1],
+                                                            device_type=key[2]))
+    return stream
+
+
+class _OnStream:
+    """``torch.cuda.stream(stream)`` where ``current`` is the current stream (of ``stream``'s device)."""
+
+    __slots__ = ("stream", "current", "public")
+
+    def __init__(self, stream: "torch.cuda.Stream", current: "torch.cuda.Stream"):
+        self.stream, self.current = stream, current
+        self.public = None if _fast_streams(stream.device) else torch.cuda.stream(stream)
+
+    def __enter__(self) -> None:
+        if self.public is not None:
+            self.public.__enter__()
+            return
+        s = self.stream
+        _SET_STREAM(stream_id=s.stream_id, device_index=s.device_index, device_type=s.device_type)
+
+    def __exit__(self, *exc) -> None:
+        if self.public is not None:
+            self.public.__exit__(*exc)
+            return
+        c = self.current
+        _SET_STREAM(stream_id=c.stream_id, device_index=c.device_index, device_type=c.device_type)
+
+
+def _side_waits_for(current: "torch.cuda.Stream", side: "torch.cuda.Stream") -> None:
+    """``side.wait_stream(current)`` through one reused event (a wait takes the event's latest record)."""
+    index = current.device_index
+    ready = _READY.get(index)
+    if ready is None:
+        ready = _READY.setdefault(index, torch.cuda.Event())
+    ready.record(current)
+    side.wait_event(ready)
+
+
+def _copies_to_host(copies: "list[_HostCopy]", tensors: list[torch.Tensor]) -> None:
+    """Start each ``copies[i].host.copy_(tensors[i])`` on the side stream of their device, after the work queued
+    on the current stream (which produces the tensors), with one stream switch for all of them."""
+    device = tensors[0].device
+    side, current = _side_stream(device), _current_stream(device)
+    _side_waits_for(current, side)
+    with _OnStream(side, current):
+        for copy, x in zip(copies, tensors):
+            copy.host.copy_(x if copy.inverse is None else x.permute(copy.order), non_blocking=True)
+    for x in tensors:
+        x.record_stream(side)  # its memory is not reused before the copy has read it
+
+
+_IDENTITY = tuple(tuple(range(n)) for n in range(9))
+
+
 class _HostCopy:
     """A tensor of an offloading layer (its input, its MLP input, an attention tensor) held in a pooled host buffer
     between the layer's forward and the backward that reads it. Dense tensors in any dimension order (e.g. an
-    attention output [B, H, T, D] laid out as [B, T, H, D]) come back with their strides."""
+    attention output [B, H, T, D] laid out as [B, T, H, D]) come back with their strides.
 
-    def __init__(self, x: torch.Tensor, pinned: bool, group: _Group | None = None, kind: str = "input"):
-        order = _dense_order(x)
+    ``_HostCopy(x, ...)`` starts the copy; :meth:`many` starts several with one stream switch."""
+
+    def __init__(self, x: torch.Tensor, pinned: bool, group: _Group | None = None, kind: str = "input",
+                 start: bool = True):
+        if x.is_contiguous():
+            order = _IDENTITY[x.dim()] if x.dim() < len(_IDENTITY) else tuple(range(x.dim()))
+            self.inverse, shape = None, x.shape
+        else:
+            order = _dense_order(x)
+            self.inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+            shape = x.permute(order).shape
         self.order = order
-        self.inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
-        dense = x.permute(order)
-        self.shape, self.dtype, self.device = dense.shape, x.dtype, x.device
-        key, buf = _POOL.acquire(x.numel(), x.dtype, x.device, pinned)
-        weakref.finalize(self, _POOL.release, key, buf)
-        self.host = buf[: x.numel()].view(dense.shape)
+        self.shape, self.dtype, self.device = shape, x.dtype, x.device
+        self._key, self._buf = _POOL.acquire(x.numel(), x.dtype, x.device, pinned)
+        self.host = self._buf[: x.numel()].view(shape)
         self._ahead: tuple[torch.Tensor, Any] | None = None  # a copy back started before it was asked for
         self._kept: torch.Tensor | None = None  # restored with keep=True: the next restore returns it
         self.restores = 0
         self.kind = kind
-        if x.is_cuda:
-            side = _side_stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
-            with torch.cuda.stream(side):
-                self.host.copy_(dense, non_blocking=True)
-            x.record_stream(side)  # its memory is not reused before the copy has read it
-        else:
-            self.host.copy_(dense)
+        if start:
+            if x.is_cuda:
+                _copies_to_host([self], [x])
+            else:
+                self.host.copy_(x if self.inverse is None else x.permute(order))
         STATS.offloaded += 1
         STATS.mlp_inputs += int(kind == "mlp_input")
         STATS.attention_tensors += int(kind == "attention")
@@ -862,6 +938,21 @@ class _HostCopy:
         self.group = weakref.ref(group) if group is not None else None
         if group is not None:
             group.members.append(weakref.ref(self))
+
+    @classmethod
+    def many(cls, xs: list[torch.Tensor], pinned: bool, group: _Group | None = None,
+             kind: str = "input") -> "list[_HostCopy]":
+        """``[_HostCopy(x, ...) for x in xs]`` with the device copies started together."""
+        copies = [cls(x, pinned, group, kind, start=not x.is_cuda) for x in xs]
+        cuda = [(c, x) for c, x in zip(copies, xs) if x.is_cuda]
+        if cuda:
+            _copies_to_host([c for c, _ in cuda], [x for _, x in cuda])
+        return copies
+
+    def __del__(self):
+        buf = self.__dict__.get("_buf")
+        if buf is not None:  # the buffer's last copies were queued on the side stream: later ones queue after
+            _POOL.release(self._key, buf)
 
     def prefetch(self) -> None:
         """Start copying the tensor back to its device (no-op when already started)."""
@@ -873,18 +964,19 @@ class _HostCopy:
             self._ahead = (y, None)
             return
         side = _side_stream(self.device)
+        current = _current_stream(self.device)
         if _PREFETCH_FROM_SIDE_POOL:
             # allocated from the side stream's pool: the copy need not wait for the compute stream's queued work
             # (which may be milliseconds long); restore() records the compute stream's use of it
-            with torch.cuda.stream(side):
+            with _OnStream(side, current):
                 y = torch.empty(self.shape, dtype=self.dtype, device=self.device)
                 y.copy_(self.host, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(side)
         else:
             y = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))  # y's memory may have just been freed there
-            with torch.cuda.stream(side):
+            _side_waits_for(current, side)  # y's memory may have just been freed there
+            with _OnStream(side, current):
                 y.copy_(self.host, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(side)
@@ -904,7 +996,7 @@ class _HostCopy:
         y, done = self._ahead
         self._ahead = None
         if done is not None:
-            current = torch.cuda.current_stream(self.device)
+            current = _current_stream(self.device)
             current.wait_event(done)
             if _PREFETCH_FROM_SIDE_POOL:
                 y.record_stream(current)  # its memory goes back to the side pool only after the compute uses
@@ -916,7 +1008,8 @@ class _HostCopy:
             group.prefetch_rest(self)
             if self.kind == "input":
                 group.prefetch_previous()
-        y = y.permute(self.inverse)
+        if self.inverse is not None:
+            y = y.permute(self.inverse)
         if keep:
             self._kept = y
         return y

@@ -505,3 +505,24 @@ def test_the_output_projection_is_computed_where_its_output_may_be_read(case, de
     # the norm keeps its input only before a fused LoRA MLP; an unfused norm has no host copy to give
     assert offloaded == {"o_proj_not_adapted": 2 * layers, "norm_not_fused": 2 * layers,
                          "mlp_not_fused": layers}[case]
+
+
+@pytest.mark.cuda
+def test_host_copies_follow_the_current_stream(device):
+    """Host copies started inside a user's stream wait for that stream's queued work, leave it current, and come
+    back intact -- one at a time, several at once (``_HostCopy.many``), and permuted (dense in another order)."""
+    user = torch.cuda.Stream()
+    with torch.cuda.stream(user):
+        torch.cuda._sleep(50_000_000)  # the values below are written long after the copies are queued
+        xs = [torch.arange(4096 * k, device=device, dtype=torch.float32).reshape(64, -1) for k in (1, 2, 3)]
+        xs.append(torch.arange(2 * 3 * 4 * 5, device=device, dtype=torch.bfloat16).reshape(2, 4, 3, 5)
+                  .transpose(1, 2))
+        one = ck._HostCopy(xs[0], pinned=True, kind="qkv")
+        many = ck._HostCopy.many(xs[1:], pinned=True, kind="qkv")
+        assert torch.cuda.current_stream() == user
+        back = [c.restore() for c in (one, *many)]
+        assert torch.cuda.current_stream() == user
+    torch.cuda.synchronize()
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    for x, y in zip(xs, back):
+        assert y.shape == x.shape and y.stride() == x.stride() and torch.equal(y, x)

@@ -19,8 +19,19 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _poison = os.environ.get("SLOTH_CORE_POISON", "0") == "1"
 
 
+# ``os.environ.get`` encodes the key and decodes the value (~1 us); a training step asks ~4,000 times. CPython's
+# ``os.environ`` keeps the encoded variables in ``_data`` (updated by every assignment through ``os.environ``).
+_ENV = getattr(os.environ, "_data", None)
+try:
+    _INTERPRET_KEY, _ONE = os.environ.encodekey("TRITON_INTERPRET"), os.environ.encodevalue("1")
+except AttributeError:  # another Python's os.environ
+    _ENV = None
+
+
 def interpreting() -> bool:
     """True when Triton's interpreter runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    if _ENV is not None:
+        return _ENV.get(_INTERPRET_KEY) == _ONE
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -88,3 +99,21 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def compiled_launcher(compiled, grid: tuple[int, ...]):
+    """The launcher of a kernel Triton compiled -- what ``jit_fn[grid](...)`` returned -- for ``grid``:
+    ``launcher(*args)`` with every kernel argument in signature order (constexprs included) launches it again on
+    the current stream, skipping ``JITFunction.run``'s argument binding, specialization and cache lookup (~30 us
+    of host time a launch against ~12 us). ``None`` under the interpreter, or when this Triton has no
+    ``CompiledKernel[grid]``.
+
+    The caller guarantees that the arguments specialize as the compiled ones did: the same dtypes, the same
+    integer values (Triton specializes integers equal to 1 and multiples of 16) and pointers aligned to 16 bytes
+    where the compiled ones were."""
+    if interpreting() or not hasattr(type(compiled), "__getitem__") or not hasattr(compiled, "packed_metadata"):
+        return None
+    try:
+        return compiled[tuple(grid) + (1,) * (3 - len(grid))]
+    except Exception:  # another Triton's compiled-kernel API: launch through the JIT function
+        return None

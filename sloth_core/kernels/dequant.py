@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
-from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import (cdiv, compiled_launcher, interpreting, new_empty, next_power_of_2,
+                                        triton_ok)
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
@@ -304,14 +305,26 @@ def _scale_operands(quant_state, device: torch.device):
     return absmax, absmax, absmax, absmax, False, 1
 
 
+def _kernel_args(weight_data: torch.Tensor, quant_state, n: int, dtype: torch.dtype, device: torch.device,
+                 first_block: int = 0):
+    """``(grid, args, kwargs)`` of a launch of :func:`_dequant_4bit_kernel` writing ``n`` outputs in ``dtype``;
+    ``args[_OUT]`` (the output) is ``None``, for the caller to fill."""
+    grid, cfg = _launch_config(quant_state, n, dtype, first_block)
+    absmax, absmax2, code2, offset, nested, bs2 = _scale_operands(quant_state, device)
+    table = code_table(quant_state.quant_type, device)
+    args = [weight_data.reshape(-1), absmax, absmax2, code2, offset, table, None,
+            n, weight_data.numel(), cdiv(n, quant_state.blocksize), first_block]
+    return grid, args, dict(NESTED=nested, BLOCKSIZE2=bs2, enable_fp_fusion=False, **cfg)
+
+
+_PACKED, _OUT = 0, 6  # positions of the packed codes and of the output among the kernel's arguments
+
+
 def _launch(weight_data: torch.Tensor, quant_state, out: torch.Tensor, first_block: int = 0) -> None:
-    n = out.numel()
-    grid, cfg = _launch_config(quant_state, n, out.dtype, first_block)
-    absmax, absmax2, code2, offset, nested, bs2 = _scale_operands(quant_state, out.device)
-    table = code_table(quant_state.quant_type, out.device)
-    _dequant_4bit_kernel[grid](weight_data.reshape(-1), absmax, absmax2, code2, offset, table, out,
-                               n, weight_data.numel(), cdiv(n, quant_state.blocksize), first_block,
-                               NESTED=nested, BLOCKSIZE2=bs2, enable_fp_fusion=False, **cfg)
+    """Launch the kernel into contiguous ``out``."""
+    grid, args, kwargs = _kernel_args(weight_data, quant_state, out.numel(), out.dtype, out.device, first_block)
+    args[_OUT] = out
+    _dequant_4bit_kernel[grid](*args, **kwargs)
 
 
 def _kernel_into(weight_data: torch.Tensor, quant_state, out: torch.Tensor, first_block: int = 0) -> None:
@@ -403,12 +416,125 @@ def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
     of the 2-D weight (:func:`dequantize_4bit_rows`).
 
     A fresh tensor (from the caching allocator: dropping it right after use lets the next dequantization, or
-    anything else, reuse its memory)."""
+    anything else, reuse its memory). The first call for a weight, row range and dtype checks the inputs and
+    leaves a :class:`_LaunchPlan` on the ``Params4bit``; later calls that find the same storage and quantization
+    state launch that plan (the QLoRA step dequantizes ~600 times)."""
     param, state = _param_and_state(module_or_param)
+    dtype = dtype or state.dtype
+    plans = param.__dict__.get(_PLANS_ATTR)
+    plan = plans.get((rows, dtype)) if plans is not None else None
+    if plan is not None and plan.serves(param, state):
+        return plan.run(param)
+    plan = _LaunchPlan.make(param, state, dtype, rows)  # checks the inputs
+    if plan is None:  # the full path (which raises on bad input)
+        data = _packed_codes(param)
+        if rows is None:
+            return dequantize_4bit(data, state, dtype=dtype)
+        return dequantize_4bit_rows(data, state, *rows, dtype=dtype)
+    param.__dict__.setdefault(_PLANS_ATTR, {})[(rows, dtype)] = plan
+    return plan.run(param)
+
+
+_PLANS_ATTR = "_sloth_core_dequant_plans"  # on a Params4bit: {(rows, dtype): _LaunchPlan}
+
+
+def _plan_parts(param, state) -> tuple:
+    """What a plan's launch depends on besides the packed codes' address: compared by identity."""
+    s2 = state.state2 if state.nested else None
+    second = (s2.absmax, s2.code, s2.dtype, s2.blocksize) if s2 is not None else (None,) * 4
+    return (state, param.dtype, state.absmax, state.offset, s2, *second, state.quant_type, state.blocksize,
+            state.shape, state.nested, getattr(state, "packing_format_for_cpu", False))
+
+
+def _packed_codes(param) -> torch.Tensor:
     data = param.data
     if data.dtype != torch.uint8 and data.dtype == getattr(param, "quant_storage", None):
         data = data.view(torch.uint8)  # bitsandbytes' quant_storage (e.g. bf16 for FSDP) holds the same bytes
-    dtype = dtype or state.dtype  # the inputs are checked by dequantize_4bit / dequantize_4bit_rows
-    if rows is None:
-        return dequantize_4bit(data, state, dtype=dtype)
-    return dequantize_4bit_rows(data, state, *rows, dtype=dtype)
+    return data
+
+
+class _LaunchPlan:
+    """One checked dequantization of a ``Params4bit`` (a row range, an output dtype), ready to launch again.
+
+    Made after the inputs passed :func:`_check_inputs`, it holds the launch configuration, the scale operands
+    and -- on a GPU, after its first launch -- the compiled kernel's launcher (:func:`compiled_launcher`): a call
+    then costs an allocation and a launch (~15 us of host time against ~100 us through :func:`dequantize_4bit`).
+    It serves a call only while the weight's packed codes are at the same address with the same size and dtype
+    and its ``QuantState`` is the same object holding the same objects (absmax, offset, the nested state and its
+    tensors, type, blocksize, shape) -- compared by identity, never with ``==`` (a ``QuantState``'s ``==``
+    compares tensors, a device synchronization); anything else makes a new plan. The codes are read through their
+    address, which the plan does not keep alive: the caller's ``Params4bit`` does. Only the direct kernel path is
+    planned: the paths that compute the scales or copy rows out in torch (a second level that is not float32, a
+    row range that does not start a block) run in full every time."""
+
+    __slots__ = ("parts", "ptr", "numel", "shape", "kernel_dtype", "dtype", "device", "interp", "grid", "args",
+                 "kwargs", "launcher", "replay_tail")
+
+    @classmethod
+    def make(cls, param, state, dtype: torch.dtype, rows) -> "_LaunchPlan | None":
+        """The plan of ``param`` (its ``state``) for ``dtype`` and ``rows``, or ``None`` where the full path must
+        run (which then raises on bad input)."""
+        data = _packed_codes(param)
+        _check_inputs(data, state)
+        shape = tuple(int(d) for d in state.shape)
+        first_block = 0
+        if rows is not None:
+            if len(shape) != 2 or not 0 <= rows[0] <= rows[1] <= shape[0] or (rows[0] * shape[1]) % state.blocksize:
+                return None
+            shape, first_block = (rows[1] - rows[0], shape[1]), rows[0] * shape[1] // state.blocksize
+        dtype = _resolve_out(state, None, dtype, data.device, shape)
+        s2 = state.state2 if state.nested else None
+        # the kernel reads the state's own tensors (no copy that could go stale)
+        if s2 is not None:
+            direct_scales = (s2.dtype in (None, torch.float32) and s2.absmax.dtype == torch.float32
+                             and s2.code.dtype == torch.float32 and s2.absmax.is_contiguous()
+                             and s2.code.is_contiguous() and state.absmax.is_contiguous()
+                             and (not torch.is_tensor(state.offset) or state.offset.dtype == torch.float32))
+        else:
+            direct_scales = state.absmax.dtype == torch.float32 and state.absmax.is_contiguous()
+        n = math.prod(shape)
+        if not (n and dtype in OUT_DTYPES and direct_scales and data.is_contiguous()
+                and triton_ok(torch.empty(0, dtype=dtype, device=data.device))):
+            return None
+        plan = cls()
+        plan.parts = _plan_parts(param, state)
+        plan.ptr, plan.numel = param.data_ptr(), param.numel()
+        plan.shape, plan.dtype, plan.device, plan.interp = shape, dtype, data.device, interpreting()
+        # the interpreter casts float32 -> bf16 by truncation: there the kernel writes float32, torch rounds
+        plan.kernel_dtype = torch.float32 if plan.interp and dtype == torch.bfloat16 else dtype
+        plan.grid, plan.args, plan.kwargs = _kernel_args(data, state, n, plan.kernel_dtype, data.device, first_block)
+        plan.args[_PACKED] = None  # read from the Params4bit at each JIT launch: not kept alive here
+        plan.launcher = plan.replay_tail = None
+        return plan
+
+    def serves(self, param, state) -> bool:
+        if param.data_ptr() != self.ptr or param.numel() != self.numel or self.interp != interpreting():
+            return False
+        return all(a is b for a, b in zip(self.parts, _plan_parts(param, state)))
+
+    def run(self, param) -> torch.Tensor:
+        out = new_empty(self.shape, self.kernel_dtype, self.device)
+        if self.launcher is not None and out.data_ptr() % 16 == 0:  # aligned as the compiled launch's output
+            self.launcher(self.ptr, *self.args[1:_OUT], out, *self.replay_tail)
+        else:
+            args = list(self.args)
+            args[_PACKED], args[_OUT] = _packed_codes(param).reshape(-1), out
+            compiled = _dequant_4bit_kernel[self.grid](*args, **self.kwargs)
+            if self.launcher is None and out.data_ptr() % 16 == 0:
+                self._keep_launcher(compiled)
+        if self.kernel_dtype != self.dtype:
+            out = new_empty(self.shape, self.dtype, self.device).copy_(out)
+        return out
+
+    def _keep_launcher(self, compiled) -> None:
+        launcher = compiled_launcher(compiled, self.grid)
+        names = getattr(_dequant_4bit_kernel, "arg_names", None)
+        if launcher is None or names is None or tuple(names[:len(self.args)]) != _ARG_NAMES \
+                or any(name not in self.kwargs for name in names[len(self.args):]):
+            return
+        self.replay_tail = tuple(self.args[_OUT + 1:]) + tuple(self.kwargs[name] for name in names[len(self.args):])
+        self.launcher = launcher
+
+
+_ARG_NAMES = ("packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "table_ptr", "out_ptr",
+              "n_elements", "n_bytes", "n_blocks", "first_block")

@@ -348,6 +348,87 @@ def test_dequantize_weight_quant_storage(device):
     assert_bitwise(dequantize_weight(layer), expected)
 
 
+# --------------------------------------------------------------------------------------------- launch plans
+
+
+def _plans(layer):
+    return layer.weight.__dict__.get(dequant._PLANS_ATTR, {})
+
+
+def test_dequantize_weight_plans_repeat_calls(device, monkeypatch):
+    """The first call per (rows, dtype) makes a plan; later calls take it (no new check) and give the same bits."""
+    layer = _linear4bit(32, 64, device)
+    expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    calls = [dict(), dict(dtype=torch.float32), dict(rows=(8, 24))]
+    firsts = [dequantize_weight(layer, **kw) for kw in calls]
+    assert set(_plans(layer)) == {(None, torch.bfloat16), (None, torch.float32), ((8, 24), torch.bfloat16)}
+    checks = []
+    monkeypatch.setattr(dequant, "_check_inputs", lambda *a: checks.append(a))
+    for kw, first in zip(calls, firsts):
+        again = dequantize_weight(layer, **kw)
+        assert again.data_ptr() != first.data_ptr()
+        assert_bitwise(again, first)
+    assert checks == []
+    assert_bitwise(firsts[0], expected)
+    assert_bitwise(firsts[1], dequantize_4bit(layer.weight.data, layer.weight.quant_state, dtype=torch.float32))
+    assert_bitwise(firsts[2], expected[8:24])
+
+
+def test_dequantize_weight_plans_never_compare_quant_states(device, monkeypatch):
+    """A ``QuantState``'s ``==`` compares its tensors (a device synchronization per call): plans compare by
+    identity."""
+    layer = _linear4bit(32, 64, device)
+    dequantize_weight(layer)
+
+    def no_eq(self, other):
+        raise AssertionError("QuantState == called")
+
+    monkeypatch.setattr(type(layer.weight.quant_state), "__eq__", no_eq)
+    dequantize_weight(layer)
+    layer.weight.quant_state = copy.copy(layer.weight.quant_state)
+    dequantize_weight(layer)
+
+
+def test_dequantize_weight_replans_when_the_weight_changes(device):
+    """New packed codes (``param.data = ...``), a new QuantState or new tensors in it: a new plan, the new values."""
+    layer, other = _linear4bit(32, 64, device, seed=1), _linear4bit(32, 64, device, seed=2)
+    dequantize_weight(layer)
+    old = _plans(layer)[(None, torch.bfloat16)]
+    layer.weight.data = other.weight.data.clone()
+    layer.weight.quant_state = other.weight.quant_state
+    assert_bitwise(dequantize_weight(layer), F.dequantize_4bit(other.weight.data, other.weight.quant_state))
+    assert _plans(layer)[(None, torch.bfloat16)] is not old
+    # the same QuantState object, its absmax codes replaced: the kernel must read the new ones
+    state = layer.weight.quant_state
+    state.absmax = torch.flip(state.absmax, (0,)).contiguous()
+    assert_bitwise(dequantize_weight(layer), F.dequantize_4bit(layer.weight.data, state))
+    # ... and its type flipped in place (codes read as FP4)
+    state.quant_type = "fp4"
+    assert_bitwise(dequantize_weight(layer), F.dequantize_4bit(layer.weight.data, state))
+
+
+def test_dequantize_weight_unplanned_paths(device):
+    """A row range that does not start a quantization block runs the full path every time (no plan), correctly."""
+    layer = _linear4bit(8, 40, device)  # 40 columns: row 1 starts inside the first 64-element block
+    expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    for _ in range(2):
+        assert_bitwise(dequantize_weight(layer, rows=(1, 5)), expected[1:5])
+    assert ((1, 5), torch.bfloat16) not in _plans(layer)
+
+
+@pytest.mark.cuda
+def test_dequantize_weight_plans_replay_the_compiled_kernel(device):
+    """On a GPU the plan's second launch goes through the compiled kernel's launcher, with the same bits."""
+    layer = _linear4bit(256, 512, device)
+    expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    first = dequantize_weight(layer, rows=(64, 192))
+    plan = _plans(layer)[((64, 192), torch.bfloat16)]
+    assert plan.launcher is not None
+    for _ in range(2):
+        assert_bitwise(dequantize_weight(layer, rows=(64, 192)), expected[64:192])
+    assert_bitwise(first, expected[64:192])
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 
