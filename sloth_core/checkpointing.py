@@ -832,7 +832,7 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
 _GET_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
 _SET_STREAM = getattr(torch._C, "_cuda_setStream", None)
 _STREAMS: dict[tuple, "torch.cuda.Stream"] = {}
-_READY: dict[int, "torch.cuda.Event"] = {}  # per device: marks the compute stream's queue for the side stream
+_READY = threading.local()  # per thread and device: an event marking the current stream's queue for the side stream
 
 
 def _fast_streams(device: torch.device) -> bool:
@@ -845,6 +845,8 @@ def _current_stream(device: torch.device) -> "torch.cuda.Stream":
     key = tuple(_GET_STREAM(device.index))
     stream = _STREAMS.get(key)
     if stream is None:
+        if len(_STREAMS) >= 64:  # streams made and dropped over and over (external ones have ids of their own)
+            _STREAMS.clear()
         stream = _STREAMS.setdefault(key, torch.cuda.Stream(stream_id=key[0], device_index=key[1],
                                                             device_type=key[2]))
     return stream
@@ -875,11 +877,14 @@ class _OnStream:
 
 
 def _side_waits_for(current: "torch.cuda.Stream", side: "torch.cuda.Stream") -> None:
-    """``side.wait_stream(current)`` through one reused event (a wait takes the event's latest record)."""
-    index = current.device_index
-    ready = _READY.get(index)
+    """``side.wait_stream(current)`` through one reused event (a wait takes the event's latest record; the event is
+    this thread's, so no other thread records it between the two calls)."""
+    events = getattr(_READY, "events", None)
+    if events is None:
+        events = _READY.events = {}
+    ready = events.get(current.device_index)
     if ready is None:
-        ready = _READY.setdefault(index, torch.cuda.Event())
+        ready = events[current.device_index] = torch.cuda.Event()
     ready.record(current)
     side.wait_event(ready)
 

@@ -149,10 +149,14 @@ def _write_row_grad(x_row, g_row, n_cols, m, log_s, label, valid, w, scale, cap,
 
 
 @triton.jit
-def _ce_fwd_kernel(logits_ptr, stride_logits, labels_ptr, loss_ptr, stats_ptr, grad_ptr, stride_grad,
-                   w_ptr, stride_w, n_rows, n_cols, ignore_index, scale, cap,
-                   HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                   BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
+def _ce_kernel(logits_ptr, stride_logits, labels_ptr, loss_ptr, stats_ptr, grad_ptr, stride_grad,
+               w_ptr, stride_w, n_rows, n_cols, ignore_index, scale, cap,
+               HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FORWARD: tl.constexpr,
+               COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+               ROWS_PER_PROGRAM: tl.constexpr):
+    """Rows ``pid * ROWS_PER_PROGRAM ...`` of the loss. ``FORWARD``: the row's loss ``m + log s - z[label]`` (0 on
+    ignored rows) and its stats ``(m, log s)`` into ``loss_ptr`` / ``stats_ptr``; otherwise the stats are read
+    back from ``stats_ptr`` (the backward). ``COMPUTE_GRAD``: the gradient row (:func:`_write_row_grad`)."""
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
     for i in range(ROWS_PER_PROGRAM):
         row = row_start + i
@@ -161,41 +165,26 @@ def _ce_fwd_kernel(logits_ptr, stride_logits, labels_ptr, loss_ptr, stats_ptr, g
             x_row = logits_ptr + row64 * stride_logits
             label = tl.load(labels_ptr + row)
             valid = label != ignore_index
-            m = tl.zeros((), tl.float32)
-            log_s = tl.zeros((), tl.float32)
-            loss = tl.zeros((), tl.float32)
-            if valid:  # ignored rows skip the log-sum-exp
-                m, log_s = _row_logsumexp(x_row, n_cols, scale, cap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
-                                          NUM_CHUNKS)
-                z_label, _ = _transform(tl.load(x_row + label).to(tl.float32), scale, cap, HAS_SCALE,
-                                        HAS_SOFTCAP)
-                loss = (m - z_label) + log_s
-            tl.store(loss_ptr + row, loss)
-            tl.store(stats_ptr + 2 * row64, m)
-            tl.store(stats_ptr + 2 * row64 + 1, log_s)
+            if FORWARD:
+                m = tl.zeros((), tl.float32)
+                log_s = tl.zeros((), tl.float32)
+                loss = tl.zeros((), tl.float32)
+                if valid:  # ignored rows skip the log-sum-exp
+                    m, log_s = _row_logsumexp(x_row, n_cols, scale, cap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
+                                              NUM_CHUNKS)
+                    z_label, _ = _transform(tl.load(x_row + label).to(tl.float32), scale, cap, HAS_SCALE,
+                                            HAS_SOFTCAP)
+                    loss = (m - z_label) + log_s
+                tl.store(loss_ptr + row, loss)
+                tl.store(stats_ptr + 2 * row64, m)
+                tl.store(stats_ptr + 2 * row64 + 1, log_s)
+            else:
+                m = tl.load(stats_ptr + 2 * row64)
+                log_s = tl.load(stats_ptr + 2 * row64 + 1)
             if COMPUTE_GRAD:
                 w = tl.load(w_ptr + row64 * stride_w)
                 _write_row_grad(x_row, grad_ptr + row64 * stride_grad, n_cols, m, log_s, label, valid, w, scale,
                                 cap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V, NUM_CHUNKS)
-
-
-@triton.jit
-def _ce_bwd_kernel(logits_ptr, stride_logits, labels_ptr, stats_ptr, grad_ptr, stride_grad, w_ptr, stride_w,
-                   n_rows, n_cols, ignore_index, scale, cap,
-                   HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
-    row_start = tl.program_id(0) * ROWS_PER_PROGRAM
-    for i in range(ROWS_PER_PROGRAM):
-        row = row_start + i
-        if row < n_rows:
-            row64 = row.to(tl.int64)
-            label = tl.load(labels_ptr + row)
-            m = tl.load(stats_ptr + 2 * row64)
-            log_s = tl.load(stats_ptr + 2 * row64 + 1)
-            w = tl.load(w_ptr + row64 * stride_w)
-            _write_row_grad(logits_ptr + row64 * stride_logits, grad_ptr + row64 * stride_grad, n_cols, m, log_s,
-                            label, label != ignore_index, w, scale, cap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
-                            NUM_CHUNKS)
 
 
 @register_heuristic("cross_entropy")
@@ -245,9 +234,9 @@ def ce_forward(logits: torch.Tensor, labels: torch.Tensor, opts: LossOptions, lo
     compute_grad = grad_out is not None
     if not compute_grad:
         grad_out, row_weight = logits, loss_out  # unused pointers
-    _ce_fwd_kernel[grid](logits, logits.stride(0), labels, loss_out, stats_out, grad_out, grad_out.stride(0),
-                         row_weight, _broadcast_stride(row_weight), n_rows, n_cols,
-                         COMPUTE_GRAD=compute_grad, **opts.kernel_args(), **params)
+    _ce_kernel[grid](logits, logits.stride(0), labels, loss_out, stats_out, grad_out, grad_out.stride(0),
+                     row_weight, _broadcast_stride(row_weight), n_rows, n_cols,
+                     FORWARD=True, COMPUTE_GRAD=compute_grad, **opts.kernel_args(), **params)
 
 
 def ce_backward(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, row_weight: torch.Tensor,
@@ -258,8 +247,9 @@ def ce_backward(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
     if n_rows == 0:
         return grad
     grid, params = _launch_params(logits)
-    _ce_bwd_kernel[grid](logits, logits.stride(0), labels, stats, grad, grad.stride(0), row_weight,
-                         _broadcast_stride(row_weight), n_rows, n_cols, **opts.kernel_args(), **params)
+    _ce_kernel[grid](logits, logits.stride(0), labels, stats, stats, grad, grad.stride(0), row_weight,
+                     _broadcast_stride(row_weight), n_rows, n_cols,  # the loss pointer (stats) is not written
+                     FORWARD=False, COMPUTE_GRAD=True, **opts.kernel_args(), **params)
     return grad
 
 

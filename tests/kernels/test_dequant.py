@@ -407,6 +407,20 @@ def test_dequantize_weight_replans_when_the_weight_changes(device):
     assert_bitwise(dequantize_weight(layer), F.dequantize_4bit(layer.weight.data, state))
 
 
+def test_copies_of_a_planned_weight_start_without_plans(device):
+    """Plans hold a launcher and an address: pickling, copying or deep-copying the weight (or its module) drops
+    them, and the copy dequantizes its own codes."""
+    import pickle
+
+    layer = _linear4bit(32, 64, device)
+    expected = dequantize_weight(layer)
+    assert _plans(layer)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not _plans(clone)
+        assert_bitwise(dequantize_weight(clone), expected)
+        assert _plans(clone) and _plans(layer)
+
+
 def test_dequantize_weight_unplanned_paths(device):
     """A row range that does not start a quantization block runs the full path every time (no plan), correctly."""
     layer = _linear4bit(8, 40, device)  # 40 columns: row 1 starts inside the first 64-element block
