@@ -421,6 +421,8 @@ def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
     state launch that plan (the QLoRA step dequantizes ~600 times)."""
     param, state = _param_and_state(module_or_param)
     dtype = dtype or state.dtype
+    if rows is not None and type(rows) is not tuple:
+        rows = tuple(rows)  # the plans' key (a list works as well)
     plans = param.__dict__.get(_PLANS_ATTR)
     plan = plans.get((rows, dtype)) if plans is not None else None
     if plan is not None and plan.serves(param, state):

@@ -372,6 +372,7 @@ def test_dequantize_weight_plans_repeat_calls(device, monkeypatch):
     assert_bitwise(firsts[0], expected)
     assert_bitwise(firsts[1], dequantize_4bit(layer.weight.data, layer.weight.quant_state, dtype=torch.float32))
     assert_bitwise(firsts[2], expected[8:24])
+    assert_bitwise(dequantize_weight(layer, rows=[8, 24]), expected[8:24])  # a list names the same rows
 
 
 def test_dequantize_weight_plans_never_compare_quant_states(device, monkeypatch):
