@@ -531,9 +531,8 @@ class _LayerStash:
                 if not recompute.recomputing():
                     self._mlp_input_derived = True
                 return _Derived(recompute_norm, x.shape)
-        if _offload_target(x) != self.target:
-            return _KeptOnDevice(x)
-        return _HostCopy(x, pinned=self.target == "pinned", group=self.group, kind="mlp_input")
+        copy = self.host_copy(x, kind="mlp_input")
+        return copy if copy is not None else _KeptOnDevice(x)
 
     def after_attention(self, kind: str, x: torch.Tensor, share: bool = False) -> Any:
         """A handle whose ``restore()`` gives ``x`` back in the backward, for a function of ``kind`` running after
@@ -596,9 +595,15 @@ class _LayerStash:
         return None
 
     def host_copy(self, x: torch.Tensor, kind: str = "attention") -> "_HostCopy | None":
-        if _offload_target(x) != self.target:
+        copies = self.host_copies((x,), kind)
+        return copies[0] if copies is not None else None
+
+    def host_copies(self, xs: tuple[torch.Tensor, ...], kind: str) -> "list[_HostCopy] | None":
+        """Host copies of all of ``xs`` in this layer's group, started together, or ``None`` when one of them
+        cannot go to host memory."""
+        if any(_offload_target(x) != self.target for x in xs):
             return None
-        return _HostCopy(x, pinned=self.target == "pinned", group=self.group, kind=kind)
+        return _HostCopy.many(xs, pinned=self.target == "pinned", group=self.group, kind=kind)
 
     def keep_output(self, slot: int, copy: "_HostCopy | None", output: torch.Tensor) -> None:
         """``copy`` holds the ``slot``-th attention call's ``output`` (the tensor the call returned)."""
@@ -617,9 +622,9 @@ class _LayerStash:
     def keep_qkv(self, slot: int, outputs: tuple[torch.Tensor, ...]) -> None:
         """First forward: the ``slot``-th q/k/v call computed ``outputs``; their host copies answer the recompute's
         call (all of them or none: an output that cannot go to host memory keeps the call computing)."""
-        if recompute.recomputing() or any(_offload_target(y) != self.target for y in outputs):
-            return
-        self._qkv[slot] = _HostCopy.many(list(outputs), pinned=self.target == "pinned", group=self.group, kind="qkv")
+        copies = None if recompute.recomputing() else self.host_copies(outputs, kind="qkv")
+        if copies is not None:
+            self._qkv[slot] = copies
 
     def kept_qkv(self, slot: int) -> "tuple[torch.Tensor, ...] | None":
         """Recompute: the ``slot``-th q/k/v call's outputs from the first forward, back on the device, or ``None``
@@ -945,7 +950,7 @@ class _HostCopy:
             group.members.append(weakref.ref(self))
 
     @classmethod
-    def many(cls, xs: list[torch.Tensor], pinned: bool, group: _Group | None = None,
+    def many(cls, xs: "tuple[torch.Tensor, ...] | list[torch.Tensor]", pinned: bool, group: _Group | None = None,
              kind: str = "input") -> "list[_HostCopy]":
         """``[_HostCopy(x, ...) for x in xs]`` with the device copies started together."""
         copies = [cls(x, pinned, group, kind, start=not x.is_cuda) for x in xs]

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
 from sloth_core.kernels._runtime import (cdiv, compiled_launcher, interpreting, new_empty, next_power_of_2,
-                                        triton_ok)
+                                        triton_ok, unsupported_reason)
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
@@ -327,10 +327,16 @@ def _launch(weight_data: torch.Tensor, quant_state, out: torch.Tensor, first_blo
     _dequant_4bit_kernel[grid](*args, **kwargs)
 
 
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel writes for a ``dtype`` result: float32 for bf16 under the interpreter (which casts
+    float32 -> bf16 by truncation; torch then rounds), else ``dtype``."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
 def _kernel_into(weight_data: torch.Tensor, quant_state, out: torch.Tensor, first_block: int = 0) -> None:
-    """Run the kernel into contiguous ``out`` (the elements from block ``first_block`` on); under the
-    interpreter bf16 goes through float32 + torch rounding."""
-    if interpreting() and out.dtype == torch.bfloat16:
+    """Run the kernel into contiguous ``out`` (the elements from block ``first_block`` on), through a float32
+    temporary where :func:`_kernel_dtype` says so."""
+    if _kernel_dtype(out.dtype) != out.dtype:
         tmp = new_empty(out.shape, torch.float32, out.device)
         _launch(weight_data, quant_state, tmp, first_block)
         out.copy_(tmp)
@@ -502,26 +508,19 @@ class _LaunchPlan:
                 return None
             shape, first_block = (rows[1] - rows[0], shape[1]), rows[0] * shape[1] // state.blocksize
         dtype = _resolve_out(state, None, dtype, data.device, shape)
-        s2 = state.state2 if state.nested else None
-        # the kernel reads the state's own tensors (no copy that could go stale)
-        if s2 is not None:
-            direct_scales = (s2.dtype in (None, torch.float32) and s2.absmax.dtype == torch.float32
-                             and s2.code.dtype == torch.float32 and s2.absmax.is_contiguous()
-                             and s2.code.is_contiguous() and state.absmax.is_contiguous()
-                             and (not torch.is_tensor(state.offset) or state.offset.dtype == torch.float32))
-        else:
-            direct_scales = state.absmax.dtype == torch.float32 and state.absmax.is_contiguous()
         n = math.prod(shape)
-        if not (n and dtype in OUT_DTYPES and direct_scales and data.is_contiguous()
-                and triton_ok(torch.empty(0, dtype=dtype, device=data.device))):
+        if not (n and dtype in OUT_DTYPES and data.is_contiguous() and unsupported_reason(data.device, dtype) is None):
+            return None
+        kernel_dtype = _kernel_dtype(dtype)
+        grid, args, kwargs = _kernel_args(data, state, n, kernel_dtype, data.device, first_block)
+        if not _reads_the_state(state, *args[1:5], nested=kwargs["NESTED"]):
             return None
         plan = cls()
         plan.parts = _plan_parts(param, state)
         plan.ptr, plan.numel = param.data_ptr(), param.numel()
-        plan.shape, plan.dtype, plan.device, plan.interp = shape, dtype, data.device, interpreting()
-        # the interpreter casts float32 -> bf16 by truncation: there the kernel writes float32, torch rounds
-        plan.kernel_dtype = torch.float32 if plan.interp and dtype == torch.bfloat16 else dtype
-        plan.grid, plan.args, plan.kwargs = _kernel_args(data, state, n, plan.kernel_dtype, data.device, first_block)
+        plan.shape, plan.dtype, plan.kernel_dtype, plan.device = shape, dtype, kernel_dtype, data.device
+        plan.interp = interpreting()
+        plan.grid, plan.args, plan.kwargs = grid, args, kwargs
         plan.args[_PACKED] = None  # read from the Params4bit at each JIT launch: not kept alive here
         plan.launcher = plan.replay_tail = None
         return plan
@@ -553,6 +552,17 @@ class _LaunchPlan:
             return
         self.replay_tail = tuple(self.args[_OUT + 1:]) + tuple(self.kwargs[name] for name in names[len(self.args):])
         self.launcher = launcher
+
+
+def _reads_the_state(state, absmax, absmax2, code2, offset, nested: bool) -> bool:
+    """Whether the scale operands :func:`_scale_operands` gave are the state's own tensors (or views of them), which
+    a plan may keep: a copy (made contiguous or float32, or scales computed in torch) would go stale when the
+    state's values change in place."""
+    if not nested:
+        return absmax is state.absmax
+    s2 = state.state2
+    own_offset = not torch.is_tensor(state.offset) or offset.data_ptr() == state.offset.data_ptr()
+    return absmax is state.absmax and absmax2 is s2.absmax and code2 is s2.code and own_offset
 
 
 _ARG_NAMES = ("packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "table_ptr", "out_ptr",

@@ -423,12 +423,21 @@ def test_copies_of_a_planned_weight_start_without_plans(device):
 
 
 def test_dequantize_weight_unplanned_paths(device):
-    """A row range that does not start a quantization block runs the full path every time (no plan), correctly."""
+    """A row range that does not start a quantization block, or scales the kernel would read from copies, run the
+    full path every time (no plan), correctly."""
     layer = _linear4bit(8, 40, device)  # 40 columns: row 1 starts inside the first 64-element block
     expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     for _ in range(2):
         assert_bitwise(dequantize_weight(layer, rows=(1, 5)), expected[1:5])
     assert ((1, 5), torch.bfloat16) not in _plans(layer)
+    # scale operands the kernel would get as copies (here: absmax codes made contiguous), which a plan could not
+    # keep: the same values, computed in full every time
+    state = layer.weight.quant_state
+    state.absmax = torch.stack([state.absmax, state.absmax], dim=1)[:, 0]
+    assert not state.absmax.is_contiguous()
+    for _ in range(2):
+        assert_bitwise(dequantize_weight(layer), expected)
+    assert (None, torch.bfloat16) not in _plans(layer)
 
 
 @pytest.mark.cuda
