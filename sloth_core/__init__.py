@@ -3,6 +3,7 @@
     import sloth_core
     sloth_core.optimize(model)        # in place; returns the model
     sloth_core.report(model)          # what was replaced / skipped and why
+    sloth_core.missing_patterns(model)  # what the architecture expects that the model did not get
     sloth_core.restore(model)         # back to the original forwards
 
 The package imports its kernels lazily (on first use of the API), so that ``TRITON_INTERPRET`` may still be set
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = ("optimize", "restore", "report", "format_report", "is_optimized", "SlothCoreWarning")
+_API = ("optimize", "restore", "report", "format_report", "is_optimized", "missing_patterns", "SlothCoreWarning")
 
 __all__ = [*_API, "__version__"]
 

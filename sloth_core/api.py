@@ -8,6 +8,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from . import binding
+from .coverage import missing
 from .registry.architecture import generic_architecture, lookup
 from .registry.patterns import OPT_IN_PATTERNS
 from .reporting import ReportRow, format_table, summary
@@ -103,11 +104,13 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     changed = _apply_checkpointing(base, _CHECKPOINTING[opts["gradient_checkpointing"]], rows,
                                    facts.mlp_output_unused if facts else None,
                                    facts.attention_output_unused if facts else None)
+    unchanged = False
     if state is not None:
         seen = {(r.module, r.pattern) for r in state["rows"]}
         rows = [r for r in rows if (r.module, r.pattern) not in seen]
         state["rows"].extend(rows)
-        if not any(r.status == "replaced" for r in rows) and not changed:
+        unchanged = not any(r.status == "replaced" for r in rows) and not changed
+        if unchanged:
             warnings.warn(f"sloth_core.optimize: {type(base).__name__} is already optimized "
                           f"({summary(state['rows'])}); nothing changed", SlothCoreWarning, stacklevel=2)
     else:
@@ -116,11 +119,29 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
             warnings.warn(f"sloth_core.optimize: nothing was replaced in {type(base).__name__} (model_type={mtype!r}, "
                           f"architecture {arch.name!r}; {summary(rows)}); the model runs as before",
                           SlothCoreWarning, stacklevel=2)
+    if arch.declared and not unchanged:
+        _warn_missing(base, mtype, arch, opts)
     if opts["verbose"] and rows:
         print(f"sloth_core: {type(base).__name__} (model_type={mtype!r}, architecture {arch.name!r})")
         print(format_table(rows))
         print(summary(rows))
     return model
+
+
+def _warn_missing(base: nn.Module, mtype: str | None, arch, opts: dict[str, Any]) -> None:
+    """One warning naming each pattern the architecture's declaration expects that the model did not get."""
+    wanted = set(arch.pattern_names())
+    if opts["patterns"] is not None:
+        wanted &= set(opts["patterns"])
+    wanted -= set(opts["exclude"])
+    state = base.__dict__[STATE_ATTR]
+    state["missing"] = lost = missing(arch, state["rows"], wanted)
+    if lost:
+        lines = "\n".join("  " + m.line() for m in lost)
+        warnings.warn(f"sloth_core.optimize: {type(base).__name__} (model_type={mtype!r}) runs without "
+                      f"{len(lost)} pattern(s) its architecture {arch.name!r} declares; those parts run at Hugging "
+                      f"Face's speed (sloth_core.report(model) has every reason in full):\n{lines}",
+                      SlothCoreWarning, stacklevel=3)
 
 
 def _apply_checkpointing(model: nn.Module, mode: str | None, rows: list[ReportRow],
@@ -155,6 +176,13 @@ def report(model: nn.Module) -> list[ReportRow]:
     """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason."""
     state = unwrap(model).__dict__.get(STATE_ATTR)
     return list(state["rows"]) if state else []
+
+
+def missing_patterns(model: nn.Module) -> list:
+    """The patterns the model's declared architecture expects that the last ``optimize`` left unapplied
+    (:class:`sloth_core.coverage.Missing`: pattern, module, reason); empty for undeclared architectures."""
+    state = unwrap(model).__dict__.get(STATE_ATTR)
+    return list(state.get("missing", ())) if state else []
 
 
 def is_optimized(model: nn.Module) -> bool:

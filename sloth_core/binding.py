@@ -5,15 +5,18 @@ Two targets:
 * ``"forward"``: the instance's ``forward`` attribute is set to the replacement, bound to the instance as a method
   (so ``deepcopy`` rebinds it to the copy). Where accelerate has wrapped the forward (``_hf_hook`` with ``_old_forward``), the wrapped
   ``_old_forward`` is replaced instead so the hook keeps running.
-* ``"global:<name>"``: the instance's forward is re-created from its class function's code with a copy of the
-  function's globals in which ``<name>`` maps to the replacement. The class, the module-level function and every
-  other instance are untouched.
+* ``"global:<name>"``: calls of the global function ``<name>`` inside the instance's forward run the replacement.
+  Where transformers' hub-kernel layer gave the instance a slot for that function (transformers 5.2x with the
+  ``kernels`` package), the slot is set; otherwise the instance's forward is re-created from its class function's
+  code (through the decorators that wrap it) with a copy of the function's globals in which ``<name>`` maps to the
+  replacement. The class, the module-level function and every other instance are untouched.
 
 Each install is recorded on the module itself (``module._sloth_core_bindings``), so :func:`uninstall_all` finds
 it on any module it walks, copies made by ``deepcopy`` included. Records are undone in reverse order.
 """
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -107,15 +110,54 @@ def install_forward(module: nn.Module, replacement: Callable, pattern: str, kern
           types.MethodType(replacement, module))
 
 
+def _cell_holds(cell: types.CellType, obj: Any) -> bool:
+    try:
+        return cell.cell_contents is obj
+    except ValueError:  # an empty cell
+        return False
+
+
+def wrapped_chain(fn: Callable) -> list[types.FunctionType]:
+    """``fn`` and the functions its decorators wrap, outermost first: each ``__wrapped__`` (``functools.wraps``)
+    that the wrapper holds in a closure cell, so that :func:`globals_function` can rebuild the chain. transformers
+    5.2x wraps attention forwards twice (``deprecate_kwarg``, and the hub-kernel layer's ``use_kernelized_func``);
+    5.17 not at all."""
+    chain = []
+    while inspect.isfunction(fn):
+        chain.append(fn)
+        inner = getattr(fn, "__wrapped__", None)
+        if not inspect.isfunction(inner) or not any(_cell_holds(c, inner) for c in fn.__closure__ or ()):
+            break
+        fn = inner
+    return chain
+
+
+def calls_global(fn: Callable, name: str) -> bool:
+    """Whether ``fn``, or a function its decorators wrap (:func:`wrapped_chain`), looks up the global ``name``."""
+    return any(name in f.__code__.co_names for f in wrapped_chain(fn))
+
+
 def globals_function(fn: types.FunctionType, name: str, value: Any) -> types.FunctionType:
-    """A copy of ``fn`` whose global ``name`` is ``value``."""
-    g = dict(fn.__globals__)
-    g[name] = value
-    new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    """A copy of ``fn`` whose global ``name`` is ``value``. When ``fn`` is a decorator's wrapper
+    (:func:`wrapped_chain`), the copy wraps a copy of the wrapped function made the same way, so every decorator
+    still runs; only functions that look ``name`` up get a copy of their globals."""
+    inner = getattr(fn, "__wrapped__", None)
+    closure = fn.__closure__
+    new_inner = None
+    if inspect.isfunction(inner) and closure and any(_cell_holds(c, inner) for c in closure):
+        new_inner = globals_function(inner, name, value)
+        closure = tuple(types.CellType(new_inner) if _cell_holds(c, inner) else c for c in closure)
+    g = fn.__globals__
+    if name in fn.__code__.co_names:
+        g = dict(g)
+        g[name] = value
+    new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, closure)
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = fn.__qualname__
     new.__doc__ = fn.__doc__
     new.__dict__.update(fn.__dict__)
+    if new_inner is not None:
+        new.__wrapped__ = new_inner
     return new
 
 
@@ -131,7 +173,55 @@ def bound_forward_function(module: nn.Module) -> Callable | None:
     return None
 
 
+# transformers' hub-kernel layer (``kernels.use_kernelized_func``, transformers 5.2x with the ``kernels`` package)
+# gives each attention instance a private module per kernelizable function, in this dict, keyed by function name; the
+# global of that name routes calls made inside the instance's forward to it. ``kernelize`` swaps those modules'
+# forwards for hub kernels.
+HUB_SLOTS_ATTR = "_kernel_funcs"
+
+
+def hub_slot(module: nn.Module, name: str) -> nn.Module | None:
+    """The instance's hub-kernel slot for the global function ``name``, or ``None``."""
+    slots = module.__dict__.get(HUB_SLOTS_ATTR)
+    slot = slots.get(name) if isinstance(slots, dict) else None
+    return slot if isinstance(slot, nn.Module) else None
+
+
+def global_callable(module: nn.Module, name: str) -> Callable | None:
+    """What a call of the global ``name`` inside the instance's forward runs: its hub-kernel slot (which may hold a
+    hub kernel, or a replacement installed here), else the global that the instance's bound forward -- or, when that
+    is another pattern's wrapper, its class's -- looks up, through the decorators that wrap it."""
+    slot = hub_slot(module, name)
+    if slot is not None:
+        return slot
+    for fn in (bound_forward_function(module), type(module).forward):
+        for f in wrapped_chain(fn):
+            if name in f.__code__.co_names:
+                return f.__globals__.get(name)
+    return None
+
+
+class _Slot(nn.Module):
+    """A hub-kernel slot that runs ``fn``. Its bound ``forward`` ignores ``self``: under ``torch.compile`` the
+    hub-kernel layer calls ``slot.forward.__func__`` with the shared global module as ``self``."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+
+        def forward(_self, *args, **kwargs):
+            return fn(*args, **kwargs)
+
+        self.forward = types.MethodType(forward, self)
+
+
 def install_global(module: nn.Module, name: str, replacement: Callable, pattern: str, kernel: str) -> None:
+    """Make calls of the global ``name`` inside this instance's forward run ``replacement``: through its hub-kernel
+    slot where it has one (transformers' own extension point), else by re-creating its forward with a copy of the
+    globals (:func:`globals_function`)."""
+    slots = module.__dict__.get(HUB_SLOTS_ATTR)
+    if hub_slot(module, name) is not None:
+        install_attr(module, HUB_SLOTS_ATTR, {**slots, name: _Slot(replacement)}, pattern, kernel)
+        return
     attr = _forward_attr(module)
     current = module.__dict__.get(attr, _MISSING)
     fn = bound_forward_function(module)

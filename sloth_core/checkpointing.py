@@ -57,8 +57,9 @@ Inputs that are not on a CUDA device (or not dense) stay where they are: ``"offl
 For the CPU test suite ``_OFFLOAD_CPU_INPUTS = True`` makes CPU inputs take the whole offload path with plain
 (unpinned) host buffers and synchronous copies.
 
-KV caches: a layer whose class does not declare ``_can_checkpoint_with_cache`` gets ``past_key_values`` /
-``layer_past`` = ``None`` and ``use_cache=False`` on checkpointed calls (what Hugging Face's checkpointing does: the
+KV caches: a layer whose class does not declare ``_can_checkpoint_with_cache`` gets its cache argument -- any keyword
+whose value is a transformers ``Cache`` (``past_key_values`` up to transformers 5.17, ``cache`` from 5.2x), or one
+named ``past_key_values`` / ``cache`` / ``layer_past`` -- set to ``None`` and ``use_cache=False`` on checkpointed calls (what Hugging Face's checkpointing does: the
 recompute would write the cache a second time). The loss and gradients are unchanged; the returned cache stays empty.
 
 Hugging Face's checkpointing: wrapped layers get ``gradient_checkpointing`` set to a falsy marker (restored by
@@ -109,7 +110,7 @@ OFFLOAD_ATTENTION = True
 # (diag_offload_jitter_qlora_h200_20261129.txt), and the copies are host work (_HostCopy: 0.14 s of 1.76 s
 # profiled over two steps, profile_host_qlora_h200_20261129_s7.txt).
 OFFLOAD_QKV = True
-_CACHE_KWARGS = ("past_key_values", "layer_past")
+_CACHE_KWARGS = ("past_key_values", "cache", "layer_past")
 
 # Test hook: route CPU layer inputs through the offload path too (plain host buffers, synchronous copies).
 _OFFLOAD_CPU_INPUTS = False
@@ -404,11 +405,17 @@ def _builds_graph(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
                                         or any(p.requires_grad for p in layer.parameters()))
 
 
+def _is_cache(value: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
 def _without_cache(layer: nn.Module, kwargs: dict) -> dict:
     if getattr(layer, "_can_checkpoint_with_cache", False):
         return kwargs
     out = dict(kwargs)
-    dropped = [k for k in _CACHE_KWARGS if out.get(k) is not None]
+    dropped = [k for k, v in out.items() if v is not None and (k in _CACHE_KWARGS or _is_cache(v))]
     for k in dropped:
         out[k] = None
     if out.get("use_cache"):

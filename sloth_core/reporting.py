@@ -10,7 +10,8 @@ class ReportRow:
     pattern: str
     kernel: str
     status: str      # "replaced" | "skipped"
-    detail: str = ""  # parameters used, or the reason for skipping
+    detail: str = ""  # parameters used, or the reason for skipping (readable, one line per candidate)
+    error: str = ""   # the full text of the exception behind a skip, where one was raised
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -19,11 +19,11 @@ from .registry.architecture import Architecture
 from .registry.pattern import Match, PatternUse, Skip
 from .registry.patterns._probe import module_dtype_device
 from .reporting import ReportRow
-from .verify import verify
+from .verify import Failure, describe_exception, verify
 
 
 def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache: dict | None,
-                 gen_seed: int) -> tuple[Match | None, str]:
+                 gen_seed: int) -> tuple[Match | None, Failure]:
     pattern = use.pattern
     reasons = []
     for m in matches:
@@ -35,7 +35,7 @@ def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache
             try:
                 probe = pattern.probe(module, m, gen)
             except Exception as e:
-                why = f"could not build a probe: {type(e).__name__}: {e}"
+                why = Failure(f"could not build a probe: {describe_exception(e)}", repr(e))
             else:
                 why = verify(original=pattern.adapted(pattern.original(module, m)),
                              replacement=pattern.bound(pattern.replacement(m), module),
@@ -44,9 +44,10 @@ def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache
             if cache is not None:
                 cache[key] = why
         if why is None:
-            return m, ""
-        reasons.append(f"[{m.describe()}] {why}" if len(matches) > 1 else why)
-    return None, "not verified: " + "; ".join(reasons)
+            return m, Failure("")
+        reasons.append(Failure(f"[{m.describe()}] {why}" if len(matches) > 1 else why.reason, why.error))
+    return None, Failure("not verified: " + "; ".join(r.reason for r in reasons),
+                         "\n".join(r.error for r in reasons if r.error))
 
 
 def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
@@ -75,7 +76,7 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
                 continue
             match, why = _try_matches(module, use, found, cache, seed)
             if match is None:
-                rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", why))
+                rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", why.reason, why.error))
                 continue
             binding.install(module, pattern.target, pattern.replacement(match), pattern.name, pattern.kernel)
             rows.append(ReportRow(path, pattern.name, pattern.kernel, "replaced", match.describe()))

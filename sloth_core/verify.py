@@ -7,6 +7,8 @@ tolerance of the module's dtype (``sloth_core.tolerances``). The caller's RNG st
 """
 from __future__ import annotations
 
+import traceback
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -73,20 +75,48 @@ def _differ(what: str, a: list, b: list, dtype: torch.dtype) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a swap was not verified: ``reason`` is one readable line; ``error`` the full text of the exception that
+    was raised, if one was (kept for the report)."""
+
+    reason: str
+    error: str = ""
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def describe_exception(e: BaseException) -> str:
+    """One readable line for ``e``: the innermost exception it was raised from (Triton's interpreter wraps a
+    kernel's error in ``InterpreterError(repr(inner))`` layers), as ``Type: first line of the message``."""
+    seen = set()
+    while (e.__cause__ is not None) and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _raised(where: str, e: BaseException) -> Failure:
+    return Failure(f"probe failed on the {where}: {describe_exception(e)}",
+                   "".join(traceback.format_exception_only(type(e), e)).strip())
+
+
 def verify(original: Callable, replacement: Callable, reference: Callable, probe: Probe,
-           seed: int = 0) -> str | None:
+           seed: int = 0) -> Failure | None:
     """``None`` when the three agree on ``probe`` (outputs and gradients), else the reason they do not."""
     try:
         o_out, o_grad = _run(original, probe, seed + 1, seed + 2)
     except Exception as e:  # the module cannot run the probe at all
-        return f"probe failed on the original module: {type(e).__name__}: {e}"
+        return _raised("original module", e)
     for name, fn in (("reference", reference), ("replacement", replacement)):
         try:
             out, grad = _run(fn, probe, seed + 1, seed + 2)
         except Exception as e:
-            return f"probe failed on the {name}: {type(e).__name__}: {e}"
+            return _raised(name, e)
         why = _differ("output", out, o_out, probe.dtype) or _differ("gradient", grad, o_grad, probe.dtype)
         if why is not None:
             verb = "does not compute the pattern's function" if name == "reference" else "kernel disagrees"
-            return f"{verb}: {name} vs original {why}"
+            return Failure(f"{verb}: {name} vs original {why}")
     return None

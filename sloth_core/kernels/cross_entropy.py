@@ -137,10 +137,13 @@ def _write_row_grad(x_row, g_row, n_cols, m, log_s, label, valid, w, scale, cap,
 
     ``g_row`` may alias ``x_row``: every element is loaded before this program stores over it."""
     offs = tl.arange(0, BLOCK_V)
+    # An ignored row loads no column. A bound, not `mask & valid`: triton 3.9's interpreter rejects the non-bool
+    # mask that broadcasting the scalar `valid` gives.
+    n_load = tl.where(valid, n_cols, 0)
     for chunk in range(NUM_CHUNKS):
         cols = chunk * BLOCK_V + offs
         mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask & valid, other=0.0).to(tl.float32)
+        x = tl.load(x_row + cols, mask=cols < n_load, other=0.0).to(tl.float32)
         z, dz = _transform(x, scale, cap, HAS_SCALE, HAS_SOFTCAP)
         p = tl.exp((z - m) - log_s)
         g = (p - tl.where(cols == label, 1.0, 0.0)) * dz * w

@@ -26,8 +26,6 @@ input dtype: the activation is rounded to the dtype, then multiplied by ``up``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -39,9 +37,6 @@ from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_powe
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
-
-_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
-_GELU_C = tl.constexpr(0.044715)
 
 
 # --------------------------------------------------------------------------------------------- reference
@@ -87,9 +82,13 @@ def _activation_and_derivative(g, ACT: tl.constexpr):
         a = g * s
         da = s * (1.0 + g * (1.0 - s))
     else:
-        t = _tanh(_SQRT_2_OVER_PI * (g + _GELU_C * g * g * g))
+        # Plain floats, not tl.constexpr globals: triton 3.9's interpreter turns `constexpr * tensor` into a
+        # constexpr wrapping the tensor, which tl.sigmoid then rejects.
+        k = 0.7978845608028654  # sqrt(2 / pi)
+        c = 0.044715
+        t = _tanh(k * (g + c * g * g * g))
         a = 0.5 * g * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * g * g)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3.0 * c * g * g)
     return a, da
 
 

@@ -52,6 +52,10 @@ class LayerFacts:
 
 @dataclass(frozen=True)
 class Architecture:
+    """``expects``: what every model of this architecture should end up with, as groups of pattern names (a group
+    is met when a pattern of it replaced something, and no module it matched was skipped); ``optimize`` warns,
+    naming the pattern, for each group that is not met (:mod:`sloth_core.coverage`)."""
+
     name: str
     model_types: tuple[str, ...]
     patterns: tuple[PatternUse, ...]
@@ -59,10 +63,15 @@ class Architecture:
     layer: LayerFacts = field(default_factory=LayerFacts)
     declared: bool = True
     notes: str = ""
+    expects: tuple[tuple[str, ...], ...] = ()
 
     def pattern_names(self) -> list[str]:
         return [p.name for p in self.patterns]
 
+
+# What ``declare`` promises for every model of the usual layout: its norms, its (LoRA) gated MLP, its RoPE and its
+# causal-LM loss replaced. LoRA projections outside the MLP depend on the user's adapter and are not expected.
+DECLARED_EXPECTS = (("rms_norm",), ("gated_mlp", "lora_mlp"), ("rope",), ("causal_lm_loss",))
 
 _REGISTRY: dict[str, Architecture] = {}
 
@@ -122,4 +131,5 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
         layer=LayerFacts(mlp_output_into_residual=True, post_mlp_norm_attr=post_mlp_norm_attr,
                          attention_output_into_residual=True),
         notes=notes,
+        expects=DECLARED_EXPECTS,
     ))

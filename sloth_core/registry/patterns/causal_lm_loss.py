@@ -15,6 +15,7 @@ class's own forward runs unchanged:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 
 import torch
@@ -28,9 +29,10 @@ from ...kernels.fused_linear_cross_entropy import (fused_linear_cross_entropy,
 from ..pattern import Match, Pattern, Probe, Skip
 from ._probe import module_dtype_device, randn
 
-# The transformers 5 causal-LM forward signature (positional order included) the replacement reproduces.
-_SIGNATURE = ("self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels",
-              "use_cache", "logits_to_keep")
+# The causal-LM forward's arguments, by meaning: the labels and ``logits_to_keep`` are the head's; every other named
+# argument (the input ids, masks, positions, the KV cache -- ``past_key_values`` up to transformers 5.17, ``cache``
+# from 5.2x --, ``use_cache``, ...) and the ``**kwargs`` go to the decoder unchanged, which must accept them.
+_HEAD_ARGS = ("labels", "logits_to_keep")
 
 
 def head_linear(lm_head: nn.Module) -> nn.Linear | None:
@@ -59,16 +61,36 @@ def _loss_is_hf_causal(module: nn.Module) -> bool:
     return getattr(module, "loss_function", None) is ForCausalLMLoss
 
 
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(inspect.unwrap(fn))
+
+
+def _passes_through(module: nn.Module) -> str | None:
+    """Why the class forward's arguments cannot be split into the head's and the decoder's (``None``: they can):
+    it must take ``self``, ``labels``, ``logits_to_keep`` and ``**kwargs``, and the decoder must accept every other
+    argument by name."""
+    params = _signature(_class_forward(module)).parameters
+    names = list(params)
+    if not names or names[0] != "self" or not all(n in params for n in _HEAD_ARGS) or \
+            not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return f"forward parameters {tuple(names)} lack self / labels / logits_to_keep / **kwargs"
+    decoder = _signature(type(_decoder(module)).forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in decoder.values()):
+        return None
+    missing = [n for n, p in params.items() if n != "self" and n not in _HEAD_ARGS and p.kind is not p.VAR_KEYWORD
+               and n not in decoder]
+    return f"the decoder does not take {missing}" if missing else None
+
+
 def find(module: nn.Module, params) -> Match | Skip | None:
     if not type(module).__name__.endswith("ForCausalLM") or not isinstance(getattr(module, "lm_head", None),
                                                                                nn.Module):
         return None
     if not isinstance(_decoder(module), nn.Module):
         return Skip("no decoder under base_model_prefix")
-    fn = inspect.unwrap(_class_forward(module))
-    names = tuple(inspect.signature(fn).parameters)
-    if names[:len(_SIGNATURE)] != _SIGNATURE:
-        return Skip(f"forward signature {names[:len(_SIGNATURE)]} is not transformers' causal-LM signature")
+    why = _passes_through(module)
+    if why is not None:
+        return Skip(f"not transformers' causal-LM forward: {why}")
     if head_linear(module.lm_head) is None:
         return Skip(f"lm_head is a {type(module.lm_head).__name__} (LoRA or quantized head): the fused loss cannot "
                     f"serve it, the plain path stays")
@@ -82,38 +104,57 @@ def find(module: nn.Module, params) -> Match | Skip | None:
     return Match({"softcap": softcap, "logit_scale": scale, "return_logits": params["return_logits"]}, sig)
 
 
+def _split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """The call's arguments as (the head's: labels, logits_to_keep; the decoder's, by name)."""
+    sig = _signature(_class_forward(module))
+    bound = sig.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    named = dict(bound.arguments)
+    named.pop(next(iter(sig.parameters)))
+    var_kw = next(n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD)
+    extra = named.pop(var_kw, {})
+    head = {n: named.pop(n) for n in _HEAD_ARGS}
+    return head, {**named, **extra}
+
+
+def _output(loss, logits, outputs) -> CausalLMOutputWithPast:
+    """The causal-LM output with the decoder's cache / hidden states / attentions under whatever names this
+    transformers gives them (the two output classes share the names)."""
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
+
+
 def _forward_with(loss_fn):
     def make(m: Match):
         softcap, scale, return_logits = m["softcap"], m["logit_scale"], m["return_logits"]
 
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        def forward(self, *args, **kwargs):
+            head_args, decoder_args = _split(self, args, kwargs)
+            labels, logits_to_keep = head_args["labels"], head_args["logits_to_keep"]
             head = head_linear(self.lm_head) if labels is not None else None
             if head is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0) or \
                     not _loss_is_hf_causal(self):
-                return _class_forward(self)(self, input_ids, attention_mask, position_ids, past_key_values,
-                                            inputs_embeds, labels, use_cache, logits_to_keep, **kwargs)
-            return_dict = kwargs.pop("return_dict", None)
+                return _class_forward(self)(self, *args, **kwargs)
+            return_dict = decoder_args.pop("return_dict", None)
             if return_dict is None:
                 return_dict = getattr(self.config, "return_dict", True)
-            outputs = _decoder(self)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                     use_cache=use_cache, **kwargs)
+            ignore_index = decoder_args.pop("ignore_index", -100)
+            shift_labels = decoder_args.pop("shift_labels", None)
+            num_items_in_batch = decoder_args.pop("num_items_in_batch", None)
+            outputs = _decoder(self)(**decoder_args)
             hidden = outputs[0]
-            ignore_index = kwargs.get("ignore_index", -100)
-            shift_labels = kwargs.get("shift_labels")
             if shift_labels is None:
                 shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
             loss = loss_fn(hidden.reshape(-1, hidden.shape[-1]), head.weight,
                            shift_labels.reshape(-1).to(hidden.device), head.bias, ignore_index=ignore_index,
-                           softcap=softcap, logit_scale=scale, num_items_in_batch=kwargs.get("num_items_in_batch"))
+                           softcap=softcap, logit_scale=scale, num_items_in_batch=num_items_in_batch)
             logits = None
             if return_logits:
                 logits = self.lm_head(hidden)
                 if softcap is not None:
                     logits = torch.tanh(logits / softcap) * softcap
-            out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                         hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            out = _output(loss, logits, outputs)
             return out if return_dict else out.to_tuple()
 
         return forward

@@ -1,8 +1,11 @@
 """Pattern ``rope``: the rotary embedding an attention forward applies through the global
 ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``.
 
-The binding is per instance: the attention's forward is re-created with globals in which that one name maps to the
-kernel (nothing global is patched). Meaning: ``q * cos + rotate_half(q) * sin`` (and the same for ``k``), with
+The binding is per instance (nothing global is patched): where transformers' hub-kernel layer gave the attention a
+slot for that function (transformers 5.2x, whose ``kernels`` dependency makes ``apply_rotary_pos_emb`` a module
+routed per instance), the slot runs the kernel, and what was in the slot -- HF's function or a hub kernel that
+``kernelize`` put there -- is what gets verified; otherwise the attention's forward is re-created (through the
+decorators that wrap it) with globals in which that one name maps to the kernel. Meaning: ``q * cos + rotate_half(q) * sin`` (and the same for ``k``), with
 ``rotate_half(x) = cat(-x2, x1)``. The replacement calls the Triton kernel (q and k in one launch, backward = the
 inverse rotation) when the inputs are a layout it handles, and the module's own function otherwise, so a call the
 kernel does not support is still answered by the original code.
@@ -22,12 +25,6 @@ from ._probe import module_dtype_device, randn
 FUNCTION = "apply_rotary_pos_emb"
 
 
-def forward_function(module: nn.Module):
-    """The plain function behind the module's forward (its class's), or ``None``."""
-    fn = getattr(type(module), "forward", None)
-    return fn if inspect.isfunction(fn) else None
-
-
 def _heads(module: nn.Module, head_dim: int) -> tuple[int, int]:
     cfg = getattr(module, "config", None)
     hq = getattr(cfg, "num_attention_heads", None)
@@ -38,40 +35,68 @@ def _heads(module: nn.Module, head_dim: int) -> tuple[int, int]:
 
 
 def find(module: nn.Module, params) -> Match | Skip | None:
-    fn = forward_function(module)
-    if fn is None or FUNCTION not in fn.__code__.co_names:
+    fn = getattr(type(module), "forward", None)
+    if not inspect.isfunction(fn) or not binding.calls_global(fn, FUNCTION):
         return None
-    original = fn.__globals__.get(FUNCTION)
+    original = binding.global_callable(module, FUNCTION)
     if not callable(original):
         return Skip(f"{FUNCTION} is not a function in the forward's module")
-    bound = binding.bound_forward_function(module)  # what the binding would re-create: another pattern's wrapper?
-    if bound is None or FUNCTION not in getattr(getattr(bound, "__code__", None), "co_names", ()):
-        by = [r.pattern for r in binding.records(module)]
-        return Skip(f"the forward bound now ({', '.join(by) or 'not a method'}) does not call {FUNCTION} itself: "
-                    f"rope must be bound before patterns that wrap the forward")
+    if binding.hub_slot(module, FUNCTION) is None:
+        bound = binding.bound_forward_function(module)  # what the binding would re-create: another pattern's wrapper?
+        if bound is None or not binding.calls_global(bound, FUNCTION):
+            by = [r.pattern for r in binding.records(module)]
+            return Skip(f"the forward bound now ({', '.join(by) or 'not a method'}) does not call {FUNCTION} "
+                        f"itself: rope must be bound before patterns that wrap the forward")
     head_dim = getattr(module, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim % 2:
         return Skip("no even integer head_dim attribute")
     dtype, device = module_dtype_device(module)
     hq, hk = _heads(module, head_dim)
-    sig = (original, dtype, device, head_dim, hq, hk)
+    # A hub-kernel slot is one module per instance: its class (and any forward kernelize set on it) is what to verify.
+    if isinstance(original, nn.Module):
+        forward = original.__dict__.get("forward")
+        what = (type(original), getattr(forward, "__func__", forward))
+    else:
+        what = original
+    sig = (what, dtype, device, head_dim, hq, hk)
     return Match({"head_dim": head_dim, "heads": (hq, hk), "_function": original}, sig)
 
 
+def _named_signature(original) -> inspect.Signature | None:
+    """``original``'s signature when its parameters are named (a plain function); ``None`` for a hub-kernel
+    module, whose forward takes ``*args, **kwargs``."""
+    if not inspect.isfunction(original):
+        return None
+    return inspect.signature(original)
+
+
+def _unsqueeze_dim(sig: inspect.Signature | None, args: tuple, kwargs: dict) -> int | None:
+    """The ``unsqueeze_dim`` of a call ``(q, k, cos, sin, *args, **kwargs)``, or ``None`` when the call passes
+    anything else the kernel does not implement. Without a named signature, the hub-kernel interface of
+    ``rotary_pos_emb``: ``(q, k, cos, sin, unsqueeze_dim=1)``."""
+    if sig is None:
+        if len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or (args and "unsqueeze_dim" in kwargs):
+            return None
+        return args[0] if args else kwargs.get("unsqueeze_dim", 1)
+    try:
+        bound = sig.bind(None, None, None, None, *args, **kwargs)
+    except TypeError:
+        return None
+    names = list(sig.parameters)[:4]
+    extra = {n: v for n, v in bound.arguments.items() if n not in names and n != "unsqueeze_dim"}
+    if any(v is not None for v in extra.values()):
+        return None
+    return bound.arguments.get("unsqueeze_dim", 1)
+
+
 def kernel_function(original):
-    """A drop-in for ``original`` (HF's ``apply_rotary_pos_emb``): the kernel where it applies, else ``original``."""
-    sig = inspect.signature(original)
+    """A drop-in for ``original`` (HF's ``apply_rotary_pos_emb``, or the instance's hub-kernel slot for it): the
+    kernel where it applies, else ``original``."""
+    sig = _named_signature(original)
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        try:
-            bound = sig.bind(q, k, cos, sin, *args, **kwargs)
-        except TypeError:
-            return original(q, k, cos, sin, *args, **kwargs)
-        extra = {n: v for n, v in bound.arguments.items() if n not in ("q", "k", "cos", "sin", "unsqueeze_dim")}
-        unsqueeze_dim = bound.arguments.get("unsqueeze_dim", 1)
-        if extra and any(v is not None for v in extra.values()):
-            return original(q, k, cos, sin, *args, **kwargs)
-        if rope_supported(q, k, cos, sin, unsqueeze_dim) is not None:
+        unsqueeze_dim = _unsqueeze_dim(sig, args, kwargs)
+        if not isinstance(unsqueeze_dim, int) or rope_supported(q, k, cos, sin, unsqueeze_dim) is not None:
             return original(q, k, cos, sin, *args, **kwargs)
         return apply_rope(q, k, cos, sin, unsqueeze_dim)
 
