@@ -3,26 +3,34 @@
 # Usage (device machine, repo root; bitsandbytes / liger-kernel wheels in .whl/):
 #   bash benchmarks/gpu_session.sh tests|train|kernels ...     (one command may run 10 minutes: about
 #   tests 3 min, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min)
+# WHEELS="DIR ..." installs the wheels of those folders instead of .whl/ (e.g. a newer transformers beside the
+# image's); TAG names the run in the result files; TRAIN_ARGS are added to the train stage (e.g. --provider ...).
 # Everything lands in $OUT: session.log and one results.tgz (the device tool brings back at most 8 files a call).
 set -u
 OUT=${OUT:-/tmp/out}; RESULTS=/tmp/results; mkdir -p "$OUT" "$RESULTS"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+wheels=$(for d in ${WHEELS:-.whl}; do ls "$d"/*.whl 2>/dev/null; done)
+if [ -n "$wheels" ]; then
+  # shellcheck disable=SC2086
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+TAG=${TAG:-$(date +%Y%m%d)}
+python3 -c 'import torch, triton, transformers, peft; print("versions: torch", torch.__version__, "triton",
+  triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name())' \
+  | tee -a "$OUT/session.log"
 step() { local name=$1 limit=$2 log=$RESULTS/$1.log; shift 2; echo "== $name"; timeout "$limit" "$@" > "$log" 2>&1
          echo "rc=$?" >> "$log"; tail -n "${TAILN:-12}" "$log"; { echo "== $name"; cat "$log"; } >> "$OUT/session.log"; }
 for stage in "${@:-tests}"; do
   case $stage in
-    tests)   TAILN=4 step pytest 280 python3 -m pytest -q -p no:cacheprovider ;;
+    tests)   TAILN=4 step "pytest_$TAG" 320 python3 -m pytest -q -p no:cacheprovider ;;
     # heuristic launch configs in the benchmarks (tuning is measured by benchmarks/bench_autotune.py)
     train)   TAILN=14 step train 540 env SLOTH_CORE_AUTOTUNE=0 python3 -m sloth_core bench train --preset llama-3-8b \
-               --quant none nf4 --steps 10 --out "$RESULTS" --name "train_llama-3-8b_$(date +%Y%m%d)" ;;
+               --quant none nf4 --steps 10 --out "$RESULTS" --name "train_llama-3-8b_$TAG" ${TRAIN_ARGS:-} ;;
     kernels) TAILN=4 step kernels 540 env SLOTH_CORE_AUTOTUNE=0 python3 -m sloth_core bench kernels --out "$RESULTS" \
-               --name "kernels_h200_$(date +%Y%m%d)" ;;
+               --name "kernels_$TAG" ;;
     *) echo "unknown stage $stage (tests, train, kernels)"; exit 2 ;;
   esac
 done

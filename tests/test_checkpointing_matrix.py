@@ -16,7 +16,7 @@ import sloth_core
 from sloth_core import checkpointing as ck
 from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
 from tests.batches import token_batch
-from tests.sdpa_lora import TARGETS
+from tests.sdpa_lora import TARGETS, sdpa_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore:sloth_core checkpointing.*KV cache")
 
@@ -29,9 +29,7 @@ def _offload_on_cpu(monkeypatch):
 
 
 def _model(model_type, attn, device):
-    # sdpa has no attention-logit soft-capping (Gemma2): that config runs eager in transformers' own sdpa check
-    extra = {"attn_logit_softcapping": None} if attn == "sdpa" and model_type == "gemma2" else {}
-    model = tiny_model(model_type, device=device, **extra)
+    model = tiny_model(model_type, device=device, **(sdpa_overrides(model_type) if attn == "sdpa" else {}))
     model.config._attn_implementation = attn
     return model
 

@@ -101,7 +101,8 @@ def find(module: nn.Module, params) -> Match | Skip | None:
     scale = getattr(cfg, params["logit_scale_attr"], None) if params["logit_scale_attr"] else None
     dtype, device = module_dtype_device(module.lm_head)
     sig = (type(module), dtype, device, softcap, scale, params["return_logits"])
-    return Match({"softcap": softcap, "logit_scale": scale, "return_logits": params["return_logits"]}, sig)
+    return Match({"softcap": softcap, "logit_scale": scale, "return_logits": params["return_logits"],
+                  "_signature": _signature(_class_forward(module))}, sig)
 
 
 def _split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
@@ -157,6 +158,9 @@ def _forward_with(loss_fn):
             out = _output(loss, logits, outputs)
             return out if return_dict else out.to_tuple()
 
+        # The class forward's signature: trainers read it to pick the batch's columns (HF Trainer's
+        # remove_unused_columns drops every column a ``(*args, **kwargs)`` forward does not name).
+        forward.__signature__ = m["_signature"]
         return forward
 
     return make

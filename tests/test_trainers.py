@@ -1,0 +1,74 @@
+"""An optimized model trains under TRL's ``SFTTrainer`` and the HF ``Trainer`` with their default configs, on both
+ends of the supported range (CI's constraint sets): the steps run, the losses are finite, and the kernels run inside
+the trainer's steps (counted at the RoPE kernel's entry). How much of the fast path the trainers' defaults keep
+(their own checkpointing, TRL's fused LM head) is measured separately."""
+import pytest
+import torch
+from packaging.version import Version
+
+import sloth_core
+from sloth_core.registry.patterns import rope as rope_pattern
+from sloth_core.tiny import tiny_model
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+
+def _tokenizer(vocab_size):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                   pad_token="t0", eos_token="t1", unk_token="t0")
+
+
+def _optimized_lora_model(monkeypatch):
+    """A LoRA-wrapped optimized tiny Llama, and the list the RoPE kernel appends to on each call."""
+    from peft import LoraConfig, get_peft_model
+
+    calls = []
+    monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: calls.append(1) or rope_pattern.rope_reference(*a))
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                           task_type="CAUSAL_LM"))
+    sloth_core.optimize(model)
+    assert not sloth_core.missing_patterns(model)
+    return model, calls
+
+
+def _rows(n=8, s=12):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(2, 128, (s,), generator=g).tolist() for _ in range(n)]
+
+
+def _assert_trained(trainer, out, calls):
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(float(x))) for x in losses), losses
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert calls, "the RoPE kernel never ran inside the trainer's steps"
+
+
+@pytest.mark.skipif(Version(trl.__version__) < Version("1.16") and torch.cuda.device_count() == 0,
+                    reason="TRL < 1.16 runs its own chunked log-prob Triton kernel on CPU tensors, which fails under "
+                           "Triton's interpreter on triton 3.6 (TRL's kernel, not sloth_core's)")
+@pytest.mark.filterwarnings("ignore")
+def test_sft_trainer_default_config_runs_the_kernels(tmp_path, monkeypatch):
+    model, calls = _optimized_lora_model(monkeypatch)
+    data = datasets.Dataset.from_dict({"input_ids": _rows()})
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                         logging_steps=1, save_strategy="no", use_cpu=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(128))
+    _assert_trained(trainer, trainer.train(), calls)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_hf_trainer_default_config_runs_the_kernels(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    model, calls = _optimized_lora_model(monkeypatch)
+    rows = _rows()
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             logging_steps=1, save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    _assert_trained(trainer, trainer.train(), calls)
