@@ -8,16 +8,17 @@
 # Everything lands in $OUT: session.log and one results.tgz (the device tool brings back at most 8 files a call).
 set -u
 OUT=${OUT:-/tmp/out}; RESULTS=/tmp/results; mkdir -p "$OUT" "$RESULTS"
+TAG=${TAG:-$(date +%Y%m%d)}
 wheels=$(for d in ${WHEELS:-.whl}; do ls "$d"/*.whl 2>/dev/null; done)
 if [ -n "$wheels" ]; then
+  site=/tmp/site-$TAG  # one folder per run: a warm machine keeps the last run's
   # shellcheck disable=SC2086
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels
-  export PYTHONPATH=/tmp/site:$PWD
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" $wheels
+  export PYTHONPATH=$site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-TAG=${TAG:-$(date +%Y%m%d)}
 python3 -c 'import torch, triton, transformers, peft; print("versions: torch", torch.__version__, "triton",
   triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name())' \
   | tee -a "$OUT/session.log"
