@@ -88,23 +88,23 @@ class SlottedAttention(Attention):
     forward = routing(Attention.forward)
 
 
-def _inputs(s=5, d=8):
-    x = torch.randn(2, s, 16)
+def _inputs(device, s=5, d=8):
+    x = torch.randn(2, s, 16, device=device)
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    emb = torch.outer(torch.arange(s).float(), inv).repeat(1, 2)[None].expand(2, -1, -1)
+    emb = torch.outer(torch.arange(s).float(), inv).repeat(1, 2)[None].expand(2, -1, -1).to(device)
     return x, emb.cos(), emb.sin()
 
 
-def test_wrapped_forward_is_recreated_through_its_wrappers(monkeypatch):
+def test_wrapped_forward_is_recreated_through_its_wrappers(monkeypatch, device):
     assert [f.__name__ for f in binding.wrapped_chain(Attention.forward)] == ["forward", "forward"]
     assert binding.calls_global(Attention.forward, "apply_rotary_pos_emb")
     kernel = []
     monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: kernel.append(1) or rope_pattern.rope_reference(*a))
-    attn, other = Attention(), Attention()
+    attn, other = Attention().to(device), Attention().to(device)
     match = rope_pattern.find(attn, {})
     assert match is not None and match["_function"] is apply_rotary_pos_emb
     binding.install(attn, rope_pattern.ROPE.target, rope_pattern.ROPE.replacement(match), "rope", "triton:rope")
-    x, cos, sin = _inputs()
+    x, cos, sin = _inputs(device)
     CALLS.clear()
     out = attn(x, cos, sin, past_key_values=None)  # the renaming wrapper still runs
     assert CALLS == ["renamed"] and kernel == [1]
@@ -117,16 +117,16 @@ def test_wrapped_forward_is_recreated_through_its_wrappers(monkeypatch):
     assert "forward" not in attn.__dict__
 
 
-def test_hub_kernel_slot_runs_the_replacement_and_is_verified(monkeypatch):
+def test_hub_kernel_slot_runs_the_replacement_and_is_verified(monkeypatch, device):
     kernel = []
     monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: kernel.append(1) or rope_pattern.rope_reference(*a))
-    attn = SlottedAttention()
+    attn = SlottedAttention().to(device)
     before = attn._kernel_funcs["apply_rotary_pos_emb"]
     assert binding.global_callable(attn, "apply_rotary_pos_emb") is before
     match = rope_pattern.find(attn, {})
     assert match["_function"] is before  # the slot's module is what the replacement is verified against
     binding.install(attn, rope_pattern.ROPE.target, rope_pattern.ROPE.replacement(match), "rope", "triton:rope")
-    x, cos, sin = _inputs()
+    x, cos, sin = _inputs(device)
     CALLS.clear()
     attn(x, cos, sin)
     assert kernel == [1] and CALLS == ["renamed"]
@@ -138,9 +138,9 @@ def test_hub_kernel_slot_runs_the_replacement_and_is_verified(monkeypatch):
     assert CALLS == ["renamed", "slot", "plain"] and kernel == [1]
 
 
-def test_a_kernelized_slot_that_disagrees_is_not_replaced(monkeypatch):
+def test_a_kernelized_slot_that_disagrees_is_not_replaced(device):
     """A hub kernel in the slot that does not compute RoPE: verification catches it, nothing is swapped."""
-    attn = SlottedAttention()
+    attn = SlottedAttention().to(device)
     slot = attn._kernel_funcs["apply_rotary_pos_emb"]
     slot.forward = lambda q, k, cos, sin, unsqueeze_dim=1: (q * cos.unsqueeze(1), k * cos.unsqueeze(1))  # wrong
     rows = rewrite(attn, generic_architecture(), only={"rope"})
