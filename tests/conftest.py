@@ -5,6 +5,9 @@
 * Kernel outputs are NaN-poisoned (``SLOTH_CORE_POISON=1``): an element a kernel forgets to write fails.
 * Hypothesis profiles: ``ci`` (few examples, the default), ``dev``, ``thorough`` (``HYPOTHESIS_PROFILE=thorough``).
 * ``@pytest.mark.cuda`` marks tests that need a CUDA GPU; they are skipped elsewhere.
+* ``USE_HUB_KERNELS=NO``: the test machines have no network, and transformers 5.2x's ``from_pretrained`` would
+  fetch hub kernels (``kernels-community/rotary``, ...) on a GPU -- what an offline user sets too. The attention
+  instances keep their hub-kernel slots, which the rope tests go through.
 """
 import os
 
@@ -18,6 +21,7 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SLOTH_CORE_POISON"] = "1"
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 # Kernel tests force their launch parameters; no tuning on first use or cached winners behind their back
 # (tests/autotune/ sets its own cache and mode).
 os.environ.setdefault("SLOTH_CORE_AUTOTUNE", "0")
