@@ -272,11 +272,14 @@ def _hf_checkpointing(model, on: bool) -> None:
     """HF's non-reentrant gradient checkpointing with input-embedding gradients, or neither."""
     base = _base(model)
     if on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers 5.2x's name; the old one is deprecated
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not getattr(base, "_require_grads_hooks", None):  # transformers 5 enables them above already
             base.enable_input_require_grads()
     else:
-        base.gradient_checkpointing_disable()
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
         base.disable_input_require_grads()
 
 
