@@ -16,6 +16,7 @@ it on any module it walks, copies made by ``deepcopy`` included. Records are und
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import types
 from dataclasses import dataclass
@@ -173,18 +174,40 @@ def bound_forward_function(module: nn.Module) -> Callable | None:
     return None
 
 
-# transformers' hub-kernel layer (``kernels.use_kernelized_func``, transformers 5.2x with the ``kernels`` package)
-# gives each attention instance a private module per kernelizable function, in this dict, keyed by function name; the
-# global of that name routes calls made inside the instance's forward to it. ``kernelize`` swaps those modules'
-# forwards for hub kernels.
+# transformers' hub-kernel layer (``kernels.use_kernelized_func``, transformers 5.2x with its ``kernels`` dependency)
+# turns a kernelizable global function into a module (``kernel_layer_name``: "rotary_pos_emb" for
+# ``apply_rotary_pos_emb``) and gives each attention instance a private copy in this dict, keyed by that name; the
+# global routes calls made inside the instance's forward to it. ``kernelize`` swaps those copies' forwards for hub
+# kernels.
 HUB_SLOTS_ATTR = "_kernel_funcs"
+
+
+def _class_global(module: nn.Module, name: str) -> Any:
+    """The global ``name`` as the class forward (or a function its decorators wrap) looks it up, or ``None``."""
+    for f in wrapped_chain(type(module).forward):
+        if name in f.__code__.co_names:
+            return f.__globals__.get(name)
+    return None
+
+
+def _hub_slot_key(module: nn.Module, name: str) -> str | None:
+    """The key of the instance's hub-kernel slot for the global function ``name``, or ``None``: the global's
+    ``kernel_layer_name`` (the key ``use_kernelized_func`` gives a function module without a ``__name__``), or
+    ``name`` itself."""
+    slots = module.__dict__.get(HUB_SLOTS_ATTR)
+    if not isinstance(slots, dict):
+        return None
+    found = _class_global(module, name)
+    for key in (getattr(found, "kernel_layer_name", None), name):
+        if isinstance(key, str) and isinstance(slots.get(key), nn.Module):
+            return key
+    return None
 
 
 def hub_slot(module: nn.Module, name: str) -> nn.Module | None:
     """The instance's hub-kernel slot for the global function ``name``, or ``None``."""
-    slots = module.__dict__.get(HUB_SLOTS_ATTR)
-    slot = slots.get(name) if isinstance(slots, dict) else None
-    return slot if isinstance(slot, nn.Module) else None
+    key = _hub_slot_key(module, name)
+    return None if key is None else module.__dict__[HUB_SLOTS_ATTR][key]
 
 
 def global_callable(module: nn.Module, name: str) -> Callable | None:
@@ -201,26 +224,49 @@ def global_callable(module: nn.Module, name: str) -> Callable | None:
     return None
 
 
-class _Slot(nn.Module):
-    """A hub-kernel slot that runs ``fn``. Its bound ``forward`` ignores ``self``: under ``torch.compile`` the
-    hub-kernel layer calls ``slot.forward.__func__`` with the shared global module as ``self``."""
+def _as_unpickled(previous: nn.Module) -> nn.Module:
+    return previous
 
-    def __init__(self, fn: Callable):
+
+class _Slot(nn.Module):
+    """A hub-kernel slot that runs ``fn`` in place of ``previous``. Its bound ``forward`` ignores ``self``: under
+    ``torch.compile`` the hub-kernel layer calls ``slot.forward.__func__`` with the shared global module as
+    ``self``. Pickled, it is ``previous`` (a pickled model gets the forwards of its classes back, as the other
+    bindings do: the kernel closure does not pickle)."""
+
+    def __init__(self, fn: Callable, previous: nn.Module):
         super().__init__()
+        self.__dict__["previous"] = previous  # not a submodule: the slots are not part of the module tree
 
         def forward(_self, *args, **kwargs):
             return fn(*args, **kwargs)
 
         self.forward = types.MethodType(forward, self)
 
+    def __reduce_ex__(self, protocol):
+        return _as_unpickled, (self.__dict__["previous"],)
+
+    def __copy__(self):
+        new = _Slot.__new__(_Slot)
+        new.__dict__.update(self.__dict__)
+        new.__dict__["forward"] = types.MethodType(self.forward.__func__, new)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = _Slot.__new__(_Slot)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))  # the bound forward is rebound to ``new``
+        return new
+
 
 def install_global(module: nn.Module, name: str, replacement: Callable, pattern: str, kernel: str) -> None:
     """Make calls of the global ``name`` inside this instance's forward run ``replacement``: through its hub-kernel
     slot where it has one (transformers' own extension point), else by re-creating its forward with a copy of the
     globals (:func:`globals_function`)."""
-    slots = module.__dict__.get(HUB_SLOTS_ATTR)
-    if hub_slot(module, name) is not None:
-        install_attr(module, HUB_SLOTS_ATTR, {**slots, name: _Slot(replacement)}, pattern, kernel)
+    key = _hub_slot_key(module, name)
+    if key is not None:
+        slots = module.__dict__[HUB_SLOTS_ATTR]
+        install_attr(module, HUB_SLOTS_ATTR, {**slots, key: _Slot(replacement, slots[key])}, pattern, kernel)
         return
     attr = _forward_attr(module)
     current = module.__dict__.get(attr, _MISSING)

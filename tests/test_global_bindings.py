@@ -7,7 +7,9 @@ installed transformers builds that forward (both routes are tested on every tran
   replacement, and what was in the slot (a hub kernel ``kernelize`` put there, say) is what the rope pattern
   verifies against.
 """
+import copy
 import functools
+import pickle
 
 import torch
 from torch import nn
@@ -28,10 +30,13 @@ def _plain(q, k, cos, sin, unsqueeze_dim=1):
 
 def apply_rotary_pos_emb(*args, **kwargs):
     """The global the forwards call: routed to the running instance's slot, if any (the hub-kernel layer's
-    ``Func`` module does this), else the plain function."""
+    ``Func`` module does this, and keys the slot by its ``kernel_layer_name``), else the plain function."""
     if ACTIVE:
-        return ACTIVE[-1]._kernel_funcs["apply_rotary_pos_emb"](*args, **kwargs)
+        return ACTIVE[-1]._kernel_funcs["rotary_pos_emb"](*args, **kwargs)
     return _plain(*args, **kwargs)
+
+
+apply_rotary_pos_emb.kernel_layer_name = "rotary_pos_emb"
 
 
 def renaming(old, new):
@@ -83,7 +88,7 @@ class SlottedAttention(Attention):
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.__dict__["_kernel_funcs"] = {"apply_rotary_pos_emb": self._Func()}
+        self.__dict__["_kernel_funcs"] = {"rotary_pos_emb": self._Func()}
 
     forward = routing(Attention.forward)
 
@@ -121,7 +126,7 @@ def test_hub_kernel_slot_runs_the_replacement_and_is_verified(monkeypatch, devic
     kernel = []
     monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: kernel.append(1) or rope_pattern.rope_reference(*a))
     attn = SlottedAttention().to(device)
-    before = attn._kernel_funcs["apply_rotary_pos_emb"]
+    before = attn._kernel_funcs["rotary_pos_emb"]
     assert binding.global_callable(attn, "apply_rotary_pos_emb") is before
     match = rope_pattern.find(attn, {})
     assert match["_function"] is before  # the slot's module is what the replacement is verified against
@@ -131,19 +136,26 @@ def test_hub_kernel_slot_runs_the_replacement_and_is_verified(monkeypatch, devic
     attn(x, cos, sin)
     assert kernel == [1] and CALLS == ["renamed"]
     assert "forward" not in attn.__dict__  # the forward itself is untouched
+    twin = copy.deepcopy(attn)  # PEFT's modules_to_save, the tests' reference copies: the kernel stays
+    twin(x, cos, sin)
+    assert kernel == [1, 1] and CALLS == ["renamed", "renamed"]
+    unpickled = pickle.loads(pickle.dumps(attn))  # as every binding: back to what the class does, working
+    assert type(unpickled._kernel_funcs["rotary_pos_emb"]) is SlottedAttention._Func
+    torch.testing.assert_close(unpickled(x, cos, sin), attn(x, cos, sin))
+    assert kernel == [1, 1, 1]
     binding.uninstall(attn)
-    assert attn._kernel_funcs["apply_rotary_pos_emb"] is before
+    assert attn._kernel_funcs["rotary_pos_emb"] is before
     CALLS.clear()
     attn(x, cos, sin)
-    assert CALLS == ["renamed", "slot", "plain"] and kernel == [1]
+    assert CALLS == ["renamed", "slot", "plain"] and kernel == [1, 1, 1]
 
 
 def test_a_kernelized_slot_that_disagrees_is_not_replaced(device):
     """A hub kernel in the slot that does not compute RoPE: verification catches it, nothing is swapped."""
     attn = SlottedAttention().to(device)
-    slot = attn._kernel_funcs["apply_rotary_pos_emb"]
+    slot = attn._kernel_funcs["rotary_pos_emb"]
     slot.forward = lambda q, k, cos, sin, unsqueeze_dim=1: (q * cos.unsqueeze(1), k * cos.unsqueeze(1))  # wrong
     rows = rewrite(attn, generic_architecture(), only={"rope"})
     assert [(r.pattern, r.status) for r in rows] == [("rope", "skipped")]
     assert "disagree" in rows[0].detail or "does not compute" in rows[0].detail
-    assert attn._kernel_funcs["apply_rotary_pos_emb"] is slot
+    assert attn._kernel_funcs["rotary_pos_emb"] is slot

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import sloth_core
+from sloth_core import binding
 from sloth_core.tiny import tiny_model
 from sloth_core.tolerances import assert_close
 
@@ -151,6 +152,10 @@ def test_bindings_are_per_instance_and_global_free(device, monkeypatch):
     assert modeling_llama.LlamaAttention.forward is forward_before
     assert not _bound(other)
     assert "forward" not in other.model.layers[0].self_attn.__dict__
+    attn = model.model.layers[0].self_attn
+    if "_kernel_funcs" in attn.__dict__:  # transformers 5.2x: the hub-kernel slot takes the kernel, not the forward
+        assert "forward" not in attn.__dict__
+        assert binding.hub_slot(attn, "apply_rotary_pos_emb") is not None
     # the RoPE kernel runs in this model's attention (through its hub-kernel slot on transformers 5.2x, through a
     # re-created forward before), never in the other model's
     calls = []
