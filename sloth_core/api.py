@@ -9,7 +9,7 @@ from torch import nn
 
 from . import binding
 from .coverage import missing
-from .registry.architecture import generic_architecture, lookup
+from .registry.architecture import Architecture, generic_architecture, lookup
 from .registry.patterns import OPT_IN_PATTERNS
 from .reporting import ReportRow, format_table, summary
 from .rewriter import rewrite
@@ -128,7 +128,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     return model
 
 
-def _warn_missing(base: nn.Module, mtype: str | None, arch, opts: dict[str, Any]) -> None:
+def _warn_missing(base: nn.Module, mtype: str | None, arch: Architecture, opts: dict[str, Any]) -> None:
     """One warning naming each pattern the architecture's declaration expects that the model did not get."""
     wanted = set(arch.pattern_names())
     if opts["patterns"] is not None:

@@ -182,12 +182,13 @@ def bound_forward_function(module: nn.Module) -> Callable | None:
 HUB_SLOTS_ATTR = "_kernel_funcs"
 
 
-def _class_global(module: nn.Module, name: str) -> Any:
-    """The global ``name`` as the class forward (or a function its decorators wrap) looks it up, or ``None``."""
-    for f in wrapped_chain(type(module).forward):
+def _looked_up(fn: Callable, name: str) -> Any:
+    """The global ``name`` as ``fn`` (or a function its decorators wrap) looks it up; ``_MISSING`` where none
+    does."""
+    for f in wrapped_chain(fn):
         if name in f.__code__.co_names:
             return f.__globals__.get(name)
-    return None
+    return _MISSING
 
 
 def _hub_slot_key(module: nn.Module, name: str) -> str | None:
@@ -197,7 +198,7 @@ def _hub_slot_key(module: nn.Module, name: str) -> str | None:
     slots = module.__dict__.get(HUB_SLOTS_ATTR)
     if not isinstance(slots, dict):
         return None
-    found = _class_global(module, name)
+    found = _looked_up(type(module).forward, name)
     for key in (getattr(found, "kernel_layer_name", None), name):
         if isinstance(key, str) and isinstance(slots.get(key), nn.Module):
             return key
@@ -218,9 +219,9 @@ def global_callable(module: nn.Module, name: str) -> Callable | None:
     if slot is not None:
         return slot
     for fn in (bound_forward_function(module), type(module).forward):
-        for f in wrapped_chain(fn):
-            if name in f.__code__.co_names:
-                return f.__globals__.get(name)
+        found = _looked_up(fn, name)
+        if found is not _MISSING:
+            return found
     return None
 
 

@@ -105,9 +105,9 @@ def find(module: nn.Module, params) -> Match | Skip | None:
                   "_signature": _signature(_class_forward(module))}, sig)
 
 
-def _split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    """The call's arguments as (the head's: labels, logits_to_keep; the decoder's, by name)."""
-    sig = _signature(_class_forward(module))
+def _split(sig: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """The call's arguments, bound to the class forward's signature ``sig``, as (the head's: labels,
+    logits_to_keep; the decoder's, by name)."""
     bound = sig.bind(module, *args, **kwargs)
     bound.apply_defaults()
     named = dict(bound.arguments)
@@ -131,7 +131,7 @@ def _forward_with(loss_fn):
         softcap, scale, return_logits = m["softcap"], m["logit_scale"], m["return_logits"]
 
         def forward(self, *args, **kwargs):
-            head_args, decoder_args = _split(self, args, kwargs)
+            head_args, decoder_args = _split(m["_signature"], self, args, kwargs)
             labels, logits_to_keep = head_args["labels"], head_args["logits_to_keep"]
             head = head_linear(self.lm_head) if labels is not None else None
             if head is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0) or \

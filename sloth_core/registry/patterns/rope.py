@@ -5,10 +5,12 @@ The binding is per instance (nothing global is patched): where transformers' hub
 slot for that function (transformers 5.2x, whose ``kernels`` dependency makes ``apply_rotary_pos_emb`` a module
 routed per instance), the slot runs the kernel, and what was in the slot -- HF's function or a hub kernel that
 ``kernelize`` put there -- is what gets verified; otherwise the attention's forward is re-created (through the
-decorators that wrap it) with globals in which that one name maps to the kernel. Meaning: ``q * cos + rotate_half(q) * sin`` (and the same for ``k``), with
-``rotate_half(x) = cat(-x2, x1)``. The replacement calls the Triton kernel (q and k in one launch, backward = the
-inverse rotation) when the inputs are a layout it handles, and the module's own function otherwise, so a call the
-kernel does not support is still answered by the original code.
+decorators that wrap it) with globals in which that one name maps to the kernel.
+
+Meaning: ``q * cos + rotate_half(q) * sin`` (and the same for ``k``), with ``rotate_half(x) = cat(-x2, x1)``.
+The replacement calls the Triton kernel (q and k in one launch, backward = the inverse rotation) when the inputs
+are a layout it handles, and the module's own function otherwise, so a call the kernel does not support is still
+answered by the original code.
 """
 from __future__ import annotations
 
