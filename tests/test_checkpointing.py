@@ -220,11 +220,14 @@ def test_disable_restores_the_exact_original(device):
 def test_other_bindings_stay_and_a_later_replacement_is_refused(device):
     model = sloth_core.optimize(tiny_model("llama", device=device))
     before = _own_attributes(model)
-    kernels = {m: m.__dict__["forward"] for m in model.modules() if binding.records(m)}
+    def bound():  # what each binding set (the forward, or a hub-kernel slot's dict)
+        return {(m, r.attr): m.__dict__[r.attr] for m in model.modules() for r in binding.records(m)}
+
+    kernels = bound()
     assert kernels
     ck.enable_checkpointing(model)
     ck.disable_checkpointing(model)
-    assert {m: m.__dict__["forward"] for m in model.modules() if binding.records(m)} == kernels
+    assert bound() == kernels
 
     ck.enable_checkpointing(model)
     layer = _decoder_layers(model)[1]
