@@ -101,7 +101,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                    exclude=set(opts["exclude"]),
                    verify_every=opts["verify"] == "always")
     facts = arch.layer if arch.declared else None
-    changed = _apply_checkpointing(base, _CHECKPOINTING[opts["gradient_checkpointing"]], rows,
+    changed = _apply_checkpointing(base, _CHECKPOINTING[opts["gradient_checkpointing"]],
                                    facts.mlp_output_unused if facts else None,
                                    facts.attention_output_unused if facts else None)
     unchanged = False
@@ -115,16 +115,16 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                           f"({summary(state['rows'])}); nothing changed", SlothCoreWarning, stacklevel=2)
     else:
         base.__dict__[STATE_ATTR] = {"rows": rows, "architecture": arch.name, "model_type": mtype}
-        if not any(r.status == "replaced" for r in rows):
+        if not any(r.status == "replaced" for r in rows) and not changed:
             warnings.warn(f"sloth_core.optimize: nothing was replaced in {type(base).__name__} (model_type={mtype!r}, "
                           f"architecture {arch.name!r}; {summary(rows)}); the model runs as before",
                           SlothCoreWarning, stacklevel=2)
     if arch.declared and not unchanged:
         _warn_missing(base, mtype, arch, opts)
-    if opts["verbose"] and rows:
+    if opts["verbose"] and (rows or changed):
         print(f"sloth_core: {type(base).__name__} (model_type={mtype!r}, architecture {arch.name!r})")
-        print(format_table(rows))
-        print(summary(rows))
+        print(format_table(report(base)))
+        print(summary(report(base)))
     return model
 
 
@@ -144,22 +144,33 @@ def _warn_missing(base: nn.Module, mtype: str | None, arch: Architecture, opts: 
                       SlothCoreWarning, stacklevel=3)
 
 
-def _apply_checkpointing(model: nn.Module, mode: str | None, rows: list[ReportRow],
-                         mlp_output_unused=None, attention_output_unused=None) -> bool:
-    """Set our decoder-layer checkpointing to ``mode`` (None: leave it), adding report rows; whether anything
-    changed. ``mlp_output_unused`` / ``attention_output_unused``: the architecture's :class:`LayerFacts` methods
-    (declared ones only)."""
-    if mode is None:
-        return False
+def _apply_checkpointing(model: nn.Module, mode: str | None, mlp_output_unused=None,
+                         attention_output_unused=None) -> bool:
+    """Set our decoder-layer checkpointing to ``mode`` (None: leave it), and let ours serve HF's checkpointing
+    whenever it is switched on (:mod:`sloth_core.checkpointing_takeover`); whether anything changed.
+    ``mlp_output_unused`` / ``attention_output_unused``: the architecture's :class:`LayerFacts` methods (declared
+    ones only)."""
     from .checkpointing import checkpointed_layers, disable_checkpointing, enable_checkpointing
+    from .checkpointing_takeover import install as serve_hf_checkpointing
 
-    before = checkpointed_layers(model)
+    changed = False
     if mode == "off":
+        changed = bool(checkpointed_layers(model))
         disable_checkpointing(model)
-        return bool(before)
-    for path in enable_checkpointing(model, mode, mlp_output_unused, attention_output_unused):
-        rows.append(ReportRow(path, "checkpointing", f"torch:checkpoint({mode})", "replaced", f"mode={mode}"))
-    return True
+    elif mode is not None:
+        enable_checkpointing(model, mode, mlp_output_unused, attention_output_unused)
+        changed = True
+    return serve_hf_checkpointing(model, mode, mlp_output_unused, attention_output_unused) or changed
+
+
+def _checkpointing_rows(model: nn.Module) -> list[ReportRow]:
+    """A row per checkpointed layer, as installed now (a trainer may have switched HF's on since optimize)."""
+    from .checkpointing import checkpointed_modes
+    from .checkpointing_takeover import serving_hf
+
+    why = ", serving Hugging Face's checkpointing (switched on for this model)" if serving_hf(model) else ""
+    return [ReportRow(path, "checkpointing", f"torch:checkpoint({mode})", "replaced", f"mode={mode}{why}")
+            for path, mode in checkpointed_modes(model)]
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -173,9 +184,11 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def report(model: nn.Module) -> list[ReportRow]:
-    """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason."""
-    state = unwrap(model).__dict__.get(STATE_ATTR)
-    return list(state["rows"]) if state else []
+    """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason; the
+    checkpointing rows as it runs now."""
+    base = unwrap(model)
+    state = base.__dict__.get(STATE_ATTR)
+    return list(state["rows"]) + _checkpointing_rows(base) if state else []
 
 
 def missing_patterns(model: nn.Module) -> list:

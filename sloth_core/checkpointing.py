@@ -195,7 +195,7 @@ def enable_checkpointing(model: nn.Module, mode: str = "on",
     if mode == "off":
         disable_checkpointing(model)
         return []
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if not layers:
         _warn_once(f"no-layers:{type(model).__name__}",
                    f"enable_checkpointing: found no decoder layers in {type(model).__name__} (no "
@@ -241,7 +241,12 @@ def disable_checkpointing(model: nn.Module) -> None:
 
 def checkpointed_layers(model: nn.Module) -> list[str]:
     """Paths of the layers of ``model`` that :func:`enable_checkpointing` wrapped."""
-    return [path for path, m in model.named_modules()
+    return [path for path, _ in checkpointed_modes(model)]
+
+
+def checkpointed_modes(model: nn.Module) -> list[tuple[str, str]]:
+    """``(path, mode)`` of each layer of ``model`` that :func:`enable_checkpointing` wrapped."""
+    return [(path, m.__dict__[STATE_ATTR].mode) for path, m in model.named_modules()
             if binding.is_bound(m, PATTERN) and isinstance(m.__dict__.get(STATE_ATTR), _LayerState)]
 
 
@@ -263,7 +268,9 @@ def _gradient_checkpointing_layer_class():
     return GradientCheckpointingLayer
 
 
-def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost decoder layers of ``model`` (``GradientCheckpointingLayer`` s, else the children of a
+    ``ModuleList`` named ``layers`` / ``h``), with their paths."""
     gcl = _gradient_checkpointing_layer_class()
     named = list(model.named_modules())
     found = [(p, m) for p, m in named if gcl is not None and isinstance(m, gcl)]

@@ -1,12 +1,13 @@
 """An optimized model trains under TRL's ``SFTTrainer`` and the HF ``Trainer`` with their default configs, on both
-ends of the supported range (CI's constraint sets): the steps run, the losses are finite, and the kernels run inside
-the trainer's steps (counted at the RoPE kernel's entry). How much of the fast path the trainers' defaults keep
-(their own checkpointing, TRL's fused LM head) is measured separately."""
+ends of the supported range (CI's constraint sets): the steps run, the losses are finite, the kernels run inside
+the trainer's steps (counted at the RoPE kernel's entry), and the checkpointing the trainer switches on is
+sloth_core's (:mod:`sloth_core.checkpointing_takeover`). TRL's fused LM head still bypasses the fused loss."""
 import pytest
 import torch
 from packaging.version import Version
 
 import sloth_core
+from sloth_core import checkpointing as ck
 from sloth_core.registry.patterns import rope as rope_pattern
 from sloth_core.tiny import tiny_model
 
@@ -48,6 +49,13 @@ def _assert_trained(trainer, out, calls):
     assert calls, "the RoPE kernel never ran inside the trainer's steps"
 
 
+def _assert_our_checkpointing_served_hf(model):
+    """The trainer switched HF's checkpointing on: sloth_core's ran instead ("offload", optimize got no mode)."""
+    assert ck.checkpointing_stats().checkpointed_calls > 0
+    rows = [r for r in sloth_core.report(model) if r.pattern == "checkpointing"]
+    assert rows and all(r.detail.startswith("mode=offload, serving Hugging Face's") for r in rows), rows
+
+
 @pytest.mark.skipif(Version(trl.__version__) < Version("1.16") and torch.cuda.device_count() == 0,
                     reason="TRL < 1.16 runs its own chunked log-prob Triton kernel on CPU tensors, which fails under "
                            "Triton's interpreter on triton 3.6 (TRL's kernel, not sloth_core's)")
@@ -57,8 +65,11 @@ def test_sft_trainer_default_config_runs_the_kernels(tmp_path, monkeypatch):
     data = datasets.Dataset.from_dict({"input_ids": _rows()})
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
                          logging_steps=1, save_strategy="no", use_cpu=True)
+    assert args.gradient_checkpointing  # TRL's default
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(128))
+    ck.reset_checkpointing_stats()
     _assert_trained(trainer, trainer.train(), calls)
+    _assert_our_checkpointing_served_hf(model)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -69,6 +80,8 @@ def test_hf_trainer_default_config_runs_the_kernels(tmp_path, monkeypatch):
     rows = _rows()
     data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
-                             logging_steps=1, save_strategy="no", use_cpu=True)
+                             logging_steps=1, save_strategy="no", use_cpu=True, gradient_checkpointing=True)
     trainer = Trainer(model=model, args=args, train_dataset=data)
+    ck.reset_checkpointing_stats()
     _assert_trained(trainer, trainer.train(), calls)
+    _assert_our_checkpointing_served_hf(model)
