@@ -81,7 +81,15 @@ def test_hf_trainer_default_config_runs_the_kernels(tmp_path, monkeypatch):
     data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
                              logging_steps=1, save_strategy="no", use_cpu=True, gradient_checkpointing=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    seen = []
+
+    def metrics(pred):  # evaluate with compute_metrics gets the logits (gradients are off there)
+        seen.append(pred.predictions.shape)
+        return {"n": float(pred.predictions.shape[0])}
+
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, compute_metrics=metrics)
     ck.reset_checkpointing_stats()
     _assert_trained(trainer, trainer.train(), calls)
     _assert_our_checkpointing_served_hf(model)
+    result = trainer.evaluate()
+    assert seen == [(8, 12, 128)] and result["eval_n"] == 8.0 and torch.isfinite(torch.tensor(result["eval_loss"]))

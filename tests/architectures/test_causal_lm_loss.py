@@ -136,3 +136,15 @@ def test_lora_added_to_lm_head_after_optimize_falls_back(device):
                 p.normal_(0, 0.05)
                 q.copy_(p)
     _assert_same(ref, model, input_ids=_labels(device, ignore="none"), labels=_labels(device, seed=2))
+
+
+def test_without_gradients_the_logits_come_back_with_the_loss(device):
+    """Evaluation loops run without gradients and hand the logits to their metrics: HF's own path answers."""
+    ref = tiny_model("gemma2", device=device)
+    model = sloth_core.optimize(copy.deepcopy(ref))
+    ids, labels = _labels(device, ignore="none"), _labels(device, seed=2)
+    with torch.no_grad():
+        a, b = ref(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
+    assert b.logits is not None
+    assert_close("logits", b.logits, a.logits, torch.float32, scale=4)
+    assert_close("loss", b.loss, a.loss, torch.float32, scale=4)

@@ -8,6 +8,7 @@ logits are never materialized -- with the architecture's final-logit soft-cappin
 ``optimize(..., return_logits=True)``. Without labels, and whenever the fused path cannot serve the call, the
 class's own forward runs unchanged:
 
+* gradients off (evaluation and prediction loops: ``Trainer.evaluate`` hands the logits to ``compute_metrics``);
 * ``logits_to_keep`` other than 0, a ``loss_function`` other than transformers' ``ForCausalLMLoss``;
 * an ``lm_head`` that is not a plain ``nn.Linear`` (a LoRA layer on ``lm_head``, a quantized head) or that has
   hooks. PEFT's ``modules_to_save`` copy of ``lm_head`` is served: its weight receives gradients.
@@ -134,8 +135,8 @@ def _forward_with(loss_fn):
             head_args, decoder_args = _split(m["_signature"], self, args, kwargs)
             labels, logits_to_keep = head_args["labels"], head_args["logits_to_keep"]
             head = head_linear(self.lm_head) if labels is not None else None
-            if head is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0) or \
-                    not _loss_is_hf_causal(self):
+            if head is None or not torch.is_grad_enabled() or \
+                    not (isinstance(logits_to_keep, int) and logits_to_keep == 0) or not _loss_is_hf_causal(self):
                 return _class_forward(self)(self, *args, **kwargs)
             return_dict = decoder_args.pop("return_dict", None)
             if return_dict is None:
