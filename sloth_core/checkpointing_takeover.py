@@ -9,7 +9,8 @@ no recompute shortcuts). ``optimize`` therefore binds, on the transformers model
 * HF's method runs as before (its flags, its checkpoint function, ``every_n_layers``);
 * on ``enable=True`` sloth_core's checkpointing then takes every decoder layer, in the mode ``optimize`` was given
   (``"offload"`` when it was given none), which sets HF's layer flags back to a falsy marker: no double checkpoint;
-* on ``enable=False`` ours is turned off again where it was on only on HF's behalf (``optimize`` was given no mode).
+* on ``enable=False`` ours is turned off again where it was on only on HF's behalf (``optimize`` was given no mode);
+* ``optimize(..., gradient_checkpointing="off")`` leaves HF's checkpointing to HF.
 
 ``optimize(model)`` on a model whose HF checkpointing is already on (``optimize(trainer.model)`` after the trainer
 turned it on) takes it over at once. The binding is per instance and recorded (:mod:`sloth_core.binding`), so
@@ -36,13 +37,14 @@ DEFAULT_MODE = "offload"
 
 @dataclasses.dataclass
 class TakeoverState:
-    mode: str | None            # the mode optimize was given ("on" / "offload"), None: none
+    mode: str | None            # the mode optimize was given: "on" / "offload", "off" (never take HF's), None: none
     mlp_output_unused: Callable | None = None       # the architecture's LayerFacts methods (declared ones)
     attention_output_unused: Callable | None = None
     serving_hf: bool = False    # ours runs because HF's checkpointing was switched on
 
-    def mode_for_hf(self) -> str:
-        return self.mode or DEFAULT_MODE
+    def mode_for_hf(self) -> str | None:
+        """The mode ours serves HF's checkpointing in; ``None``: it does not (``optimize(...="off")``)."""
+        return None if self.mode == "off" else self.mode or DEFAULT_MODE
 
 
 def install(model: nn.Module, mode: str | None, mlp_output_unused=None, attention_output_unused=None) -> bool:
@@ -56,7 +58,7 @@ def install(model: nn.Module, mode: str | None, mlp_output_unused=None, attentio
         binding.install_attr(model, STATE_ATTR, state, PATTERN, KERNEL)
         binding.install_attr(model, TARGET, types.MethodType(_set_gradient_checkpointing, model), PATTERN, KERNEL)
     if mode is not None:
-        state.mode = None if mode == "off" else mode
+        state.mode = mode
     state.mlp_output_unused, state.attention_output_unused = mlp_output_unused, attention_output_unused
     if state.mode is None and _hf_flags_on(model):
         _take(model, state)
@@ -75,8 +77,10 @@ def _hf_flags_on(model: nn.Module) -> bool:
 
 
 def _take(model: nn.Module, state: TakeoverState) -> None:
-    enable_checkpointing(model, state.mode_for_hf(), state.mlp_output_unused, state.attention_output_unused)
-    state.serving_hf = True
+    mode = state.mode_for_hf()
+    if mode is not None:
+        enable_checkpointing(model, mode, state.mlp_output_unused, state.attention_output_unused)
+        state.serving_hf = True
 
 
 def _hf_method(model: nn.Module) -> Callable:

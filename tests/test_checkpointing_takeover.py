@@ -129,3 +129,26 @@ def test_lora_model_under_hf_enable_and_restore(device):
     assert TARGET in base.__dict__
     sloth_core.restore(model)
     assert TARGET not in base.__dict__ and not ck.checkpointed_layers(model)
+
+
+def test_off_leaves_hf_checkpointing_to_hf(device):
+    model = sloth_core.optimize(tiny_model("llama", device=device).train(), gradient_checkpointing="off")
+    model.gradient_checkpointing_enable()
+    hf_calls = _count_hf_checkpoints(model)
+    _step(model, device)
+    assert not ck.checkpointed_layers(model) and hf_calls[0] == len(_layers(model))
+
+
+def test_pickle_and_deepcopy_of_a_model_whose_checkpointing_serves_hf(device):
+    import pickle
+
+    model = sloth_core.optimize(tiny_model("llama", device=device).train())
+    back = pickle.loads(pickle.dumps(model))  # (after HF's enable HF's own input hook does not pickle)
+    back.gradient_checkpointing_enable()
+    _step(back, device)  # runs: the bindings fall back to the classes' methods, as every binding does
+    model.gradient_checkpointing_enable()
+    twin = copy.deepcopy(model)
+    assert twin.__dict__[TARGET].__self__ is twin
+    ck.reset_checkpointing_stats()
+    _step(twin, device)
+    assert ck.checkpointing_stats().checkpointed_calls == len(_layers(twin))
