@@ -9,6 +9,7 @@ from torch import nn
 
 from . import binding
 from .coverage import missing
+from .fallback import fallback_reason
 from .registry.architecture import Architecture, generic_architecture, lookup
 from .registry.patterns import OPT_IN_PATTERNS
 from .reporting import ReportRow, format_table, summary
@@ -106,9 +107,10 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                                    facts.attention_output_unused if facts else None)
     unchanged = False
     if state is not None:
-        seen = {(r.module, r.pattern) for r in state["rows"]}
-        rows = [r for r in rows if (r.module, r.pattern) not in seen]
-        state["rows"].extend(rows)
+        new = {(r.module, r.pattern): r for r in rows}  # a module verified again replaces its row
+        old = {(r.module, r.pattern): r for r in state["rows"]}
+        rows = [r for key, r in new.items() if old.get(key) != r]
+        state["rows"][:] = [r for key, r in old.items() if key not in new] + list(new.values())
         unchanged = not any(r.status == "replaced" for r in rows) and not changed
         if unchanged:
             warnings.warn(f"sloth_core.optimize: {type(base).__name__} is already optimized "
@@ -184,11 +186,20 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def report(model: nn.Module) -> list[ReportRow]:
-    """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason; the
-    checkpointing rows as it runs now."""
+    """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason; a
+    replacement that falls back now (its module changed since it was verified: :mod:`sloth_core.fallback`) has
+    status ``fallback`` and the change as its detail; the checkpointing rows as it runs now."""
     base = unwrap(model)
     state = base.__dict__.get(STATE_ATTR)
-    return list(state["rows"]) + _checkpointing_rows(base) if state else []
+    if not state:
+        return []
+    modules = dict(base.named_modules())
+    rows = []
+    for r in state["rows"]:
+        why = fallback_reason(modules[r.module], r.pattern) if r.status == "replaced" and r.module in modules \
+            else None
+        rows.append(r if why is None else dataclasses.replace(r, status="fallback", detail=why))
+    return rows + _checkpointing_rows(base)
 
 
 def missing_patterns(model: nn.Module) -> list:

@@ -299,5 +299,23 @@ def uninstall(module: nn.Module) -> int:
     return len(recs)
 
 
+def uninstall_pattern(module: nn.Module, pattern: str) -> bool:
+    """Undo ``pattern``'s bindings on ``module`` alone; ``False`` (nothing undone) when another binding was
+    installed after them on the same attribute (it wraps what they installed)."""
+    recs = records(module)
+    mine = [i for i, r in enumerate(recs) if r.pattern == pattern]
+    if not mine or any(r.pattern != pattern and r.attr in {recs[i].attr for i in mine} for r in recs[mine[0]:]):
+        return False
+    for i in reversed(mine):
+        rec = recs.pop(i)
+        if rec.previous is _MISSING:
+            module.__dict__.pop(rec.attr, None)
+        else:
+            module.__dict__[rec.attr] = rec.previous
+    if not recs:
+        del module.__dict__[RECORD_ATTR]
+    return True
+
+
 def uninstall_all(root: nn.Module) -> int:
     return sum(uninstall(m) for m in root.modules())

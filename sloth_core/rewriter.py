@@ -7,13 +7,16 @@ For each pattern of the architecture (declared, or GENERIC), for each module of 
    (:mod:`sloth_core.verify`). Declared architectures verify once per signature (class, dtype, shape, params);
    undeclared ones verify every instance. A module that does not verify stays untouched and is reported.
 3. ``install``: the replacement is bound on that instance only (:mod:`sloth_core.binding`).
+
+A binding that fell back since (:mod:`sloth_core.fallback`: its module's setting changed after it was verified) is
+undone and its module goes through the three steps again.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import binding
+from . import binding, fallback
 from .kernels._runtime import unsupported_reason
 from .registry.architecture import Architecture
 from .registry.pattern import Match, PatternUse, Skip
@@ -62,6 +65,9 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             continue
         blockers = [pattern.name] + [u.name for u in arch.patterns if pattern.name in u.pattern.supersedes]
         for path, module in modules:
+            if fallback.fallback_reason(module, pattern.name) is not None and \
+                    binding.uninstall_pattern(module, pattern.name):
+                fallback.clear(module, pattern.name)  # its setting changed since: verify the new one
             if any(binding.is_bound(module, name) for name in blockers):
                 continue
             found = use.find(module)

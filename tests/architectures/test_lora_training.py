@@ -214,7 +214,7 @@ def test_rope_after_a_wrapping_pattern_is_reported_skipped_not_replaced(device):
     the rope function: rope says so and skips. With a slot (transformers 5.2x) the forward is not rope's to
     re-create: the slot takes the kernel whatever wraps the forward."""
     model = _lora(tiny_model("llama", device=device))
-    sloth_core.optimize(model, patterns=["lora_qkv"])
+    sloth_core.optimize(model, patterns=["lora_linear", "lora_qkv"])  # lora_qkv answers through lora_linear
     sloth_core.optimize(model)
     rows = [r for r in sloth_core.report(model) if r.pattern == "rope"]
     modules = dict(unwrap(model).named_modules())

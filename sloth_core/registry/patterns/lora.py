@@ -19,7 +19,9 @@
 Supported: ``lora_dropout=0``, no LoRA bias, no DoRA, one active adapter (rsLoRA is just its scaling), adapters
 neither merged nor disabled. Anything else keeps PEFT's path and the report says why. The replacement forwards
 re-read the adapter state at every call (:func:`lora_spec` is attribute reads), so switching adapters, merging or
-disabling them later falls back to the module's own forward instead of computing something else.
+disabling them later falls back to the module's own forward instead of computing something else; so does a
+setting verification never saw (:func:`_setting`: a trainer's cast of the adapters, ``.to()``), which
+:mod:`sloth_core.fallback` reports until ``optimize`` verifies it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import threading
 from torch import nn
 
 from ... import binding
+from ...fallback import fall_back
 from ...kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_qkv, lora_spec
 from ..pattern import Match, Pattern, Probe, Skip
 from . import gated_mlp
@@ -43,6 +46,28 @@ def _trainable(*specs) -> tuple:
     return tuple(t for s in specs for t in (s.A, s.B) if t.requires_grad)
 
 
+_SETTING = ("lora_A dtype", "lora_B dtype", "adapter device", "base weight dtype", "base weight device",
+            "4-bit compute dtype", "scale")
+
+
+def _setting(spec) -> tuple:
+    """What verification saw of one LoRA layer that a trainer or the user can change after ``optimize`` (TRL casts
+    the adapters of a 4-bit model to bf16, ``.to()`` moves them): attribute reads, checked at every call."""
+    w = spec.base_layer.weight
+    return (spec.A.dtype, spec.B.dtype, spec.A.device, w.dtype, w.device,
+            getattr(spec.base_layer, "compute_dtype", None), spec.scale)
+
+
+def _changed(specs, verified: tuple) -> str | None:
+    """How the layers' settings differ from the ``verified`` ones (``None``: they do not)."""
+    for spec, seen in zip(specs, verified):
+        now = _setting(spec)
+        for name, a, b in zip(_SETTING, seen, now):
+            if a != b:
+                return f"its LoRA setting changed since it was verified ({name} {a} -> {b})"
+    return None
+
+
 # --- lora_linear ------------------------------------------------------------------------------------------------
 def find_linear(module: nn.Module, params) -> Match | Skip | None:
     if not _is_lora_layer(module):
@@ -54,7 +79,8 @@ def find_linear(module: nn.Module, params) -> Match | Skip | None:
     dtype, device = module_dtype_device(base)
     sig = (type(module), type(base), dtype, device, base.in_features, base.out_features, tuple(spec.A.shape),
            spec.A.dtype, spec.scale)
-    return Match({"r": spec.A.shape[0], "scale": spec.scale, "in": base.in_features}, sig)
+    return Match({"r": spec.A.shape[0], "scale": spec.scale, "in": base.in_features,
+                  "_settings": (_setting(spec),)}, sig + _setting(spec))
 
 
 def _linear_with(fn, grouped: bool = False):
@@ -70,6 +96,10 @@ def _linear_with(fn, grouped: bool = False):
             spec = lora_spec(self)
             if isinstance(spec, str) or args or kwargs:
                 return type(self).forward(self, x, *args, **kwargs)
+            changed = _changed((spec,), m["_settings"])
+            if changed is not None:
+                fall_back(self, "lora_linear", changed)
+                return type(self).forward(self, x)
             out = group.project(self, x, spec) if group is not None else None
             return fn(x, *spec) if out is None else out
 
@@ -113,8 +143,9 @@ def find_mlp(module: nn.Module, params) -> Match | Skip | None:
     specs = _mlp_specs(module)
     if isinstance(specs, str):
         return Skip(specs)
-    sig = found.signature + tuple((tuple(s.A.shape), s.A.dtype, s.scale) for s in specs)
-    return Match({**found.params, "r": specs[0].A.shape[0]}, sig)
+    settings = tuple(_setting(s) for s in specs)
+    sig = found.signature + tuple((tuple(s.A.shape), s.A.dtype, s.scale) for s in specs) + settings
+    return Match({**found.params, "r": specs[0].A.shape[0], "_settings": settings}, sig)
 
 
 def _mlp_with(fn):
@@ -124,6 +155,10 @@ def _mlp_with(fn):
         def forward(self, x):
             specs = _mlp_specs(self)
             if isinstance(specs, str):
+                return type(self).forward(self, x)
+            changed = _changed(specs, m["_settings"])
+            if changed is not None:
+                fall_back(self, "lora_mlp", changed)
                 return type(self).forward(self, x)
             return fn(x, *specs, activation)
 
@@ -208,14 +243,19 @@ def find_qkv(module: nn.Module, params) -> Match | Skip | None:
     bad = [f"{name}: {spec}" for name, spec in zip(_QKV, specs) if isinstance(spec, str)]
     if bad:
         return Skip(bad[0])
+    unbound = [name for name, p in zip(_QKV, projections) if not binding.is_bound(p, "lora_linear")]
+    if unbound:  # the group answers through the projections' lora_linear forwards: without them it never runs
+        return Skip(f"{', '.join(unbound)} not bound by lora_linear (see its rows): the fused q/k/v group would "
+                    f"never run")
     hidden = {spec.base_layer.in_features for spec in specs}
     if len(hidden) != 1:
         return Skip(f"q/k/v take inputs of different widths {sorted(hidden)}")
     dtype, device = module_dtype_device(specs[0].base_layer)
+    settings = tuple(_setting(s) for s in specs)
     sig = (type(module), dtype, device, module.head_dim) + tuple(
-        (type(s.base_layer), s.base_layer.out_features, tuple(s.A.shape), s.A.dtype, s.scale) for s in specs)
+        (type(s.base_layer), s.base_layer.out_features, tuple(s.A.shape), s.A.dtype, s.scale) for s in specs) + settings
     return Match({"hidden": hidden.pop(), "head_dim": module.head_dim,
-                  "r": tuple(s.A.shape[0] for s in specs)}, sig)
+                  "r": tuple(s.A.shape[0] for s in specs), "_settings": settings}, sig)
 
 
 def _attention_with(grouped: bool):
@@ -224,14 +264,25 @@ def _attention_with(grouped: bool):
     def make(m: Match):
         def forward(self, *args, **kwargs):
             inner = binding.previous_forward(self, "lora_qkv")
-            if not grouped:
-                return inner(*args, **kwargs)
+            if not grouped or not _qkv_as_verified(self, m["_settings"]):
+                return inner(*args, **kwargs)  # each projection answers for itself
             with _grouping(self):
                 return inner(*args, **kwargs)
 
         return forward
 
     return make
+
+
+def _qkv_as_verified(attention: nn.Module, settings: tuple) -> bool:
+    """Whether q, k, v are still as the group's verification saw them (else it falls back, saying so)."""
+    specs = [lora_spec(getattr(attention, name)) for name in _QKV]
+    if any(isinstance(spec, str) for spec in specs):
+        return True  # the projections fall back themselves, each with its reason
+    changed = _changed(specs, settings)
+    if changed is not None:
+        fall_back(attention, "lora_qkv", changed)
+    return changed is None
 
 
 def _probe_qkv(module: nn.Module, m: Match, gen) -> Probe:
