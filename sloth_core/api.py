@@ -7,9 +7,8 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from . import binding
+from . import binding, fallback
 from .coverage import missing
-from .fallback import fallback_reason
 from .registry.architecture import Architecture, generic_architecture, lookup
 from .registry.patterns import OPT_IN_PATTERNS
 from .reporting import ReportRow, format_table, summary
@@ -181,6 +180,7 @@ def restore(model: nn.Module) -> nn.Module:
     binding.uninstall_all(model)
     if base is not model:
         binding.uninstall_all(base)
+    fallback.clear_all(model)
     base.__dict__.pop(STATE_ATTR, None)
     return model
 
@@ -196,7 +196,7 @@ def report(model: nn.Module) -> list[ReportRow]:
     modules = dict(base.named_modules())
     rows = []
     for r in state["rows"]:
-        why = fallback_reason(modules[r.module], r.pattern) if r.status == "replaced" and r.module in modules \
+        why = fallback.fallback_reason(modules[r.module], r.pattern) if r.status == "replaced" and r.module in modules \
             else None
         rows.append(r if why is None else dataclasses.replace(r, status="fallback", detail=why))
     return rows + _checkpointing_rows(base)

@@ -36,3 +36,8 @@ def clear(module: nn.Module, pattern: str) -> None:
         notes.pop(pattern, None)
         if not notes:
             del module.__dict__[FALLBACK_ATTR]
+
+
+def clear_all(root: nn.Module) -> None:
+    for module in root.modules():
+        module.__dict__.pop(FALLBACK_ATTR, None)

@@ -65,8 +65,8 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             continue
         blockers = [pattern.name] + [u.name for u in arch.patterns if pattern.name in u.pattern.supersedes]
         for path, module in modules:
-            if fallback.fallback_reason(module, pattern.name) is not None and \
-                    binding.uninstall_pattern(module, pattern.name):
+            if fallback.fallback_reason(module, pattern.name) is not None and (
+                    binding.uninstall_pattern(module, pattern.name) or not binding.is_bound(module, pattern.name)):
                 fallback.clear(module, pattern.name)  # its setting changed since: verify the new one
             if any(binding.is_bound(module, name) for name in blockers):
                 continue

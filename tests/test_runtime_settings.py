@@ -79,3 +79,14 @@ def test_the_qkv_group_is_not_reported_where_its_projections_are_not_bound(devic
     model = sloth_core.optimize(_lora(device), exclude="lora_linear")
     rows = [r for r in sloth_core.report(model) if r.pattern == "lora_qkv"]
     assert rows and all(r.status == "skipped" and "not bound by lora_linear" in r.detail for r in rows)
+
+
+def test_restore_forgets_the_fallbacks(device):
+    model = sloth_core.optimize(_lora(device))
+    _cast_adapters(model, torch.bfloat16)
+    with pytest.warns(sloth_core.SlothCoreWarning):
+        _loss(model, device)
+    sloth_core.restore(model)
+    _cast_adapters(model, torch.float32)
+    sloth_core.optimize(model)
+    assert _statuses(model) == {(p, "replaced") for p in LORA_PATTERNS}
