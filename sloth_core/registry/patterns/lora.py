@@ -62,9 +62,10 @@ def _changed(specs, verified: tuple) -> str | None:
     """How the layers' settings differ from the ``verified`` ones (``None``: they do not)."""
     for spec, seen in zip(specs, verified):
         now = _setting(spec)
-        for name, a, b in zip(_SETTING, seen, now):
-            if a != b:
-                return f"its LoRA setting changed since it was verified ({name} {a} -> {b})"
+        if now == seen:  # the per-call path: one tuple comparison
+            continue
+        name, a, b = next((n, a, b) for n, a, b in zip(_SETTING, seen, now) if a != b)
+        return f"its LoRA setting changed since it was verified ({name} {a} -> {b})"
     return None
 
 
