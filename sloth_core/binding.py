@@ -68,6 +68,24 @@ def _forward_attr(module: nn.Module) -> str:
     return "forward"
 
 
+def foreign_forward(module: nn.Module) -> str | None:
+    """The name of a forward someone other than sloth_core set on this instance (TRL's fused LM head sets
+    ``model.forward``), or ``None``: no instance forward, the class's own (bound, as accelerate keeps it in
+    ``_old_forward``), or one of ours."""
+    attr = _forward_attr(module)
+    current = module.__dict__.get(attr, _MISSING)
+    if current is _MISSING or any(r.attr == attr for r in records(module)):
+        return None
+    fn = getattr(current, "__func__", current)
+    if fn is type(module).forward:
+        return None
+    code = getattr(fn, "__code__", None)  # functools.wraps copies the class forward's names: the code tells
+    if code is None:
+        return type(fn).__qualname__
+    where = "/".join(code.co_filename.replace("\\", "/").split("/")[-3:])
+    return f"{getattr(code, 'co_qualname', code.co_name)} ({where})"
+
+
 def records(module: nn.Module) -> list[BindingRecord]:
     return module.__dict__.get(RECORD_ATTR, [])
 

@@ -73,6 +73,11 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             found = use.find(module)
             if found is None:
                 continue
+            if not isinstance(found, Skip) and pattern.target == "forward":
+                other = binding.foreign_forward(module)
+                if other is not None:
+                    found = Skip(f"its forward was replaced on this instance by {other} (TRL's fused LM head, for "
+                                 f"one): left to it")
             if not isinstance(found, Skip):
                 dtype, device = module_dtype_device(module)
                 why = unsupported_reason(device, dtype)

@@ -93,3 +93,28 @@ def test_hf_trainer_default_config_runs_the_kernels(tmp_path, monkeypatch):
     _assert_our_checkpointing_served_hf(model)
     result = trainer.evaluate()
     assert seen == [(8, 12, 128)] and result["eval_n"] == 8.0 and torch.isfinite(torch.tensor(result["eval_loss"]))
+
+
+@pytest.mark.skipif(Version(trl.__version__) < Version("1.16") and torch.cuda.device_count() == 0,
+                    reason="TRL < 1.16 runs its own chunked log-prob Triton kernel on CPU tensors (see above)")
+@pytest.mark.filterwarnings("ignore")
+def test_optimize_after_the_sft_trainer_is_built_leaves_its_fused_head(tmp_path, monkeypatch):
+    """TRL replaces the model's forward with its fused LM head; optimize(trainer.model) afterwards leaves that
+    forward to TRL (and says so) instead of replacing it: training runs, the other kernels too."""
+    from peft import LoraConfig, get_peft_model
+
+    calls = []
+    monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: calls.append(1) or rope_pattern.rope_reference(*a))
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                           task_type="CAUSAL_LM"))
+    data = datasets.Dataset.from_dict({"input_ids": _rows()})
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                         logging_steps=1, save_strategy="no", use_cpu=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(128))
+    with pytest.warns(sloth_core.SlothCoreWarning, match="causal_lm_loss: not applied to <root>: its forward was "
+                                                         "replaced on this instance by "
+                                                         r"add_fused_lm_head.<locals>._fused_forward \(trl/"):
+        sloth_core.optimize(trainer.model)
+    ck.reset_checkpointing_stats()
+    _assert_trained(trainer, trainer.train(), calls)
+    _assert_our_checkpointing_served_hf(trainer.model)
