@@ -186,20 +186,29 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def report(model: nn.Module) -> list[ReportRow]:
-    """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason; a
-    replacement that falls back now (its module changed since it was verified: :mod:`sloth_core.fallback`) has
-    status ``fallback`` and the change as its detail; the checkpointing rows as it runs now."""
+    """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason, as
+    it runs now (:func:`_as_running`: ``fallback``, ``overridden``); the checkpointing rows as it runs now."""
     base = unwrap(model)
     state = base.__dict__.get(STATE_ATTR)
     if not state:
         return []
     modules = dict(base.named_modules())
-    rows = []
-    for r in state["rows"]:
-        why = fallback.fallback_reason(modules[r.module], r.pattern) if r.status == "replaced" and r.module in modules \
-            else None
-        rows.append(r if why is None else dataclasses.replace(r, status="fallback", detail=why))
-    return rows + _checkpointing_rows(base)
+    return [_as_running(r, modules.get(r.module)) for r in state["rows"]] + _checkpointing_rows(base)
+
+
+def _as_running(row: ReportRow, module: nn.Module | None) -> ReportRow:
+    """``row`` as its replacement runs now: ``fallback`` where it runs the original because its module changed
+    since verification, ``overridden`` where something replaced it after optimize."""
+    if row.status != "replaced" or module is None:
+        return row
+    why = fallback.fallback_reason(module, row.pattern)
+    if why is not None:
+        return dataclasses.replace(row, status="fallback", detail=why)
+    other = binding.replaced_since(module, row.pattern)
+    if other is not None:
+        return dataclasses.replace(row, status="overridden", detail=f"replaced after optimize by {other}: this "
+                                                                   f"kernel does not run where that answers")
+    return row
 
 
 def missing_patterns(model: nn.Module) -> list:

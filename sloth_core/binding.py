@@ -60,12 +60,23 @@ class BindingRecord:
     kernel: str
     attr: str
     previous: Any  # the instance attribute before install, or _MISSING
+    installed: Any = None  # what the install set (to tell whether something replaced it since)
 
 
 def _forward_attr(module: nn.Module) -> str:
     if getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__:
         return "_old_forward"
     return "forward"
+
+
+def _describe(value: Any) -> str:
+    """A callable's real name and file (``functools.wraps`` copies the wrapped function's names: the code tells)."""
+    fn = getattr(value, "__func__", value)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return type(fn).__qualname__
+    where = "/".join(code.co_filename.replace("\\", "/").split("/")[-3:])
+    return f"{getattr(code, 'co_qualname', code.co_name)} ({where})"
 
 
 def foreign_forward(module: nn.Module) -> str | None:
@@ -76,14 +87,25 @@ def foreign_forward(module: nn.Module) -> str | None:
     current = module.__dict__.get(attr, _MISSING)
     if current is _MISSING or any(r.attr == attr for r in records(module)):
         return None
-    fn = getattr(current, "__func__", current)
-    if fn is type(module).forward:
+    if getattr(current, "__func__", current) is type(module).forward:
         return None
-    code = getattr(fn, "__code__", None)  # functools.wraps copies the class forward's names: the code tells
-    if code is None:
-        return type(fn).__qualname__
-    where = "/".join(code.co_filename.replace("\\", "/").split("/")[-3:])
-    return f"{getattr(code, 'co_qualname', code.co_name)} ({where})"
+    return _describe(current)
+
+
+def replaced_since(module: nn.Module, pattern: str) -> str | None:
+    """The name of what replaced, after the install, the attribute ``pattern`` set on ``module`` (TRL's fused LM
+    head wraps the forward the fused loss set), or ``None``: it is still there, or a later binding of ours wraps
+    it."""
+    recs = records(module)
+    for i in range(len(recs) - 1, -1, -1):
+        rec = recs[i]
+        if rec.pattern != pattern:
+            continue
+        if any(r.attr == rec.attr for r in recs[i + 1:]):
+            return None
+        current = module.__dict__.get(rec.attr, _MISSING)
+        return None if current is rec.installed else _describe(current)
+    return None
 
 
 def records(module: nn.Module) -> list[BindingRecord]:
@@ -114,6 +136,7 @@ def is_bound(module: nn.Module, pattern: str) -> bool:
 
 
 def _push(module: nn.Module, rec: BindingRecord, value: Any) -> None:
+    rec.installed = value
     module.__dict__.setdefault(RECORD_ATTR, []).append(rec)
     module.__dict__[rec.attr] = value
 

@@ -237,3 +237,19 @@ def test_restore_after_deepcopy_of_optimized_model(device):
     ids = torch.randint(0, 128, (1, 4), device=device)
     with torch.no_grad():
         model(ids)  # forwards are the class's again (not a stale sentinel)
+
+
+def test_a_replacement_overridden_after_optimize_is_reported_so(device):
+    """Something that sets the forward of an optimized module afterwards (TRL's fused LM head does) wins; the
+    report says "overridden", naming it, not "replaced"."""
+    model = sloth_core.optimize(tiny_model("llama", device=device))
+    norm = model.model.norm
+
+    def someone_elses(self, x):
+        return x
+
+    norm.forward = types.MethodType(someone_elses, norm)
+    rows = {r.module: r for r in sloth_core.report(model) if r.pattern == "rms_norm"}
+    assert rows["model.norm"].status == "overridden"
+    assert "someone_elses (" in rows["model.norm"].detail and "tests/test_rewriter.py)" in rows["model.norm"].detail
+    assert rows["model.layers.0.input_layernorm"].status == "replaced"

@@ -118,3 +118,17 @@ def test_optimize_after_the_sft_trainer_is_built_leaves_its_fused_head(tmp_path,
     ck.reset_checkpointing_stats()
     _assert_trained(trainer, trainer.train(), calls)
     _assert_our_checkpointing_served_hf(trainer.model)
+
+
+@pytest.mark.skipif(Version(trl.__version__) < Version("1.16") and torch.cuda.device_count() == 0,
+                    reason="TRL < 1.16 runs its own chunked log-prob Triton kernel on CPU tensors (see above)")
+@pytest.mark.filterwarnings("ignore")
+def test_the_report_says_when_the_sft_trainer_overrides_the_fused_loss(tmp_path, monkeypatch):
+    """optimize before the trainer: TRL then wraps the forward the fused loss set with its fused LM head, and the
+    report says so instead of "replaced"."""
+    model, _ = _optimized_lora_model(monkeypatch)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], save_strategy="no", use_cpu=True)
+    trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": _rows()}),
+                   processing_class=_tokenizer(128))
+    [row] = [r for r in sloth_core.report(model) if r.pattern == "causal_lm_loss"]
+    assert row.status == "overridden" and "_fused_forward (trl/" in row.detail, row
