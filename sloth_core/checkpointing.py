@@ -59,8 +59,9 @@ For the CPU test suite ``_OFFLOAD_CPU_INPUTS = True`` makes CPU inputs take the 
 
 KV caches: a layer whose class does not declare ``_can_checkpoint_with_cache`` gets its cache argument -- any keyword
 whose value is a transformers ``Cache`` (``past_key_values`` up to transformers 5.17, ``cache`` from 5.2x), or one
-named ``past_key_values`` / ``cache`` / ``layer_past`` -- set to ``None`` and ``use_cache=False`` on checkpointed calls (what Hugging Face's checkpointing does: the
-recompute would write the cache a second time). The loss and gradients are unchanged; the returned cache stays empty.
+named ``past_key_values`` / ``cache`` / ``layer_past`` -- set to ``None`` and ``use_cache=False`` on checkpointed
+calls (what Hugging Face's checkpointing does: the recompute would write the cache a second time). The loss and
+gradients are unchanged; the returned cache stays empty.
 
 Hugging Face's checkpointing: wrapped layers get ``gradient_checkpointing`` set to a falsy marker (restored by
 :func:`disable_checkpointing`, unless it was changed meanwhile), so ``GradientCheckpointingLayer.__call__`` does not

@@ -79,5 +79,6 @@ def run_demo(model_type: str, dtype_name: str | None, device: str) -> int:
             print("  " + m.line())
     else:
         print("\ncoverage: every pattern the declaration expects was applied")
-    print(("\nPARITY OK" if ok else "\nPARITY FAILED") + ("" if not lost else f", COVERAGE INCOMPLETE ({len(lost)} missing)"))
+    verdict = "\nPARITY OK" if ok else "\nPARITY FAILED"
+    print(verdict + (f", COVERAGE INCOMPLETE ({len(lost)} missing)" if lost else ""))
     return 0 if ok and not lost else 1
