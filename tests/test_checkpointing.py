@@ -22,6 +22,7 @@ from sloth_core import checkpointing as ck
 from sloth_core.tiny import tiny_model
 from sloth_core.tolerances import assert_close
 from tests.batches import token_batch
+from tests.hf_checkpointing import count_hf_checkpoints
 
 MODES = ["on", "offload"]
 pytestmark = pytest.mark.filterwarnings("ignore:sloth_core checkpointing.*KV cache")
@@ -253,25 +254,12 @@ def test_enabling_twice_does_not_double_wrap(device):
     assert _own_attributes(model) == before
 
 
-def _count_hf_calls(layers):
-    calls = [0]
-    for layer in layers:
-        func = layer._gradient_checkpointing_func
-
-        def counting(*args, func=func, **kwargs):
-            calls[0] += 1
-            return func(*args, **kwargs)
-
-        layer._gradient_checkpointing_func = counting
-    return calls
-
-
 def test_hf_checkpointing_enabled_before_is_suspended_then_restored(device):
     ref = tiny_model("llama", device=device, attention_dropout=0.2).train()
     model = copy.deepcopy(ref)
     model.gradient_checkpointing_enable()
     layers = _decoder_layers(model)
-    hf_calls = _count_hf_calls(layers)
+    hf_calls = count_hf_checkpoints(layers)
     ck.enable_checkpointing(model, "on")
     assert not any(layer.gradient_checkpointing for layer in layers)
     _assert_checkpointed(_assert_parity(ref, model), len(layers), "on")
@@ -288,7 +276,7 @@ def test_hf_checkpointing_enabled_after_is_not_doubled(device):
     ck.enable_checkpointing(model, "offload")
     model.gradient_checkpointing_enable()
     layers = _decoder_layers(model)
-    hf_calls = _count_hf_calls(layers)
+    hf_calls = count_hf_checkpoints(layers)
     assert ck.checkpointing_stats().checkpointed_calls == 0
     stats = _assert_parity(ref, model)  # training: Hugging Face checkpoints, the wrapper steps aside
     assert stats.checkpointed_calls == 0 and hf_calls[0] == len(layers)

@@ -12,6 +12,7 @@ from sloth_core import checkpointing as ck
 from sloth_core.checkpointing_takeover import TARGET
 from sloth_core.tiny import tiny_model
 from tests.batches import token_batch
+from tests.hf_checkpointing import count_hf_checkpoints
 
 pytestmark = pytest.mark.filterwarnings("ignore:sloth_core checkpointing.*KV cache")
 
@@ -29,17 +30,7 @@ def _layers(model):
 
 
 def _count_hf_checkpoints(model):
-    """How often HF's checkpoint function runs (set on each layer by HF's enable)."""
-    calls = [0]
-    for layer in _layers(model):
-        func = layer._gradient_checkpointing_func
-
-        def counting(*args, func=func, **kwargs):
-            calls[0] += 1
-            return func(*args, **kwargs)
-
-        layer._gradient_checkpointing_func = counting
-    return calls
+    return count_hf_checkpoints(_layers(model))
 
 
 def _step(model, device):
