@@ -10,7 +10,7 @@ from torch import nn
 from . import binding, fallback
 from .coverage import missing
 from .registry.architecture import Architecture, generic_architecture, lookup
-from .registry.patterns import OPT_IN_PATTERNS
+from .registry.patterns import ALL_PATTERNS, OPT_IN_PATTERNS
 from .reporting import ReportRow, format_table, summary
 from .rewriter import rewrite
 
@@ -30,6 +30,7 @@ _OPTIONS = {
     "return_logits": False,  # with labels, the fused loss returns no logits unless this is True
     "gradient_checkpointing": None,  # None: leave as is; False/"off", True/"on", "offload" (inputs to pinned CPU)
 }
+_PATTERNS = {p.name: p for p in ALL_PATTERNS + OPT_IN_PATTERNS}
 _CHECKPOINTING = {None: None, False: "off", True: "on", "off": "off", "on": "on", "offload": "offload"}
 
 
@@ -105,7 +106,9 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                                    facts.mlp_output_unused if facts else None,
                                    facts.attention_output_unused if facts else None)
     unchanged = False
+    replay = {k: v for k, v in options.items() if k not in ("verbose", "gradient_checkpointing")}
     if state is not None:
+        state["options"] = {**state.get("options", {}), **replay}
         new = {(r.module, r.pattern): r for r in rows}  # a module verified again replaces its row
         old = {(r.module, r.pattern): r for r in state["rows"]}
         rows = [r for key, r in new.items() if old.get(key) != r]
@@ -115,7 +118,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
             warnings.warn(f"sloth_core.optimize: {type(base).__name__} is already optimized "
                           f"({summary(state['rows'])}); nothing changed", SlothCoreWarning, stacklevel=2)
     else:
-        base.__dict__[STATE_ATTR] = {"rows": rows, "architecture": arch.name, "model_type": mtype}
+        base.__dict__[STATE_ATTR] = {"rows": rows, "architecture": arch.name, "model_type": mtype, "options": replay}
         if not any(r.status == "replaced" for r in rows) and not changed:
             warnings.warn(f"sloth_core.optimize: nothing was replaced in {type(base).__name__} (model_type={mtype!r}, "
                           f"architecture {arch.name!r}; {summary(rows)}); the model runs as before",
@@ -127,6 +130,20 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
         print(format_table(report(base)))
         print(summary(report(base)))
     return model
+
+
+def bind_new(model: nn.Module) -> None:
+    """Bind what ``optimize`` would bind now that was not there then -- the LoRA layers a trainer added with
+    ``peft_config`` after the user's ``optimize`` line -- with the options ``optimize`` was given; quiet when
+    nothing is new. Runs when HF's checkpointing is switched on (:mod:`sloth_core.checkpointing_takeover`), which
+    trainers do after wrapping the model."""
+    base = unwrap(model)
+    state = base.__dict__.get(STATE_ATTR)
+    if state is None:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is already optimized.*nothing changed", category=SlothCoreWarning)
+        optimize(base, **state.get("options", {}))
 
 
 def _warn_missing(base: nn.Module, mtype: str | None, arch: Architecture, opts: dict[str, Any]) -> None:
@@ -201,6 +218,11 @@ def _as_running(row: ReportRow, module: nn.Module | None) -> ReportRow:
     since verification, ``overridden`` where something replaced it after optimize."""
     if row.status != "replaced" or module is None:
         return row
+    if not binding.is_bound(module, row.pattern):
+        by = [r.pattern for r in binding.records(module)
+              if row.pattern in getattr(_PATTERNS.get(r.pattern), "supersedes", ())]
+        return dataclasses.replace(row, status="superseded" if by else "undone",
+                                   detail=f"by {by[0]}" if by else "no longer bound")
     why = fallback.fallback_reason(module, row.pattern)
     if why is not None:
         return dataclasses.replace(row, status="fallback", detail=why)

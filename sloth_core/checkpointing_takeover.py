@@ -12,6 +12,10 @@ no recompute shortcuts). ``optimize`` therefore binds, on the transformers model
 * on ``enable=False`` ours is turned off again where it was on only on HF's behalf (``optimize`` was given no mode);
 * ``optimize(..., gradient_checkpointing="off")`` leaves HF's checkpointing to HF.
 
+When HF's checkpointing is switched on, what ``optimize`` would bind now that was not there when it ran -- the LoRA
+layers TRL's ``SFTTrainer(peft_config=...)`` adds after the user's ``optimize`` line -- is bound too
+(:func:`sloth_core.api.bind_new`): trainers switch it on after wrapping the model.
+
 ``optimize(model)`` on a model whose HF checkpointing is already on (``optimize(trainer.model)`` after the trainer
 turned it on) takes it over at once. The binding is per instance and recorded (:mod:`sloth_core.binding`), so
 ``restore`` undoes it; the report's checkpointing rows say which checkpointing runs and on whose behalf.
@@ -97,6 +101,9 @@ def _set_gradient_checkpointing(self: nn.Module, enable: bool = True, *args: Any
         return out
     if enable:
         _take(self, state)
+        from .api import bind_new  # lazy: api imports this module
+
+        bind_new(self)  # trainers switch checkpointing on after adding their PEFT adapters
     elif state.serving_hf:
         state.serving_hf = False
         if state.mode is None and checkpointed_layers(self):

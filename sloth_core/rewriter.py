@@ -89,6 +89,8 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             if match is None:
                 rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", why.reason, why.error))
                 continue
+            for name in pattern.supersedes:  # e.g. lora_mlp on an MLP gated_mlp took before PEFT added the LoRA
+                binding.uninstall_pattern(module, name)
             binding.install(module, pattern.target, pattern.replacement(match), pattern.name, pattern.kernel)
             rows.append(ReportRow(path, pattern.name, pattern.kernel, "replaced", match.describe()))
     return rows

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sloth_core
+from sloth_core import binding
 from sloth_core import checkpointing as ck
 from sloth_core.checkpointing_takeover import TARGET
 from sloth_core.tiny import tiny_model
@@ -143,3 +144,24 @@ def test_pickle_and_deepcopy_of_a_model_whose_checkpointing_serves_hf(device):
     ck.reset_checkpointing_stats()
     _step(twin, device)
     assert ck.checkpointing_stats().checkpointed_calls == len(_layers(twin))
+
+
+def test_lora_added_after_optimize_is_bound_when_hf_checkpointing_is_switched_on(device):
+    """The order TRL's SFTTrainer(peft_config=...) takes: the user's optimize line on the bare model, then the
+    trainer adds the adapters, then switches HF's checkpointing on. The new LoRA layers get the kernels then, the
+    MLPs go from gated_mlp to lora_mlp, and the report says so."""
+    from peft import LoraConfig, get_peft_model
+
+    base = sloth_core.optimize(tiny_model("llama", device=device).train())
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    statuses = {(r.pattern, r.status) for r in sloth_core.report(model)}
+    assert ("gated_mlp", "replaced") in statuses and not {p for p, _ in statuses} & {"lora_linear", "lora_mlp"}
+    model.gradient_checkpointing_enable()
+    statuses = {(r.pattern, r.status) for r in sloth_core.report(model)}
+    assert {("lora_linear", "replaced"), ("lora_mlp", "replaced"), ("lora_qkv", "replaced"),
+            ("gated_mlp", "superseded")} <= statuses
+    mlp = base.model.layers[0].mlp
+    assert [r.pattern for r in binding.records(mlp)] == ["lora_mlp"]
+    ck.reset_checkpointing_stats()
+    _step(model, device)
+    assert ck.checkpointing_stats().checkpointed_calls == len(_layers(model))

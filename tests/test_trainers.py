@@ -132,3 +132,27 @@ def test_the_report_says_when_the_sft_trainer_overrides_the_fused_loss(tmp_path,
                    processing_class=_tokenizer(128))
     [row] = [r for r in sloth_core.report(model) if r.pattern == "causal_lm_loss"]
     assert row.status == "overridden" and "_fused_forward (trl/" in row.detail, row
+
+
+@pytest.mark.skipif(Version(trl.__version__) < Version("1.16") and torch.cuda.device_count() == 0,
+                    reason="TRL < 1.16 runs its own chunked log-prob Triton kernel on CPU tensors (see above)")
+@pytest.mark.filterwarnings("ignore")
+def test_optimize_before_sft_trainer_with_peft_config_gets_the_lora_kernels(tmp_path, monkeypatch):
+    """optimize on the bare model, then SFTTrainer(peft_config=...) adds the adapters: they are bound when the
+    trainer switches checkpointing on, before the first step."""
+    from peft import LoraConfig
+
+    model = sloth_core.optimize(tiny_model("llama"))
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                         logging_steps=1, save_strategy="no", use_cpu=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": _rows()}),
+                             processing_class=_tokenizer(128),
+                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"))
+    calls = []
+    monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: calls.append(1) or rope_pattern.rope_reference(*a))
+    ck.reset_checkpointing_stats()
+    _assert_trained(trainer, trainer.train(), calls)
+    statuses = {(r.pattern, r.status) for r in sloth_core.report(trainer.model)}
+    assert {("lora_linear", "replaced"), ("lora_mlp", "replaced")} <= statuses
+    _assert_our_checkpointing_served_hf(trainer.model)
