@@ -204,7 +204,8 @@ def restore(model: nn.Module) -> nn.Module:
 
 def report(model: nn.Module) -> list[ReportRow]:
     """Rows of what ``optimize`` replaced (module path, pattern, kernel) and what it skipped, with the reason, as
-    it runs now (:func:`_as_running`: ``fallback``, ``overridden``); the checkpointing rows as it runs now."""
+    it runs now (:func:`_as_running`: ``superseded``, ``fallback``, ``overridden``); the checkpointing rows as it
+    runs now."""
     base = unwrap(model)
     state = base.__dict__.get(STATE_ATTR)
     if not state:
@@ -214,8 +215,9 @@ def report(model: nn.Module) -> list[ReportRow]:
 
 
 def _as_running(row: ReportRow, module: nn.Module | None) -> ReportRow:
-    """``row`` as its replacement runs now: ``fallback`` where it runs the original because its module changed
-    since verification, ``overridden`` where something replaced it after optimize."""
+    """``row`` as its replacement runs now: ``superseded`` where a pattern that supersedes it took its module over
+    since (``undone`` where nothing did), ``fallback`` where it runs the original because its module changed since
+    verification, ``overridden`` where something else replaced it after optimize."""
     if row.status != "replaced" or module is None:
         return row
     if not binding.is_bound(module, row.pattern):
