@@ -84,10 +84,12 @@ def test_lora_model_parity(model_type, when, device):
         model.load_state_dict(ref.state_dict())
         assert _replaced(model) == EXPECTED
         _assert_parity(ref, model, torch.float32)  # LoRA layers added after optimize: PEFT's path, still exact
-        sloth_core.optimize(model)  # binds what PEFT added: fused LoRA layers, the LoRA MLP over gated_mlp
+        sloth_core.optimize(model)  # binds what PEFT added: fused LoRA layers, the LoRA MLP instead of gated_mlp
+        mlp_rows = [r for r in sloth_core.report(model) if r.pattern == "gated_mlp"]
+        assert mlp_rows and all(r.status == "superseded" and r.detail == "by lora_mlp" for r in mlp_rows)
     else:
         model = sloth_core.optimize(copy.deepcopy(ref))
-    assert _replaced(model) == LORA_EXPECTED | ({"gated_mlp"} if when == "before_peft" else set())
+    assert _replaced(model) == LORA_EXPECTED
     assert not [r for r in sloth_core.report(model) if r.status == "skipped"]
     _assert_parity(ref, model, torch.float32)
     lora_grads = [n for n, p in model.named_parameters() if p.grad is not None]
