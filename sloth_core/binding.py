@@ -329,14 +329,18 @@ def install(module: nn.Module, target: str, replacement: Callable, pattern: str,
         raise ValueError(f"unknown binding target {target!r}")
 
 
+def _put_back(module: nn.Module, rec: BindingRecord) -> None:
+    if rec.previous is _MISSING:
+        module.__dict__.pop(rec.attr, None)
+    else:
+        module.__dict__[rec.attr] = rec.previous
+
+
 def uninstall(module: nn.Module) -> int:
     """Undo every binding on ``module``; returns how many were undone."""
     recs = module.__dict__.pop(RECORD_ATTR, [])
     for rec in reversed(recs):
-        if rec.previous is _MISSING:
-            module.__dict__.pop(rec.attr, None)
-        else:
-            module.__dict__[rec.attr] = rec.previous
+        _put_back(module, rec)
     return len(recs)
 
 
@@ -348,11 +352,7 @@ def uninstall_pattern(module: nn.Module, pattern: str) -> bool:
     if not mine or any(r.pattern != pattern and r.attr in {recs[i].attr for i in mine} for r in recs[mine[0]:]):
         return False
     for i in reversed(mine):
-        rec = recs.pop(i)
-        if rec.previous is _MISSING:
-            module.__dict__.pop(rec.attr, None)
-        else:
-            module.__dict__[rec.attr] = rec.previous
+        _put_back(module, recs.pop(i))
     if not recs:
         del module.__dict__[RECORD_ATTR]
     return True

@@ -22,7 +22,7 @@ from .registry.architecture import Architecture
 from .registry.pattern import Match, PatternUse, Skip
 from .registry.patterns._probe import module_dtype_device
 from .reporting import ReportRow
-from .verify import Failure, describe_exception, verify
+from .verify import Failure, raised, verify
 
 
 def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache: dict | None,
@@ -38,7 +38,7 @@ def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache
             try:
                 probe = pattern.probe(module, m, gen)
             except Exception as e:
-                why = Failure(f"could not build a probe: {describe_exception(e)}", repr(e))
+                why = raised("could not build a probe", e)
             else:
                 why = verify(original=pattern.adapted(pattern.original(module, m)),
                              replacement=pattern.bound(pattern.replacement(m), module),

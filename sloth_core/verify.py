@@ -98,9 +98,9 @@ def describe_exception(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def _raised(where: str, e: BaseException) -> Failure:
-    return Failure(f"probe failed on the {where}: {describe_exception(e)}",
-                   "".join(traceback.format_exception_only(type(e), e)).strip())
+def raised(what: str, e: BaseException) -> Failure:
+    """``what`` failed with ``e``: the readable line, and the exception's full text for the report."""
+    return Failure(f"{what}: {describe_exception(e)}", "".join(traceback.format_exception_only(type(e), e)).strip())
 
 
 def verify(original: Callable, replacement: Callable, reference: Callable, probe: Probe,
@@ -109,12 +109,12 @@ def verify(original: Callable, replacement: Callable, reference: Callable, probe
     try:
         o_out, o_grad = _run(original, probe, seed + 1, seed + 2)
     except Exception as e:  # the module cannot run the probe at all
-        return _raised("original module", e)
+        return raised("probe failed on the original module", e)
     for name, fn in (("reference", reference), ("replacement", replacement)):
         try:
             out, grad = _run(fn, probe, seed + 1, seed + 2)
         except Exception as e:
-            return _raised(name, e)
+            return raised(f"probe failed on the {name}", e)
         why = _differ("output", out, o_out, probe.dtype) or _differ("gradient", grad, o_grad, probe.dtype)
         if why is not None:
             verb = "does not compute the pattern's function" if name == "reference" else "kernel disagrees"

@@ -66,11 +66,11 @@ def _signature(fn) -> inspect.Signature:
     return inspect.signature(inspect.unwrap(fn))
 
 
-def _passes_through(module: nn.Module) -> str | None:
-    """Why the class forward's arguments cannot be split into the head's and the decoder's (``None``: they can):
-    it must take ``self``, ``labels``, ``logits_to_keep`` and ``**kwargs``, and the decoder must accept every other
+def _passes_through(module: nn.Module, sig: inspect.Signature) -> str | None:
+    """Why the class forward's arguments (``sig``) cannot be split into the head's and the decoder's (``None``:
+    they can): it must take ``self``, ``labels``, ``logits_to_keep`` and ``**kwargs``, and the decoder must accept every other
     argument by name."""
-    params = _signature(_class_forward(module)).parameters
+    params = sig.parameters
     names = list(params)
     if not names or names[0] != "self" or not all(n in params for n in _HEAD_ARGS) or \
             not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -89,7 +89,8 @@ def find(module: nn.Module, params) -> Match | Skip | None:
         return None
     if not isinstance(_decoder(module), nn.Module):
         return Skip("no decoder under base_model_prefix")
-    why = _passes_through(module)
+    forward_sig = _signature(_class_forward(module))
+    why = _passes_through(module, forward_sig)
     if why is not None:
         return Skip(f"not transformers' causal-LM forward: {why}")
     if head_linear(module.lm_head) is None:
@@ -103,7 +104,7 @@ def find(module: nn.Module, params) -> Match | Skip | None:
     dtype, device = module_dtype_device(module.lm_head)
     sig = (type(module), dtype, device, softcap, scale, params["return_logits"])
     return Match({"softcap": softcap, "logit_scale": scale, "return_logits": params["return_logits"],
-                  "_signature": _signature(_class_forward(module))}, sig)
+                  "_signature": forward_sig}, sig)
 
 
 def _split(sig: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
