@@ -151,7 +151,8 @@ def _warn_missing(base: nn.Module, mtype: str | None, arch: Architecture, opts: 
     wanted = set(arch.pattern_names())
     if opts["patterns"] is not None:
         wanted &= set(opts["patterns"])
-    wanted -= set(opts["exclude"])
+    excluded = set(opts["exclude"])
+    wanted -= {n for group in arch.expects if excluded & set(group) for n in group}  # excluding one excludes its group
     state = base.__dict__[STATE_ATTR]
     state["missing"] = lost = missing(arch, state["rows"], wanted)
     if lost:

@@ -81,13 +81,14 @@ def _describe(value: Any) -> str:
 
 def foreign_forward(module: nn.Module) -> str | None:
     """The name of a forward someone other than sloth_core set on this instance (TRL's fused LM head sets
-    ``model.forward``), or ``None``: no instance forward, the class's own (bound, as accelerate keeps it in
-    ``_old_forward``), or one of ours."""
+    ``model.forward``), also where one of our ``global:`` bindings re-created it, or ``None``: no instance forward,
+    the class's own (bound, as accelerate keeps it in ``_old_forward``), or one of ours over either."""
     attr = _forward_attr(module)
     current = module.__dict__.get(attr, _MISSING)
-    if current is _MISSING or any(r.attr == attr for r in records(module)):
-        return None
-    if getattr(current, "__func__", current) is type(module).forward:
+    for rec in reversed(records(module)):  # back through our installs to what was there before them
+        if rec.attr == attr and rec.installed is current:
+            current = rec.previous
+    if current is _MISSING or getattr(current, "__func__", current) is type(module).forward:
         return None
     return _describe(current)
 

@@ -6,7 +6,8 @@ For each pattern of the architecture (declared, or GENERIC), for each module of 
 2. ``verify``: ``replacement == reference == original`` on a random probe in the module's dtype
    (:mod:`sloth_core.verify`). Declared architectures verify once per signature (class, dtype, shape, params);
    undeclared ones verify every instance. A module that does not verify stays untouched and is reported.
-3. ``install``: the replacement is bound on that instance only (:mod:`sloth_core.binding`).
+3. ``install``: the replacement is bound on that instance only (:mod:`sloth_core.binding`), behind the pattern's
+   setting check where it declares one (:mod:`sloth_core.guard`: a setting changed since is verified on first use).
 
 A binding that fell back since (:mod:`sloth_core.fallback`: its module's setting changed after it was verified) is
 undone and its module goes through the three steps again.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import binding, fallback
+from . import binding, fallback, guard
 from .kernels._runtime import unsupported_reason
 from .registry.architecture import Architecture
 from .registry.pattern import Match, PatternUse, Skip
@@ -26,7 +27,7 @@ from .verify import Failure, raised, verify
 
 
 def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache: dict | None,
-                 gen_seed: int) -> tuple[Match | None, Failure]:
+                 gen_seed: int, settings: dict) -> tuple[Match | None, Failure]:
     pattern = use.pattern
     reasons = []
     for m in matches:
@@ -44,6 +45,8 @@ def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache
                              replacement=pattern.bound(pattern.replacement(m), module),
                              reference=pattern.bound(pattern.reference(m), module),
                              probe=probe, seed=gen_seed)
+                if why is None:
+                    guard.seed(pattern, module, probe.inputs, settings.setdefault(key, {}))
             if cache is not None:
                 cache[key] = why
         if why is None:
@@ -58,6 +61,7 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
     """Bind every verified match of ``arch``'s patterns inside ``model``; return the report rows."""
     rows: list[ReportRow] = []
     cache = None if (verify_every or not arch.declared) else {}
+    settings: dict = {}  # (pattern, signature) -> the settings verified for it (:mod:`sloth_core.guard`)
     modules = list(model.named_modules())
     for use in arch.patterns:
         pattern = use.pattern
@@ -85,12 +89,16 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             if isinstance(found, Skip):
                 rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", found.reason))
                 continue
-            match, why = _try_matches(module, use, found, cache, seed)
+            match, why = _try_matches(module, use, found, cache, seed, settings)
             if match is None:
                 rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", why.reason, why.error))
                 continue
             for name in pattern.supersedes:  # e.g. lora_mlp on an MLP gated_mlp took before PEFT added the LoRA
                 binding.uninstall_pattern(module, name)
-            binding.install(module, pattern.target, pattern.replacement(match), pattern.name, pattern.kernel)
+            replacement = pattern.replacement(match)
+            if pattern.target == "forward":
+                verified = settings.setdefault((pattern.name, match.signature), {})
+                replacement = guard.guard(pattern, match, replacement, verified)
+            binding.install(module, pattern.target, replacement, pattern.name, pattern.kernel)
             rows.append(ReportRow(path, pattern.name, pattern.kernel, "replaced", match.describe()))
     return rows

@@ -103,9 +103,21 @@ def raised(what: str, e: BaseException) -> Failure:
     return Failure(f"{what}: {describe_exception(e)}", "".join(traceback.format_exception_only(type(e), e)).strip())
 
 
+def _tolerance_dtype(probe: Probe) -> torch.dtype:
+    """The probe's dtype, or the autocast dtype where autocast is on for its inputs' device and computes in less
+    (the three callables then compute in it)."""
+    for t in probe.inputs:
+        if isinstance(t, torch.Tensor) and torch.is_autocast_enabled(t.device.type):
+            low = torch.get_autocast_dtype(t.device.type)
+            if torch.finfo(low).bits < torch.finfo(probe.dtype).bits:
+                return low
+    return probe.dtype
+
+
 def verify(original: Callable, replacement: Callable, reference: Callable, probe: Probe,
            seed: int = 0) -> Failure | None:
-    """``None`` when the three agree on ``probe`` (outputs and gradients), else the reason they do not."""
+    """``None`` when the three agree on ``probe`` (outputs and gradients, within the tolerance of the dtype they
+    compute in), else the reason they do not."""
     try:
         o_out, o_grad = _run(original, probe, seed + 1, seed + 2)
     except Exception as e:  # the module cannot run the probe at all
@@ -115,7 +127,8 @@ def verify(original: Callable, replacement: Callable, reference: Callable, probe
             out, grad = _run(fn, probe, seed + 1, seed + 2)
         except Exception as e:
             return raised(f"probe failed on the {name}", e)
-        why = _differ("output", out, o_out, probe.dtype) or _differ("gradient", grad, o_grad, probe.dtype)
+        dtype = _tolerance_dtype(probe)
+        why = _differ("output", out, o_out, dtype) or _differ("gradient", grad, o_grad, dtype)
         if why is not None:
             verb = "does not compute the pattern's function" if name == "reference" else "kernel disagrees"
             return Failure(f"{verb}: {name} vs original {why}")

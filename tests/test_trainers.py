@@ -1,7 +1,10 @@
 """An optimized model trains under TRL's ``SFTTrainer`` and the HF ``Trainer`` with their default configs, on both
 ends of the supported range (CI's constraint sets): the steps run, the losses are finite, the kernels run inside
-the trainer's steps (counted at the RoPE kernel's entry), and the checkpointing the trainer switches on is
-sloth_core's (:mod:`sloth_core.checkpointing_takeover`). TRL's fused LM head still bypasses the fused loss."""
+the trainer's steps (counted at the RoPE kernel's entry), the checkpointing the trainer switches on is
+sloth_core's (:mod:`sloth_core.checkpointing_takeover`), and TRL's fused LM head is served by our kernel
+(``trl_fused_lm_head``) wherever the ``optimize`` line is, with the plain script's losses."""
+import warnings
+
 import pytest
 import torch
 from packaging.version import Version
@@ -95,43 +98,57 @@ def test_hf_trainer_default_config_runs_the_kernels(tmp_path, monkeypatch):
     assert seen == [(8, 12, 128)] and result["eval_n"] == 8.0 and torch.isfinite(torch.tensor(result["eval_loss"]))
 
 
-@pytest.mark.skipif(Version(trl.__version__) < Version("1.16") and torch.cuda.device_count() == 0,
-                    reason="TRL < 1.16 runs its own chunked log-prob Triton kernel on CPU tensors (see above)")
-@pytest.mark.filterwarnings("ignore")
-def test_optimize_after_the_sft_trainer_is_built_leaves_its_fused_head(tmp_path, monkeypatch):
-    """TRL replaces the model's forward with its fused LM head; optimize(trainer.model) afterwards leaves that
-    forward to TRL (and says so) instead of replacing it: training runs, the other kernels too."""
-    from peft import LoraConfig, get_peft_model
+def _count_head_kernel(monkeypatch):
+    from sloth_core.registry.patterns import trl_lm_head
 
     calls = []
-    monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: calls.append(1) or rope_pattern.rope_reference(*a))
+    real = trl_lm_head.linear_log_probs
+    monkeypatch.setattr(trl_lm_head, "linear_log_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _sft_losses(tmp_path, monkeypatch, where):
+    """Two SFTTrainer steps (default config) on a LoRA tiny Llama, ``optimize`` ``where`` ("before" the trainer,
+    "after" it, or None: the plain script); the logged losses, the model, the head kernel's calls in training."""
+    from peft import LoraConfig, get_peft_model
+
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                            task_type="CAUSAL_LM"))
-    data = datasets.Dataset.from_dict({"input_ids": _rows()})
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
-                         logging_steps=1, save_strategy="no", use_cpu=True)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(128))
-    with pytest.warns(sloth_core.SlothCoreWarning, match="causal_lm_loss: not applied to <root>: its forward was "
-                                                         "replaced on this instance by "
-                                                         r"add_fused_lm_head.<locals>._fused_forward \(trl/"):
-        sloth_core.optimize(trainer.model)
+    if where == "before":
+        sloth_core.optimize(model)
+    args = trl.SFTConfig(output_dir=str(tmp_path / str(where)), max_steps=2, per_device_train_batch_size=2,
+                         report_to=[], logging_steps=1, save_strategy="no", use_cpu=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": _rows()}),
+                             processing_class=_tokenizer(128))
+    if where == "after":
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            sloth_core.optimize(trainer.model)
+        assert not [w for w in seen if "not applied" in str(w.message)], [str(w.message) for w in seen]
+    calls = _count_head_kernel(monkeypatch)
     ck.reset_checkpointing_stats()
-    _assert_trained(trainer, trainer.train(), calls)
-    _assert_our_checkpointing_served_hf(trainer.model)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return [(h["loss"], h["entropy"], h["mean_token_accuracy"]) for h in logs], trainer.model, calls
 
 
 @pytest.mark.skipif(Version(trl.__version__) < Version("1.16") and torch.cuda.device_count() == 0,
                     reason="TRL < 1.16 runs its own chunked log-prob Triton kernel on CPU tensors (see above)")
+@pytest.mark.parametrize("where", ["before", "after"])
 @pytest.mark.filterwarnings("ignore")
-def test_the_report_says_when_the_sft_trainer_overrides_the_fused_loss(tmp_path, monkeypatch):
-    """optimize before the trainer: TRL then wraps the forward the fused loss set with its fused LM head, and the
-    report says so instead of "replaced"."""
-    model, _ = _optimized_lora_model(monkeypatch)
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], save_strategy="no", use_cpu=True)
-    trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": _rows()}),
-                   processing_class=_tokenizer(128))
-    [row] = [r for r in sloth_core.report(model) if r.pattern == "causal_lm_loss"]
-    assert row.status == "overridden" and "_fused_forward (trl/" in row.detail, row
+def test_sft_trainers_fused_head_runs_our_kernel_with_the_plain_scripts_losses(where, tmp_path, monkeypatch):
+    """optimize before the trainer (TRL then wraps the forward; the head is bound when the trainer switches
+    checkpointing on) or on ``trainer.model`` after it: TRL's fused LM head runs our kernel in the steps, the loss,
+    entropy and token accuracy logged are the plain script's, the checkpointing is ours."""
+    plain, _, _ = _sft_losses(tmp_path, monkeypatch, None)
+    got, model, calls = _sft_losses(tmp_path, monkeypatch, where)
+    assert len(calls) >= 2, "the head kernel did not run in the trainer's steps"
+    assert len(got) == len(plain) == 2
+    for (loss, ent, acc), (loss0, ent0, acc0) in zip(got, plain):
+        assert loss == pytest.approx(loss0, rel=1e-4) and ent == pytest.approx(ent0, rel=1e-4) and acc == acc0
+    rows = {r.pattern: r.status for r in sloth_core.report(model) if r.module == ""}
+    assert rows["trl_fused_lm_head"] == "replaced", rows
+    _assert_our_checkpointing_served_hf(model)
 
 
 @pytest.mark.skipif(Version(trl.__version__) < Version("1.16") and torch.cuda.device_count() == 0,

@@ -97,7 +97,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _transform(x, scale, cap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+def logit_transform(x, scale, cap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """z = c * tanh((x * s) / c) and dz/dx, in fp32."""
     dz = tl.full(x.shape, 1.0, tl.float32)
     if HAS_SCALE:
@@ -122,7 +122,7 @@ def _row_logsumexp(x_row, n_cols, scale, cap, HAS_SCALE: tl.constexpr, HAS_SOFTC
         cols = chunk * BLOCK_V + offs
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        z, _ = _transform(x, scale, cap, HAS_SCALE, HAS_SOFTCAP)
+        z, _ = logit_transform(x, scale, cap, HAS_SCALE, HAS_SOFTCAP)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -131,7 +131,7 @@ def _row_logsumexp(x_row, n_cols, scale, cap, HAS_SCALE: tl.constexpr, HAS_SOFTC
 
 
 @triton.jit
-def _write_row_grad(x_row, g_row, n_cols, m, log_s, label, valid, w, scale, cap, HAS_SCALE: tl.constexpr,
+def write_row_grad(x_row, g_row, n_cols, m, log_s, label, valid, w, scale, cap, HAS_SCALE: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     """g_row[v] = w * (exp(z[v] - m - log_s) - [v == label]) * dz/dx[v]; zeros when the row is ignored.
 
@@ -144,7 +144,7 @@ def _write_row_grad(x_row, g_row, n_cols, m, log_s, label, valid, w, scale, cap,
         cols = chunk * BLOCK_V + offs
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=cols < n_load, other=0.0).to(tl.float32)
-        z, dz = _transform(x, scale, cap, HAS_SCALE, HAS_SOFTCAP)
+        z, dz = logit_transform(x, scale, cap, HAS_SCALE, HAS_SOFTCAP)
         p = tl.exp((z - m) - log_s)
         g = (p - tl.where(cols == label, 1.0, 0.0)) * dz * w
         g = tl.where(valid, g, 0.0)  # where, not a multiply: w may be inf/NaN on ignored rows
@@ -159,7 +159,7 @@ def _ce_kernel(logits_ptr, stride_logits, labels_ptr, loss_ptr, stats_ptr, grad_
                ROWS_PER_PROGRAM: tl.constexpr):
     """Rows ``pid * ROWS_PER_PROGRAM ...`` of the loss. ``FORWARD``: the row's loss ``m + log s - z[label]`` (0 on
     ignored rows) and its stats ``(m, log s)`` into ``loss_ptr`` / ``stats_ptr``; otherwise the stats are read
-    back from ``stats_ptr`` (the backward). ``COMPUTE_GRAD``: the gradient row (:func:`_write_row_grad`)."""
+    back from ``stats_ptr`` (the backward). ``COMPUTE_GRAD``: the gradient row (:func:`write_row_grad`)."""
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
     for i in range(ROWS_PER_PROGRAM):
         row = row_start + i
@@ -175,7 +175,7 @@ def _ce_kernel(logits_ptr, stride_logits, labels_ptr, loss_ptr, stats_ptr, grad_
                 if valid:  # ignored rows skip the log-sum-exp
                     m, log_s = _row_logsumexp(x_row, n_cols, scale, cap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
                                               NUM_CHUNKS)
-                    z_label, _ = _transform(tl.load(x_row + label).to(tl.float32), scale, cap, HAS_SCALE,
+                    z_label, _ = logit_transform(tl.load(x_row + label).to(tl.float32), scale, cap, HAS_SCALE,
                                             HAS_SOFTCAP)
                     loss = (m - z_label) + log_s
                 tl.store(loss_ptr + row, loss)
@@ -186,7 +186,7 @@ def _ce_kernel(logits_ptr, stride_logits, labels_ptr, loss_ptr, stats_ptr, grad_
                 log_s = tl.load(stats_ptr + 2 * row64 + 1)
             if COMPUTE_GRAD:
                 w = tl.load(w_ptr + row64 * stride_w)
-                _write_row_grad(x_row, grad_ptr + row64 * stride_grad, n_cols, m, log_s, label, valid, w, scale,
+                write_row_grad(x_row, grad_ptr + row64 * stride_grad, n_cols, m, log_s, label, valid, w, scale,
                                 cap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V, NUM_CHUNKS)
 
 
@@ -216,7 +216,7 @@ class LossOptions:
                     HAS_SCALE=self.logit_scale is not None, HAS_SOFTCAP=self.softcap is not None)
 
 
-def _launch_params(logits: torch.Tensor) -> tuple[tuple, dict]:
+def launch_params(logits: torch.Tensor) -> tuple[tuple, dict]:
     n_rows, n_cols = logits.shape
     cfg = config_for("cross_entropy", n_rows=n_rows, n_cols=n_cols, dtype=logits.dtype)
     rows = cfg["ROWS_PER_PROGRAM"]
@@ -233,7 +233,7 @@ def ce_forward(logits: torch.Tensor, labels: torch.Tensor, opts: LossOptions, lo
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    grid, params = _launch_params(logits)
+    grid, params = launch_params(logits)
     compute_grad = grad_out is not None
     if not compute_grad:
         grad_out, row_weight = logits, loss_out  # unused pointers
@@ -249,7 +249,7 @@ def ce_backward(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
     grad = new_empty(logits.shape, logits.dtype, logits.device)
     if n_rows == 0:
         return grad
-    grid, params = _launch_params(logits)
+    grid, params = launch_params(logits)
     _ce_kernel[grid](logits, logits.stride(0), labels, stats, stats, grad, grad.stride(0), row_weight,
                      _broadcast_stride(row_weight), n_rows, n_cols,  # the loss pointer (stats) is not written
                      FORWARD=False, COMPUTE_GRAD=True, **opts.kernel_args(), **params)

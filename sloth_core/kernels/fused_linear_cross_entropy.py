@@ -76,7 +76,7 @@ def fused_linear_cross_entropy_heuristic(n_tokens: int, vocab: int, hidden: int,
 # ---------------------------------------------------------------------------------------------------------
 # The chunked pass
 # ---------------------------------------------------------------------------------------------------------
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     if bias is None:
         torch.mm(x, weight.t(), out=out)
     else:
@@ -88,7 +88,7 @@ def _rows(row_weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return row_weight if row_weight.numel() == 1 else row_weight[start:end]
 
 
-def _chunked_pass(hidden, weight, bias, labels, opts: LossOptions, row_weight: torch.Tensor | None,
+def chunked_pass(hidden, weight, bias, labels, opts: LossOptions, row_weight: torch.Tensor | None,
                   want: tuple[bool, bool, bool]):
     """Loss rows and, when ``row_weight`` is given, the gradients named by ``want`` = (hidden, weight, bias).
 
@@ -112,7 +112,7 @@ def _chunked_pass(hidden, weight, bias, labels, opts: LossOptions, row_weight: t
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
         x, logits = hidden[start:end], buf[: end - start]
-        _project(x, weight, bias, out=logits)
+        project(x, weight, bias, out=logits)
         # the cross-entropy kernel overwrites the logits chunk with its gradient
         ce_forward(logits, labels[start:end], opts, loss_rows[start:end], stats[start:end],
                    grad_out=logits if computes_grad else None,
@@ -168,7 +168,7 @@ def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> 
 
 
 def _tuning_run(inputs: dict):
-    loss_rows, grad_h, _, _ = _chunked_pass(inputs["hidden"], inputs["weight"], None, inputs["labels"],
+    loss_rows, grad_h, _, _ = chunked_pass(inputs["hidden"], inputs["weight"], None, inputs["labels"],
                                             LossOptions(), inputs["row_weight"], (True, False, False))
     return loss_rows, grad_h
 
@@ -193,9 +193,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.opts, ctx.reduction, ctx.want = opts, reduction, want
         if reduction == "none":  # per-row weights arrive with grad_output: the backward recomputes the chunks
             ctx.save_for_backward(hidden, weight, bias, labels)
-            return _chunked_pass(hidden, weight, bias, labels, opts, None, want)[0]
+            return chunked_pass(hidden, weight, bias, labels, opts, None, want)[0]
         ones = torch.ones((), dtype=torch.float32, device=hidden.device)
-        loss_rows, *grads = _chunked_pass(hidden, weight, bias, labels, opts,
+        loss_rows, *grads = chunked_pass(hidden, weight, bias, labels, opts,
                                           row_weights(ones, divisor, reduction), want)
         ctx.grads = grads
         return reduce_loss(loss_rows, divisor, reduction)
@@ -205,7 +205,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
-            _, *grads = _chunked_pass(hidden, weight, bias, labels, ctx.opts,
+            _, *grads = chunked_pass(hidden, weight, bias, labels, ctx.opts,
                                       row_weights(grad_output, None, "none"), ctx.want)
         else:
             grads = getattr(ctx, "grads", None)
@@ -217,7 +217,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None
 
 
-def _validate(hidden, weight, bias) -> None:
+def validate_inputs(hidden, weight, bias) -> None:
     for name, t, dims in (("hidden", hidden, 2), ("weight", weight, 2), ("bias", bias, 1)):
         if t is None and name == "bias":
             continue
@@ -235,7 +235,7 @@ def _validate(hidden, weight, bias) -> None:
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _autocast_inputs(hidden, weight, bias):
+def autocast_inputs(hidden, weight, bias):
     """The dtypes ``F.linear`` would compute in under autocast."""
     dev = hidden.device.type
     if not torch.is_autocast_enabled(dev):
@@ -253,11 +253,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
     hidden [T, H], weight [V, H] (lm_head), bias [V] or None, labels [T] (already shifted). Gradients are
     computed only for the inputs that require grad. Loss in fp32."""
-    _validate(hidden, weight, bias)
+    validate_inputs(hidden, weight, bias)
     labels = labels.to(hidden.device) if isinstance(labels, torch.Tensor) else labels
     validate_loss_args(labels, hidden.shape[0], weight.shape[0], ignore_index, softcap, logit_scale,
                        num_items_in_batch, reduction)
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     labels = labels.long()
     same_dtype = weight.dtype == hidden.dtype and (bias is None or bias.dtype == hidden.dtype)
     if not triton_ok(hidden, weight, bias) or not same_dtype or torch.is_tensor(logit_scale):
@@ -269,7 +269,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         if _needs_grad(hidden, weight, bias):
             return FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, labels, opts, num_items_in_batch,
                                                          reduction)
-        loss_rows = _chunked_pass(hidden, weight, bias, labels, opts, None, (False, False, False))[0]
+        loss_rows = chunked_pass(hidden, weight, bias, labels, opts, None, (False, False, False))[0]
         return reduce_loss(loss_rows, loss_divisor(labels, ignore_index, num_items_in_batch, reduction), reduction)
 
 

@@ -71,7 +71,8 @@ class Architecture:
 
 # What ``declare`` promises for every model of the usual layout: its norms, its (LoRA) gated MLP, its RoPE and its
 # causal-LM loss replaced. LoRA projections outside the MLP depend on the user's adapter and are not expected.
-DECLARED_EXPECTS = (("rms_norm",), ("gated_mlp", "lora_mlp"), ("rope",), ("causal_lm_loss",))
+# The loss: ours on the model's own forward, or TRL's fused LM head served by ours where TRL replaced the forward.
+DECLARED_EXPECTS = (("rms_norm",), ("gated_mlp", "lora_mlp"), ("rope",), ("causal_lm_loss", "trl_fused_lm_head"))
 
 _REGISTRY: dict[str, Architecture] = {}
 
@@ -115,9 +116,11 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
     into the residual add that ends the layer (or first through the norm ``post_mlp_norm_attr`` where a layer has
     one), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs, and
     the q/k/v LoRA projections of an attention call together) as fused functions, and the
-    causal-LM head's fused loss with the ``head`` facts. Architectures that differ list their :class:`PatternUse` s
+    causal-LM head's fused loss with the ``head`` facts (or, where TRL gave the model its fused LM head, that head's
+    chunked log-probs). Architectures that differ list their :class:`PatternUse` s
     in an :class:`Architecture` and call :func:`register` themselves."""
-    from .patterns import CAUSAL_LM_LOSS, GATED_MLP, LORA_LINEAR, LORA_MLP, LORA_QKV, RMS_NORM, ROPE
+    from .patterns import (CAUSAL_LM_LOSS, GATED_MLP, LORA_LINEAR, LORA_MLP, LORA_QKV, RMS_NORM, ROPE,
+                           TRL_FUSED_LM_HEAD)
 
     offset = {"llama": 0.0, "gemma": 1.0}[norm]
     head = head or HeadFacts()
@@ -126,7 +129,8 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
         model_types=tuple(model_types),
         patterns=(RMS_NORM.using(cast=norm, offset=offset), LORA_MLP.using(activation=activation),
                   GATED_MLP.using(activation=activation), LORA_LINEAR.using(), ROPE.using(), LORA_QKV.using(),
-                  CAUSAL_LM_LOSS.using(softcap_attr=head.softcap_attr, logit_scale_attr=head.logit_scale_attr)),
+                  CAUSAL_LM_LOSS.using(softcap_attr=head.softcap_attr, logit_scale_attr=head.logit_scale_attr),
+                  TRL_FUSED_LM_HEAD.using()),
         head=head,
         layer=LayerFacts(mlp_output_into_residual=True, post_mlp_norm_attr=post_mlp_norm_attr,
                          attention_output_into_residual=True),

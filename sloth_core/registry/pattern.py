@@ -16,6 +16,8 @@ plus a check):
   parameters whose gradients must agree too.
 * ``adapt`` -- optional: turns each of the three callables into a function of the probe's inputs returning
   tensors (e.g. keyword calls of a model forward, keeping only ``.loss``).
+* ``setting`` -- optional: what the verification depended on that may change after ``optimize`` (``.to()``,
+  autocast); a new value is verified on first use (:mod:`sloth_core.guard`).
 * ``target`` -- where the replacement goes: ``"forward"`` (the module's own forward) or ``"global:<name>"`` (a
   function its forward looks up by global name, such as ``apply_rotary_pos_emb``).
 
@@ -79,6 +81,10 @@ class Pattern:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     adapt: Callable[[Callable], Callable] | None = None
     supersedes: tuple[str, ...] = ()  # patterns that leave a module alone once this one is bound on it
+    # ``setting(module, args) -> tuple``: what verification depended on that can change after optimize (parameter
+    # dtypes / devices, input dtype, autocast); checked at every call of a ``"forward"`` replacement
+    # (:mod:`sloth_core.guard`)
+    setting: Callable[[nn.Module, tuple], tuple] | None = None
 
     def bound(self, fn: Callable, module: nn.Module) -> Callable:
         """``fn`` (from ``reference``/``replacement``) as a callable of the inputs alone."""

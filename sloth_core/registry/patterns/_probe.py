@@ -36,3 +36,14 @@ def row_scales(rows: int, generator: torch.Generator) -> torch.Tensor:
     exps = torch.linspace(-3.0, 1.0, rows)
     jitter = torch.rand(rows, generator=generator) * 0.5
     return (10.0 ** (exps + jitter)).unsqueeze(-1)
+
+
+def autocast_state(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype on ``device``'s type, or ``None`` when autocast is off (a part of a pattern's
+    ``setting``)."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def input_dtype(args: tuple) -> torch.dtype | None:
+    """The dtype of a call's first positional argument, when it is a tensor (a part of a pattern's ``setting``)."""
+    return args[0].dtype if args and isinstance(args[0], torch.Tensor) else None

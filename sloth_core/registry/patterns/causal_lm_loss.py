@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ...kernels.fused_linear_cross_entropy import (fused_linear_cross_entropy,
                                                     fused_linear_cross_entropy_reference)
 from ..pattern import Match, Pattern, Probe, Skip
-from ._probe import module_dtype_device, randn
+from ._probe import autocast_state, module_dtype_device, randn
 
 # The causal-LM forward's arguments, by meaning: the labels and ``logits_to_keep`` are the head's; every other named
 # argument (the input ids, masks, positions, the KV cache -- ``past_key_values`` up to transformers 5.17, ``cache``
@@ -168,6 +168,12 @@ def _forward_with(loss_fn):
     return make
 
 
+def _setting(module: nn.Module, args: tuple) -> tuple:
+    head = head_linear(module.lm_head)
+    w = None if head is None else head.weight
+    return (None,) if w is None else (w.dtype, w.device, w.requires_grad, autocast_state(w.device))
+
+
 def _original(module: nn.Module, m: Match):
     return module.forward
 
@@ -224,5 +230,6 @@ CAUSAL_LM_LOSS = Pattern(
     original=_original,
     probe=_probe,
     adapt=_adapt,
+    setting=_setting,
     defaults={"softcap_attr": "final_logit_softcapping", "logit_scale_attr": None, "return_logits": False},
 )

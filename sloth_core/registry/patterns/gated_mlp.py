@@ -17,7 +17,7 @@ from torch import nn
 
 from ...kernels.gated_activation import gated_activation, gated_activation_reference
 from ..pattern import Match, Pattern, Probe, Skip
-from ._probe import module_dtype_device, randn
+from ._probe import autocast_state, input_dtype, module_dtype_device, randn
 
 _CHILDREN = ("gate_proj", "up_proj", "down_proj")
 
@@ -85,6 +85,11 @@ def _original(module: nn.Module, m: Match):
     return module.forward
 
 
+def _setting(module: nn.Module, args: tuple) -> tuple:
+    w = module.gate_proj.weight
+    return input_dtype(args), w.dtype, w.device, autocast_state(w.device)
+
+
 def probe(module: nn.Module, m: Match, gen: torch.Generator) -> Probe:
     dtype, device = module_dtype_device(module)
     x = randn((2, 3, m["hidden"]), dtype, device, gen)
@@ -99,5 +104,6 @@ GATED_MLP = Pattern(
     replacement=_forward_with(gated_activation),
     original=_original,
     probe=probe,
+    setting=_setting,
     defaults={"activation": "auto"},
 )

@@ -16,7 +16,7 @@ from torch import nn
 
 from ...kernels.rms_norm import rms_norm, rms_norm_reference
 from ..pattern import Match, Pattern, Probe, Skip
-from ._probe import module_dtype_device, randn, row_scales
+from ._probe import autocast_state, input_dtype, module_dtype_device, randn, row_scales
 
 _CASTS = {"llama": 0.0, "gemma": 1.0}
 
@@ -69,6 +69,11 @@ def _original(module: nn.Module, m: Match):
     return module.forward
 
 
+def _setting(module: nn.Module, args: tuple) -> tuple:
+    w = module.weight
+    return input_dtype(args), w.dtype, w.device, w.requires_grad, autocast_state(w.device)
+
+
 def _probe(module: nn.Module, m: Match, gen: torch.Generator) -> Probe:
     dtype, device = module_dtype_device(module)
     n = module.weight.shape[0]
@@ -85,5 +90,6 @@ RMS_NORM = Pattern(
     replacement=_forward_with(rms_norm),
     original=_original,
     probe=_probe,
+    setting=_setting,
     defaults={"cast": "auto", "offset": None},
 )
