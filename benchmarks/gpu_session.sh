@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # GPU session on the lent H200: the test suite and the two benchmark reports, each bounded in time.
 # Usage (device machine, repo root; bitsandbytes / liger-kernel wheels in .whl/):
-#   bash benchmarks/gpu_session.sh tests|train|kernels ...     (one command may run 10 minutes: about
-#   tests 3 min, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min)
+#   bash benchmarks/gpu_session.sh tests|train|kernels|sft ...     (one command may run 10 minutes: about
+#   tests 3 min, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min,
+#   sft (TRL's SFTTrainer, Llama-3-8B QLoRA + LoRA, fixed and varlen, hf_peft vs sloth_core: 12 runs) 4-6 min)
 # WHEELS="DIR ..." installs the wheels of those folders instead of .whl/ (e.g. a newer transformers beside the
-# image's); TAG names the run in the result files; TRAIN_ARGS are added to the train stage (e.g. --provider ...).
+# image's); TAG names the run in the result files; TRAIN_ARGS are added to the train stage (e.g. --provider ...),
+# SFT_ARGS to the sft stage (e.g. --steps 6 --varlen-steps 8). The sft stage needs trl and datasets, which the image
+# lacks: WHEELS=".whl/common .whl/trl" (trl, datasets, dill, multiprocess; on the image's transformers).
 # Everything lands in $OUT: session.log and one results.tgz (the device tool brings back at most 8 files a call).
 set -u
 OUT=${OUT:-/tmp/out}; RESULTS=/tmp/results; mkdir -p "$OUT" "$RESULTS"
@@ -30,9 +33,13 @@ for stage in "${@:-tests}"; do
     # heuristic launch configs in the benchmarks (tuning is measured by benchmarks/bench_autotune.py)
     train)   TAILN=14 step train 540 env SLOTH_CORE_AUTOTUNE=0 python3 -m sloth_core bench train --preset llama-3-8b \
                --quant none nf4 --steps 10 --out "$RESULTS" --name "train_llama-3-8b_$TAG" ${TRAIN_ARGS:-} ;;
+    # TRL's default config, one fresh model per run; offline (nothing to fetch: the data and tokenizer are made here)
+    sft)     TAILN=24 step sft 540 env SLOTH_CORE_AUTOTUNE=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 USE_HUB_KERNELS=NO \
+               python3 -m sloth_core bench train --flow sft --preset llama-3-8b --quant nf4 none \
+               --workload fixed varlen --out "$RESULTS" --name "train_sft_llama-3-8b_$TAG" ${SFT_ARGS:-} ;;
     kernels) TAILN=4 step kernels 540 env SLOTH_CORE_AUTOTUNE=0 python3 -m sloth_core bench kernels --out "$RESULTS" \
                --name "kernels_$TAG" ;;
-    *) echo "unknown stage $stage (tests, train, kernels)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, train, kernels, sft)"; exit 2 ;;
   esac
 done
 tar czf "$OUT/results.tgz" -C "$RESULTS" .

@@ -1,11 +1,11 @@
 """A bound forward replacement runs only on a setting that was verified.
 
-A pattern may declare ``setting(module, args) -> tuple``: what its verification depended on that can change after
+A pattern may declare ``setting(module, args) -> tuple | None``: what its verification depended on that can change after
 ``optimize`` -- parameter dtypes and devices (``.to()``, ``.half()``, a trainer's cast), the input dtype, autocast.
 The rewriter wraps such a pattern's replacement with :func:`guard` and records the setting its probe ran
 (:func:`seed`). At every call the guard reads the setting (attribute reads, one tuple lookup):
 
-* a verified one runs the kernel;
+* a verified one runs the kernel (``None``: the replacement runs the original path itself, nothing to check);
 * a new one is verified on its first call -- the pattern's probe on the module as it is now, replacement ==
   reference == the forward the binding replaced -- once per (pattern, signature) for the whole ``optimize`` call;
 * one that does not verify, or that the probe cannot build (an input dtype the probe does not draw), runs the
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import binding, fallback
+from .recompute import outside_checkpointed_layer
 from .registry.pattern import Match, Pattern
 from .verify import raised, verify
 
@@ -44,8 +45,9 @@ def _verify_now(pattern: Pattern, m: Match, module: nn.Module, now: tuple, repla
     probed = pattern.setting(module, probe.inputs)
     if probed != now:
         return f"its setting {now} is not one the probe can draw ({probed})"
-    # the first call may come inside a checkpointed layer: the probe's tensors must not join its saved tensors
-    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+    # the first call may come inside a checkpointed layer: the probe's tensors must not join its saved tensors, nor
+    # its calls the layer's (:mod:`sloth_core.recompute`)
+    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), outside_checkpointed_layer():
         why = verify(original=pattern.adapted(binding.previous_forward(module, pattern.name)),
                      replacement=pattern.bound(replacement, module),
                      reference=pattern.bound(pattern.reference(m), module), probe=probe)
@@ -62,6 +64,8 @@ def guard(pattern: Pattern, m: Match, replacement: Callable, verified: Verified)
 
     def forward(self, *args, **kwargs):
         now = pattern.setting(self, args)
+        if now is None:  # the replacement serves this call through the original path itself
+            return replacement(self, *args, **kwargs)
         if now in verified:
             why = verified[now]
         else:

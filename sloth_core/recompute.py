@@ -117,3 +117,19 @@ def checkpointed_layer_scope(recompute: bool, mlp_output_unused: bool = False,
     finally:
         (_STATE.layer_depth, _STATE.recompute_depth, _STATE.mlp_output_unused, _STATE.stash,
          _STATE.counters) = prev
+
+
+@contextlib.contextmanager
+def outside_checkpointed_layer():
+    """Run the code inside as if no checkpointed layer were running (a verification probe called from inside a
+    layer's first forward must not count as the layer's calls, nor reach its stash)."""
+    prev = (getattr(_STATE, "layer_depth", 0), getattr(_STATE, "recompute_depth", 0),
+            getattr(_STATE, "mlp_output_unused", False), getattr(_STATE, "stash", None),
+            getattr(_STATE, "counters", None))
+    _STATE.layer_depth, _STATE.recompute_depth, _STATE.mlp_output_unused, _STATE.stash, _STATE.counters = \
+        0, 0, False, None, None
+    try:
+        yield
+    finally:
+        (_STATE.layer_depth, _STATE.recompute_depth, _STATE.mlp_output_unused, _STATE.stash,
+         _STATE.counters) = prev

@@ -12,6 +12,8 @@ from sloth_core.kernels import rms_norm as rms_kernel
 from sloth_core.tiny import tiny_model
 from sloth_core.tolerances import assert_close
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels run (else the interpreter)
+
 
 class _Spy:
     """Stands for the RMSNorm kernel's autograd function: records the input dtypes, scales bf16 outputs by
@@ -43,7 +45,7 @@ def verifications(monkeypatch):
 
 
 def _ids(vocab=128):
-    return torch.randint(2, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    return torch.randint(2, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
 
 def _quiet_call(model, **kw):
@@ -54,7 +56,7 @@ def _quiet_call(model, **kw):
 
 
 def test_a_cast_after_optimize_is_verified_once_per_signature_and_runs_the_kernels(norm_inputs, verifications):
-    model, plain = sloth_core.optimize(tiny_model("llama")), tiny_model("llama")
+    model, plain = sloth_core.optimize(tiny_model("llama", device=DEVICE)), tiny_model("llama", device=DEVICE)
     model.to(torch.bfloat16)
     plain.to(torch.bfloat16)
     norm_inputs.clear()
@@ -70,9 +72,9 @@ def test_a_cast_after_optimize_is_verified_once_per_signature_and_runs_the_kerne
 
 
 def test_autocast_after_optimize_is_verified_on_first_use(norm_inputs):
-    model, plain = sloth_core.optimize(tiny_model("llama")), tiny_model("llama")
+    model, plain = sloth_core.optimize(tiny_model("llama", device=DEVICE)), tiny_model("llama", device=DEVICE)
     ids = _ids()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         (out, warned), want = _quiet_call(model, input_ids=ids, labels=ids), plain(input_ids=ids, labels=ids)
     assert not warned, warned
     assert norm_inputs
@@ -80,14 +82,14 @@ def test_autocast_after_optimize_is_verified_on_first_use(norm_inputs):
 
 
 def test_optimize_under_autocast_verifies_at_the_autocast_precision():
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model = sloth_core.optimize(tiny_model("llama"))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model = sloth_core.optimize(tiny_model("llama", device=DEVICE))
     assert {r.status for r in sloth_core.report(model)} == {"replaced"}, sloth_core.format_report(model)
 
 
 def test_a_setting_that_does_not_verify_falls_back_and_says_so(monkeypatch):
     monkeypatch.setattr(rms_kernel, "_RMSNormFunction", _Spy(rms_kernel._RMSNormFunction, bf16_factor=1.1))
-    model, plain = sloth_core.optimize(tiny_model("llama")), tiny_model("llama")
+    model, plain = sloth_core.optimize(tiny_model("llama", device=DEVICE)), tiny_model("llama", device=DEVICE)
     model.to(torch.bfloat16)
     plain.to(torch.bfloat16)
     out, warned = _quiet_call(model, input_ids=_ids())

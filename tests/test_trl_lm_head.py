@@ -19,6 +19,7 @@ if Version(trl.__version__) < Version("1.16") and not torch.cuda.is_available():
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 OUTPUTS = ("log_probs", "entropy", "is_top1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels run (else the interpreter)
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def _with_head(arch, outputs, temperature):
     """A tiny model (seeded) with TRL's fused head, then LoRA with non-zero B."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_model(arch)
+    model = tiny_model(arch, device=DEVICE)
     add_fused_lm_head(model, outputs=outputs, temperature=temperature)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     gen = torch.Generator().manual_seed(0)
@@ -54,7 +55,7 @@ def _pair(arch="llama", outputs=OUTPUTS, temperature=1.0):
 
 def _batch(vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, vocab, (2, 10), generator=g)
+    ids = torch.randint(2, vocab, (2, 10), generator=g).to(DEVICE)
     labels = ids.clone()
     labels[0, :3] = -100
     return ids, labels

@@ -496,7 +496,12 @@ def _run_case(preset: str, quant: str, providers: list[str], *, batch, seq, rank
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``sloth-core bench train``."""
+    """The options of ``sloth-core bench train`` (``--flow sft``'s own: :func:`sloth_core.bench.sft.add_arguments`)."""
+    from . import sft
+
+    parser.add_argument("--flow", choices=("loop", "sft"), default="loop",
+                        help="loop: this module's training loop; sft: TRL's SFTTrainer with its default config "
+                             "(sloth_core.bench.sft; needs trl and datasets); default: %(default)s")
     parser.add_argument("--preset", nargs="+", choices=list(PRESETS), default=["llama-3-8b"], metavar="PRESET",
                         help=f"models ({', '.join(PRESETS)}; default: %(default)s)")
     parser.add_argument("--quant", nargs="+", choices=list(SETUPS), default=list(SETUPS), metavar="QUANT",
@@ -529,6 +534,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="folder for the JSON, Markdown and charts (default: %(default)s)")
     parser.add_argument("--name", default=None, metavar="STEM",
                         help="file name stem (default: train_<presets>_<date>_<time>)")
+    sft.add_arguments(parser)
     return parser
 
 
@@ -558,6 +564,10 @@ def main(args: argparse.Namespace) -> int:
     (:func:`sloth_core.bench.cli.run_bench`) has checked that a CUDA GPU is there when ``--device cuda``."""
     from .report import write_all
 
+    if getattr(args, "flow", "loop") == "sft":
+        from . import sft
+
+        return sft.main(args)
     try:
         results = run(args.preset, args.quant, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
                       providers=args.provider, device=args.device, warmup=args.warmup, layers=args.layers,

@@ -84,7 +84,7 @@ class Pattern:
     # ``setting(module, args) -> tuple``: what verification depended on that can change after optimize (parameter
     # dtypes / devices, input dtype, autocast); checked at every call of a ``"forward"`` replacement
     # (:mod:`sloth_core.guard`)
-    setting: Callable[[nn.Module, tuple], tuple] | None = None
+    setting: Callable[[nn.Module, tuple], tuple | None] | None = None
 
     def bound(self, fn: Callable, module: nn.Module) -> Callable:
         """``fn`` (from ``reference``/``replacement``) as a callable of the inputs alone."""

@@ -41,9 +41,9 @@ def run(fn, hidden, weight, bias, labels, requires, grads, **kw):
               for t, r in zip((hidden, weight, bias), requires)]
     log_probs, entropy, top1 = fn(inputs[0], inputs[1], labels, inputs[2], **kw)
     g, h = grads
-    loss = (log_probs * g.to(log_probs.dtype)).sum()
+    loss = (log_probs * g.to(log_probs)).sum()
     if h is not None:
-        loss = loss + (entropy * h.to(entropy.dtype)).sum()
+        loss = loss + (entropy * h.to(entropy)).sum()
     wrt = [t for t, r in zip(inputs, requires) if t is not None and r]
     got = torch.autograd.grad(loss, wrt) if wrt else ()
     return (log_probs, entropy, top1), list(got)
@@ -59,9 +59,16 @@ def check(hidden, weight, bias, labels, requires, with_entropy_grad, gen, **kw):
     dtype = hidden.dtype
     assert_close("log_probs", lp, lp64, dtype=dtype, scale=2.0)
     assert_close("entropy", ent, ent64, dtype=dtype, scale=2.0)
-    # the flag against the same-dtype logits (bf16 rounding makes ties; argmax's first maximum decides them)
-    _, _, top1_same = linear_log_probs_reference(hidden, weight, labels, bias, **kw)
-    assert torch.equal(top1.cpu(), top1_same.cpu())
+    # the flag: where the exact logits have a clear winner it is exact; on the CPU (one matmul kernel whatever the
+    # chunk) against the same-dtype logits everywhere (low-precision rounding makes ties: argmax's first maximum)
+    z64 = torch.nn.functional.linear(*[None if t is None else t.double() for t in (hidden, weight)],
+                                     None if bias is None else bias.double())
+    top2 = z64.topk(min(2, z64.shape[1]), dim=-1).values
+    clear = (top2[:, 0] - top2[:, -1]) > 1e-2 * top2[:, 0].abs() + 1e-3
+    assert torch.equal(top1[clear], (z64.argmax(-1) == labels)[clear])
+    if hidden.device.type == "cpu":
+        _, _, top1_same = linear_log_probs_reference(hidden, weight, labels, bias, **kw)
+        assert torch.equal(top1, top1_same)
     # gradients pass two roundings to the input dtype (the logits, their gradient) before their matmuls
     for name, a, b in zip(("hidden", "weight", "bias"), got, want):
         assert a.dtype == dtype

@@ -168,10 +168,12 @@ def _forward_with(loss_fn):
     return make
 
 
-def _setting(module: nn.Module, args: tuple) -> tuple:
+def _setting(module: nn.Module, args: tuple) -> tuple | None:
     head = head_linear(module.lm_head)
-    w = None if head is None else head.weight
-    return (None,) if w is None else (w.dtype, w.device, w.requires_grad, autocast_state(w.device))
+    if head is None:  # the replacement runs the class forward itself
+        return None
+    w = head.weight
+    return w.dtype, w.device, w.requires_grad, autocast_state(w.device)
 
 
 def _original(module: nn.Module, m: Match):
