@@ -29,8 +29,8 @@ Mode ``"offload"``: the same, and the one tensor the checkpoint keeps -- the lay
 The checkpoint saves its positional inputs through the ambient ``saved_tensors_hooks``; the wrapper puts a pair of
 hooks around the checkpoint call that catch exactly the layer input:
 
-* pack (forward): a pinned host buffer from a pool (keyed by device, dtype and a size bucket, so steps reuse the same
-  buffers) receives the input on a side CUDA stream (``non_blocking``). The side stream first waits for the compute
+* pack (forward): a pinned host buffer from a pool (the smallest free one that holds it, so steps reuse the same
+  buffers, also when the batch length varies) receives the input on a side CUDA stream (``non_blocking``). The side stream first waits for the compute
   stream (the input is complete), and ``record_stream`` keeps the caching allocator from handing the input's memory
   to anyone else before the copy has read it. The device tensor is then no longer referenced by the graph.
 * unpack (start of the layer's recompute, in the backward): the input is copied back on the side stream into a fresh
@@ -70,6 +70,7 @@ wrapper sees that Hugging Face already checkpoints the call (training mode) and 
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -768,35 +769,39 @@ class _InputCatcher:
 
 
 def _capacity(numel: int) -> int:
-    """Pool size bucket: ``numel`` rounded up to 4 significant bits (at most 1/8 wasted)."""
-    if numel <= 1024:
-        return 1024
-    shift = numel.bit_length() - 4
-    return -(-numel >> shift) << shift
+    """The size of a new pool buffer: ``numel`` rounded up to a power of 2 (at least 1024)."""
+    return max(1024, 1 << (numel - 1).bit_length())
 
 
 class _HostPool:
-    """Free host buffers by (device they serve, dtype, capacity, pinned)."""
+    """Free host buffers by (device they serve, dtype, pinned), each list sorted by size. A request takes the
+    smallest free buffer that holds it and allocates (a power-of-2 size) only when none does: batches of varying
+    length reuse the buffers of earlier, longer ones instead of allocating for every new size -- pinning host
+    memory costs about a second per few GiB, more than a training step. Buffers come back from ``__del__`` (any
+    thread): a reentrant lock."""
 
     def __init__(self):
         self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.RLock()
 
     def acquire(self, numel: int, dtype: torch.dtype, device: torch.device, pinned: bool):
-        key = (str(device), dtype, _capacity(numel), pinned)
-        free = self._free.get(key)
-        if free:
-            try:
-                return key, free.pop()
-            except IndexError:  # emptied meanwhile by another thread
-                pass
+        key = (str(device), dtype, pinned)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                i = bisect.bisect_left(free, numel, key=torch.Tensor.numel)
+                if i < len(free):
+                    return key, free.pop(i)
         STATS.host_allocations += 1
-        return key, torch.empty(key[2], dtype=dtype, pin_memory=pinned)
+        return key, torch.empty(_capacity(numel), dtype=dtype, pin_memory=pinned)
 
     def release(self, key: tuple, buf: torch.Tensor) -> None:
-        self._free.setdefault(key, []).append(buf)
+        with self._lock:
+            bisect.insort(self._free.setdefault(key, []), buf, key=torch.Tensor.numel)
 
     def clear(self) -> None:
-        self._free.clear()
+        with self._lock:
+            self._free.clear()
 
 
 _POOL = _HostPool()

@@ -200,6 +200,24 @@ def test_offload_frees_the_device_input_and_reuses_host_buffers(device):
     assert ck.checkpointing_stats().host_allocations == allocations  # the pool serves later steps
 
 
+def test_batches_of_varying_length_reuse_the_host_buffers_of_longer_ones(device):
+    """Variable-length training (SFT without packing): after the longest batch, shorter ones allocate no host
+    buffer (pinning memory costs more than a step); a longer one allocates once, then is served too."""
+    model = _lora(tiny_model("llama", device=device))
+    ck.enable_checkpointing(model, "offload")
+    _step(model, *_batch(device, s=24))
+    allocations = ck.checkpointing_stats().host_allocations
+    assert allocations > 0
+    for s in (7, 16, 24, 11, 3):
+        _step(model, *_batch(device, s=s))
+    assert ck.checkpointing_stats().host_allocations == allocations
+    _step(model, *_batch(device, s=40))
+    longer = ck.checkpointing_stats().host_allocations
+    for s in (40, 5, 33):
+        _step(model, *_batch(device, s=s))
+    assert ck.checkpointing_stats().host_allocations == longer
+
+
 def test_disable_restores_the_exact_original(device):
     ref = tiny_model("llama", device=device)
     model = copy.deepcopy(ref)
