@@ -29,11 +29,12 @@ The kernels called and the tensors they see are the recomputing path's (the atte
 so losses and gradients are bit-identical; the attention forward runs once a step instead of twice. The host
 traffic grows by ``o`` and ``lse`` (64 MiB + 1 MiB a layer for Llama-3-8B at 4 x 2048 tokens).
 
-Routing: the first offloading layer call replaces ``torch.nn.functional.scaled_dot_product_attention`` (the module
-attribute, through which transformers' ``sdpa`` attention calls it) by :func:`_routed_sdpa`, for the whole process:
-it hands every call straight to torch's function unless this thread runs an offloading layer's attention module,
-at the cost of one Python call. Code that took torch's function before (``from torch.nn.functional import
-scaled_dot_product_attention``) is not routed: its attention is recomputed as usual.
+Routing: while an offloading layer's attention module runs, ``torch.nn.functional.scaled_dot_product_attention`` (the
+module attribute, through which transformers' ``sdpa`` attention calls it) is :func:`_routed_sdpa`, and torch's own
+function again once it returns (:class:`_Window`: nothing stays patched between calls). Calls from other threads in
+that window go straight to torch's function, at the cost of one Python call. Code that took torch's function
+before (``from torch.nn.functional import scaled_dot_product_attention``), or a process where another library
+replaced it, is not routed: its attention is recomputed as usual.
 
 Used only where every condition holds: inside an offloading layer's stash scope (:func:`sloth_core.recompute.
 layer_stash`), gradients enabled and wanted by ``q``, ``k`` or ``v``, ``dropout_p == 0``, tensors the stash takes
@@ -214,8 +215,8 @@ def _offloadable(bound: dict, stash: Any) -> bool:
 
 
 def _routed_sdpa(*args, **kwargs):
-    """``torch.nn.functional.scaled_dot_product_attention`` once the routing is installed (:func:`attention_offload`
-    installs it at its first use and leaves it): inside an offloading layer's attention module on this thread, a
+    """``torch.nn.functional.scaled_dot_product_attention`` while an offloading layer's attention module runs
+    (:class:`_Window`): inside an offloading layer's attention module on this thread, a
     call that :func:`_offloadable` accepts runs as :class:`_OffloadedAttention`; every other call goes straight to
     torch's function. (A ``TorchFunctionMode`` around the attention module did the same, but it intercepts every
     torch call there -- about 500 a layer, tensor attribute reads included -- which made the host, not the GPU,
@@ -237,21 +238,51 @@ def _routed_sdpa(*args, **kwargs):
 _routed_sdpa.torch_function = _SDPA
 
 
-def _install_routing() -> None:
-    functional = torch.nn.functional
-    if functional.scaled_dot_product_attention is not _routed_sdpa:
-        functional.scaled_dot_product_attention = _routed_sdpa
+class _Window:
+    """While any thread runs an offloading layer's attention module, ``torch.nn.functional.
+    scaled_dot_product_attention`` (the module attribute, through which transformers' ``sdpa`` attention calls it)
+    is :func:`_routed_sdpa`; when the last such module returns, torch's own function is put back. Counted under a
+    lock across threads: the attribute is process-wide, so nothing is left patched between calls (``restore``
+    has nothing to undo)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = 0
+
+    def enter(self) -> bool:
+        """Open the window; ``False`` (nothing changed) when the attribute is someone else's function (another
+        library patched it): that attention is left to it and recomputed as usual."""
+        functional = torch.nn.functional
+        with self._lock:
+            if functional.scaled_dot_product_attention not in (_SDPA, _routed_sdpa):
+                return False
+            self._open += 1
+            functional.scaled_dot_product_attention = _routed_sdpa
+            return True
+
+    def leave(self) -> None:
+        functional = torch.nn.functional
+        with self._lock:
+            self._open -= 1
+            if self._open == 0 and functional.scaled_dot_product_attention is _routed_sdpa:
+                functional.scaled_dot_product_attention = _SDPA
+
+
+_WINDOW = _Window()
 
 
 @contextlib.contextmanager
 def _routing(stash: Any):
-    _install_routing()
+    if not _WINDOW.enter():
+        yield
+        return
     previous = getattr(_ROUTING, "stash", None)
     _ROUTING.stash = stash
     try:
         yield
     finally:
         _ROUTING.stash = previous
+        _WINDOW.leave()
 
 
 def attention_offload():
