@@ -11,7 +11,7 @@ after ``import sloth_core`` and before the first call (Triton reads it when a ke
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("optimize", "restore", "report", "format_report", "is_optimized", "missing_patterns", "SlothCoreWarning")
 

@@ -7,18 +7,16 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from . import architectures  # noqa: F401  (declares the built-in architectures)
 from . import binding, fallback
 from .coverage import missing
 from .registry.architecture import Architecture, generic_architecture, lookup
 from .registry.patterns import ALL_PATTERNS, OPT_IN_PATTERNS
 from .reporting import ReportRow, format_table, summary
 from .rewriter import rewrite
+from .warning import SlothCoreWarning
 
 STATE_ATTR = "_sloth_core_state"
-
-
-class SlothCoreWarning(UserWarning):
-    """Warnings from sloth_core (nothing matched, already optimized, ...)."""
 
 
 _OPTIONS = {
@@ -179,7 +177,7 @@ def _apply_checkpointing(model: nn.Module, mode: str | None, mlp_output_unused=N
     elif mode is not None:
         enable_checkpointing(model, mode, mlp_output_unused, attention_output_unused)
         changed = True
-    return serve_hf_checkpointing(model, mode, mlp_output_unused, attention_output_unused) or changed
+    return serve_hf_checkpointing(model, mode, mlp_output_unused, attention_output_unused, bind_new) or changed
 
 
 def _checkpointing_rows(model: nn.Module) -> list[ReportRow]:

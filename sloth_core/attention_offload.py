@@ -38,7 +38,7 @@ replaced it, is not routed: its attention is recomputed as usual.
 
 Used only where every condition holds: inside an offloading layer's stash scope (:func:`sloth_core.recompute.
 layer_stash`), gradients enabled and wanted by ``q``, ``k`` or ``v``, ``dropout_p == 0``, tensors the stash takes
-(CUDA, dense). Anything else calls the attention as is. Counters: ``checkpointing.STATS.attention_tensors``,
+(CUDA, dense). Anything else calls the attention as is. Counters: ``sloth_core.memory.stats.STATS.attention_tensors``,
 ``attention_reused``.
 """
 from __future__ import annotations
@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from . import recompute
+from .memory.layout import dense_order
+from .memory.stats import STATS
 
 # torch's own function (calls here go through F, where tests count them; torch's even after a reload of this module)
 _SDPA = getattr(F.scaled_dot_product_attention, "torch_function", F.scaled_dot_product_attention)
@@ -143,8 +145,6 @@ class _OffloadedAttention(torch.autograd.Function):
         if recompute.recomputing():
             kept = stash.kept_output(slot)
             if kept is not None:
-                from .checkpointing import STATS
-
                 STATS.attention_reused += 1
                 return kept.restore(keep=True).detach()  # the cached tensor itself stays out of this graph
             return F.scaled_dot_product_attention(q, k, v, **options)
@@ -161,8 +161,6 @@ class _OffloadedAttention(torch.autograd.Function):
             stash.keep_output(slot, hooks.copy_of(out), result)
             return result
         else:  # a composite: drop its graph (and its host copies); the backward recomputes the attention
-            from .checkpointing import STATS
-
             STATS.attention_composite += 1
             ctx.options = options
         return out.detach()
@@ -187,9 +185,7 @@ class _OffloadedAttention(torch.autograd.Function):
 
 
 def _dense(t: torch.Tensor) -> bool:
-    from .checkpointing import _dense_order
-
-    return _dense_order(t) is not None
+    return dense_order(t) is not None
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> dict | None:

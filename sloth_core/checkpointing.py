@@ -87,6 +87,9 @@ from . import binding
 from .attention_offload import attention_offload
 from . import recompute
 from .recompute import checkpointed_layer_scope
+from .memory.layout import dense_order
+from .memory.stats import STATS, CheckpointingStats, checkpointing_stats, reset_checkpointing_stats  # noqa: F401
+from .warning import SlothCoreWarning
 
 PATTERN = "checkpointing"
 KERNEL = "torch.utils.checkpoint"
@@ -122,36 +125,7 @@ _OFFLOAD_CPU_INPUTS = False
 # Counters (tests and benchmarks read them)
 
 
-@dataclasses.dataclass
-class CheckpointingStats:
-    checkpointed_calls: int = 0  # layer calls run under a checkpoint
-    offloaded: int = 0           # tensors copied to host memory: layer inputs and MLP inputs
-    mlp_inputs: int = 0          # of those, MLP inputs (kept by the fused LoRA MLP: recompute.mlp_input_stash)
-    attention_tensors: int = 0   # of those, tensors attention nodes saved (sloth_core.attention_offload)
-    attention_reused: int = 0    # attention outputs a recompute took from host memory instead of recomputing
-    attention_composite: int = 0  # attention calls that were no single node (math backend): recomputed as before
-    qkv_outputs: int = 0         # of the offloaded tensors, q/k/v projection outputs (OFFLOAD_QKV)
-    qkv_reused: int = 0          # q/k/v projection calls a recompute answered from host memory instead of computing
-    offloaded_bytes: int = 0
-    pinned: int = 0              # of those, into pinned memory
-    kept_on_device: int = 0      # "offload" calls whose input stayed on its device
-    recomputes: int = 0          # layer recomputes in the backward
-    restored: int = 0            # copies back to the device
-    prefetched: int = 0          # of those, started before they were asked for
-    host_allocations: int = 0    # host buffers allocated (pool misses)
-
-
-STATS = CheckpointingStats()
-
-
-def checkpointing_stats() -> CheckpointingStats:
-    """A snapshot of the counters."""
-    return dataclasses.replace(STATS)
-
-
-def reset_checkpointing_stats() -> None:
-    for f in dataclasses.fields(STATS):
-        setattr(STATS, f.name, 0)
+# CheckpointingStats, STATS, checkpointing_stats, reset_checkpointing_stats: sloth_core.memory.stats
 
 
 _warned: set[str] = set()
@@ -161,8 +135,6 @@ def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    from .api import SlothCoreWarning  # lazy: api imports the rewriter and kernels
-
     warnings.warn(message, SlothCoreWarning, stacklevel=stacklevel)
 
 
@@ -703,17 +675,8 @@ def _layer_stash(hidden: torch.Tensor, group: "_Group | None", keep_norm_input: 
 # Offloading the kept input
 
 
-def _dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
-    """A permutation ``p`` with ``x.permute(p)`` contiguous (``x`` dense in some dimension order, e.g. an attention
-    output [B, H, T, D] laid out as [B, T, H, D]), or ``None``."""
-    if x.is_contiguous():
-        return tuple(range(x.dim()))
-    order = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d])))
-    return order if x.permute(order).is_contiguous() else None
-
-
 def _offload_target(x: torch.Tensor) -> str | None:
-    if _dense_order(x) is None:
+    if dense_order(x) is None:
         return None
     if x.is_cuda:
         return "pinned"
@@ -943,7 +906,7 @@ class _HostCopy:
             order = _IDENTITY[x.dim()] if x.dim() < len(_IDENTITY) else tuple(range(x.dim()))
             self.inverse, shape = None, x.shape
         else:
-            order = _dense_order(x)
+            order = dense_order(x)
             self.inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
             shape = x.permute(order).shape
         self.order = order

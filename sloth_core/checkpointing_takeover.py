@@ -14,7 +14,8 @@ no recompute shortcuts). ``optimize`` therefore binds, on the transformers model
 
 When HF's checkpointing is switched on, what ``optimize`` would bind now that was not there when it ran -- the LoRA
 layers TRL's ``SFTTrainer(peft_config=...)`` adds after the user's ``optimize`` line -- is bound too
-(:func:`sloth_core.api.bind_new`): trainers switch it on after wrapping the model.
+(``bind_new``, which ``optimize`` hands over: :func:`sloth_core.api.bind_new`): trainers switch it on after wrapping
+the model.
 
 ``optimize(model)`` on a model whose HF checkpointing is already on (``optimize(trainer.model)`` after the trainer
 turned it on) takes it over at once. The binding is per instance and recorded (:mod:`sloth_core.binding`), so
@@ -45,15 +46,17 @@ class TakeoverState:
     mlp_output_unused: Callable | None = None       # the architecture's LayerFacts methods (declared ones)
     attention_output_unused: Callable | None = None
     serving_hf: bool = False    # ours runs because HF's checkpointing was switched on
+    bind_new: Callable[[nn.Module], None] | None = None  # binds what optimize would bind now (optimize's options)
 
     def mode_for_hf(self) -> str | None:
         """The mode ours serves HF's checkpointing in; ``None``: it does not (``optimize(...="off")``)."""
         return None if self.mode == "off" else self.mode or DEFAULT_MODE
 
 
-def install(model: nn.Module, mode: str | None, mlp_output_unused=None, attention_output_unused=None) -> bool:
+def install(model: nn.Module, mode: str | None, mlp_output_unused=None, attention_output_unused=None,
+            bind_new: Callable[[nn.Module], None] | None = None) -> bool:
     """Bind the takeover on ``model`` (a transformers model), or update its state; whether HF's checkpointing was
-    on already and ours took it over now."""
+    on already and ours took it over now. ``bind_new(model)`` runs each time HF's checkpointing is switched on."""
     if not callable(getattr(type(model), TARGET, None)):
         return False
     state = model.__dict__.get(STATE_ATTR)
@@ -64,6 +67,7 @@ def install(model: nn.Module, mode: str | None, mlp_output_unused=None, attentio
     if mode is not None:
         state.mode = mode
     state.mlp_output_unused, state.attention_output_unused = mlp_output_unused, attention_output_unused
+    state.bind_new = bind_new
     if state.mode is None and _hf_flags_on(model):
         _take(model, state)
         return True
@@ -101,9 +105,8 @@ def _set_gradient_checkpointing(self: nn.Module, enable: bool = True, *args: Any
         return out
     if enable:
         _take(self, state)
-        from .api import bind_new  # lazy: api imports this module
-
-        bind_new(self)  # trainers switch checkpointing on after adding their PEFT adapters
+        if state.bind_new is not None:
+            state.bind_new(self)  # trainers switch checkpointing on after adding their PEFT adapters
     elif state.serving_hf:
         state.serving_hf = False
         if state.mode is None and checkpointed_layers(self):

@@ -8,6 +8,8 @@ import warnings
 
 from torch import nn
 
+from .warning import SlothCoreWarning
+
 FALLBACK_ATTR = "_sloth_core_fallbacks"
 
 
@@ -18,8 +20,6 @@ def fall_back(module: nn.Module, pattern: str, reason: str) -> None:
     if pattern in notes:
         return
     notes[pattern] = reason
-    from .api import SlothCoreWarning  # lazy: api imports the rewriter, which imports the patterns
-
     warnings.warn(f"sloth_core: {pattern} on a {type(module).__name__}: {reason}; its original forward runs until "
                   f"sloth_core.optimize(model) is called again to verify the new setting", SlothCoreWarning,
                   stacklevel=3)

@@ -96,10 +96,10 @@ def current_environment() -> Environment:
     import torch
     import triton
 
-    import sloth_core
+    from ..version import __version__
 
     return Environment(torch.cuda.get_device_name(torch.cuda.current_device()), str(triton.__version__),
-                       str(sloth_core.__version__))
+                       str(__version__))
 
 
 def _busy() -> bool:

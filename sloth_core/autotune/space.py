@@ -67,7 +67,7 @@ class TuningSpec:
 
     def heuristic(self, bucket: Bucket) -> Config:
         """The registered heuristic's config for the bucket's example launch (tunable part)."""
-        from . import heuristic_config
+        from .heuristics import heuristic_config
 
         return self.project(heuristic_config(self.kernel, **self.example(bucket)))
 
@@ -115,7 +115,7 @@ def register_space(kernel: str, *, params: Mapping[str, Container], key: Callabl
                       candidates=candidates, make_inputs=make_inputs, run=run, reference=reference,
                       worth_tuning=worth_tuning, tolerance_scale=tolerance_scale)
     _SPACES[kernel] = spec
-    from . import _RESOLVED
+    from .heuristics import _RESOLVED
 
     _RESOLVED.clear()
     return spec
@@ -127,7 +127,7 @@ def get_space(kernel: str) -> TuningSpec | None:
 
 def unregister_space(kernel: str) -> None:
     _SPACES.pop(kernel, None)
-    from . import _RESOLVED
+    from .heuristics import _RESOLVED
 
     _RESOLVED.clear()
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import override
+from .heuristics import override
 from .space import Config, TuningSpec, describe_key, format_key, get_space
 
 Timer = Callable[[Callable[[], Any], Config], float]

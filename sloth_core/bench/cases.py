@@ -50,7 +50,7 @@ from torch import nn
 
 from sloth_core.autotune.presets import ModelShape
 
-from .cli import MODES
+from .args import MODES
 
 DTYPE = torch.bfloat16
 B = 2  # bytes of a bf16 element

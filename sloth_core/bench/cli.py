@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-MODELS = ("llama-3-8b", "gemma-2-9b", "qwen3-8b", "mistral-7b")
-MODES = ("fwd", "fwd_bwd")
-KERNELS = ("rms_norm", "gated_activation", "rope", "cross_entropy", "fused_linear_cross_entropy", "dequant", "lora")
+from .args import KERNELS, MODELS, MODES, positive_int  # noqa: F401  (the bench CLI's shared values)
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,23 +44,14 @@ def _add_kernels(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    from . import train
+    from . import sft, train
 
     t = sub.add_parser("train", help="end-to-end LoRA/QLoRA training steps, HF+PEFT vs sloth_core (CUDA GPU)",
                        description="End-to-end LoRA / QLoRA training steps on random-init models of real shapes: "
                                    "tokens/s, peak GiB and the loss of every step, HF + PEFT, sloth_core and "
                                    "Liger-Kernel (when installed) in the same run, from the same LoRA init.")
     train.add_arguments(t)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
+    sft.add_arguments(t)
 
 
 def _fail(message: str) -> int:
@@ -89,6 +78,10 @@ def run_bench(args: argparse.Namespace) -> int:
         why = _no_cuda_reason()
         if why is not None:
             return _fail(why)
+    if args.bench_command == "train" and getattr(args, "flow", "loop") == "sft":
+        from . import sft
+
+        return sft.main(args)
     if args.bench_command == "train":
         from . import train
 

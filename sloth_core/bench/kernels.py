@@ -43,7 +43,7 @@ from sloth_core.autotune.presets import PRESETS, ModelShape
 
 from . import timing
 from .cases import CASES, BenchModel, Case, Unavailable, Work, bench_model, nf4_available
-from .cli import KERNELS, MODELS, MODES, _positive_int
+from .args import KERNELS, MODELS, MODES, positive_int
 from .timing import InputSet, Timer, reset_grads
 
 PROVIDERS = ("hf_eager", "sloth_core", "torch_compile", "liger")  # liger last: its losses overwrite their input
@@ -435,12 +435,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model shapes ({', '.join(MODELS)}; default: all)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=None, metavar="MODE",
                         help="fwd and/or fwd_bwd (default: both; dequant is fwd only)")
-    parser.add_argument("--tokens", nargs="+", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--tokens", nargs="+", type=positive_int, default=None, metavar="N",
                         help=f"tokens (batch x sequence) per call (default: {' '.join(map(str, DEFAULT_TOKENS))})")
     parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=None, metavar="PROVIDER",
                         help=f"only these ({', '.join(PROVIDERS)}; default: all; hf_eager always runs once "
                              "as the correctness reference)")
-    parser.add_argument("--reps", type=_positive_int, default=DEFAULT_REPS,
+    parser.add_argument("--reps", type=positive_int, default=DEFAULT_REPS,
                         help=f"at most this many timed repetitions a measurement (default: {DEFAULT_REPS}; "
                              f"slow calls get fewer, at least {timing.MIN_REPS})")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",

@@ -88,7 +88,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .cli import _positive_int
+from .args import positive_int
 from .train import LR, PRESETS, SETUPS, TARGETS, WARMUP, _known, _sloth_options, build, model_name
 
 KIND = "train_sft"
@@ -445,11 +445,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--workload", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), metavar="WORKLOAD",
                    help="fixed: every row --seq tokens; varlen: log-normal lengths, run padded and padding-free "
                         "(default: %(default)s)")
-    g.add_argument("--varlen-steps", type=_positive_int, default=None,
+    g.add_argument("--varlen-steps", type=positive_int, default=None,
                    help="steps of the varlen runs (default: --steps)")
-    g.add_argument("--varlen-median", type=_positive_int, default=VARLEN["median"],
+    g.add_argument("--varlen-median", type=positive_int, default=VARLEN["median"],
                    help="median varlen row length (default: %(default)s)")
-    g.add_argument("--varlen-max", type=_positive_int, default=VARLEN["max"],
+    g.add_argument("--varlen-max", type=positive_int, default=VARLEN["max"],
                    help=f"varlen lengths are clipped to [{VARLEN['min']}, this] (default: %(default)s)")
     return parser
 

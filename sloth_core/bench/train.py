@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .cli import _positive_int
+from .args import positive_int
 
 LR = 1e-4
 WARMUP = 3
@@ -496,9 +496,8 @@ def _run_case(preset: str, quant: str, providers: list[str], *, batch, seq, rank
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``sloth-core bench train`` (``--flow sft``'s own: :func:`sloth_core.bench.sft.add_arguments`)."""
-    from . import sft
-
+    """The options of ``sloth-core bench train`` (``--flow sft``'s own: :func:`sloth_core.bench.sft.add_arguments`,
+    which :mod:`sloth_core.bench.cli` adds too)."""
     parser.add_argument("--flow", choices=("loop", "sft"), default="loop",
                         help="loop: this module's training loop; sft: TRL's SFTTrainer with its default config "
                              "(sloth_core.bench.sft; needs trl and datasets); default: %(default)s")
@@ -507,16 +506,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quant", nargs="+", choices=list(SETUPS), default=list(SETUPS), metavar="QUANT",
                         help="none: bf16 LoRA (lora_bf16); nf4: QLoRA on a bitsandbytes NF4 base (qlora_nf4); "
                              "default: %(default)s")
-    parser.add_argument("--batch", type=_positive_int, default=4, help="sequences a step (default: %(default)s)")
-    parser.add_argument("--seq", type=_positive_int, default=2048, help="sequence length (default: %(default)s)")
-    parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank, alpha = rank (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=10, help="steps per provider (default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="sequences a step (default: %(default)s)")
+    parser.add_argument("--seq", type=positive_int, default=2048, help="sequence length (default: %(default)s)")
+    parser.add_argument("--rank", type=positive_int, default=16, help="LoRA rank, alpha = rank (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="steps per provider (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=WARMUP,
                         help="first steps left out of the median (default: %(default)s)")
     parser.add_argument("--provider", nargs="+", choices=list(PROVIDERS), default=None, metavar="PROVIDER",
                         help=f"{', '.join(PROVIDERS)} (default: %(default)s; None: all available, liger needs "
                              f"liger_kernel)")
-    parser.add_argument("--layers", type=_positive_int, default=None, help="override the number of decoder layers")
+    parser.add_argument("--layers", type=positive_int, default=None, help="override the number of decoder layers")
     parser.add_argument("--no-checkpointing", action="store_true",
                         help="no HF gradient checkpointing for hf_peft / liger")
     parser.add_argument("--sloth-checkpointing", choices=SLOTH_CHECKPOINTING, default="offload",
@@ -534,7 +533,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="folder for the JSON, Markdown and charts (default: %(default)s)")
     parser.add_argument("--name", default=None, metavar="STEM",
                         help="file name stem (default: train_<presets>_<date>_<time>)")
-    sft.add_arguments(parser)
     return parser
 
 
@@ -564,10 +562,6 @@ def main(args: argparse.Namespace) -> int:
     (:func:`sloth_core.bench.cli.run_bench`) has checked that a CUDA GPU is there when ``--device cuda``."""
     from .report import write_all
 
-    if getattr(args, "flow", "loop") == "sft":
-        from . import sft
-
-        return sft.main(args)
     try:
         results = run(args.preset, args.quant, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
                       providers=args.provider, device=args.device, warmup=args.warmup, layers=args.layers,

@@ -88,18 +88,13 @@ def register(arch: Architecture) -> Architecture:
 
 
 def lookup(model_type: str | None) -> Architecture | None:
-    """The declared architecture of ``model_type``, or ``None``."""
-    _load_builtin()
+    """The declared architecture of ``model_type`` (among those registered: :mod:`sloth_core.api` imports
+    :mod:`sloth_core.architectures`, which declares the built-in ones), or ``None``."""
     return _REGISTRY.get(model_type or "")
 
 
 def declared_model_types() -> list[str]:
-    _load_builtin()
     return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    from .. import architectures  # noqa: F401  (registers the built-in declarations on import)
 
 
 def generic_architecture(**_: Any) -> Architecture:

@@ -58,6 +58,7 @@ def test_current_environment_follows_gpu_and_versions(monkeypatch):
     import triton
 
     import sloth_core
+    import sloth_core.version
     from sloth_core.autotune import runtime
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -69,7 +70,7 @@ def test_current_environment_follows_gpu_and_versions(monkeypatch):
     keys = {base.key, runtime.current_environment().key}
     monkeypatch.setattr(triton, "__version__", "9.9.9")
     keys.add(runtime.current_environment().key)
-    monkeypatch.setattr(sloth_core, "__version__", "9.9.9")
+    monkeypatch.setattr(sloth_core.version, "__version__", "9.9.9")
     keys.add(runtime.current_environment().key)
     assert len(keys) == 4
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from sloth_core.bench import report, sft, train
+from sloth_core.bench import cli, report, sft, train
 
 trl = pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -35,7 +35,10 @@ needs_trl_116_on_cpu = pytest.mark.skipif(
 
 
 def _parse(argv):
-    return train.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+    """``sloth-core bench train ...`` as the CLI parses it (the loop's options and the sft flow's)."""
+    args = sft.add_arguments(train.add_arguments(argparse.ArgumentParser())).parse_args(argv)
+    args.bench_command = "train"
+    return args
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def cpu_run(tmp_path_factory):
     try:
         with contextlib.redirect_stdout(stdout), pytest.MonkeyPatch.context() as mp:
             mp.setattr(sft, "build", recording_build)
-            status = train.main(args)
+            status = cli.run_bench(args)
     finally:
         torch.set_num_threads(threads)
     gc.collect()
@@ -179,7 +182,7 @@ def test_counting_collator_counts_the_real_tokens(padding_free):
                                           (["--sloth-checkpointing", "on"], "--sloth-checkpointing"),
                                           (["--no-checkpointing"], "--no-checkpointing")])
 def test_options_the_sft_flow_does_not_take_exit_2(flags, named, capsys):
-    assert train.main(_parse(["--flow", "sft", "--device", "cpu", *flags])) == 2
+    assert cli.run_bench(_parse(["--flow", "sft", "--device", "cpu", *flags])) == 2
     assert named in capsys.readouterr().err
 
 

@@ -225,7 +225,7 @@ def _probe(module: nn.Module, m: Match, gen: torch.Generator) -> Probe:
 
 CAUSAL_LM_LOSS = Pattern(
     name="causal_lm_loss",
-    kernel="triton:fused_linear_cross_entropy",
+    kernel="cublas+triton:fused_linear_cross_entropy",  # the projection in cuBLAS, the loss in Triton
     find=find,
     reference=_forward_with(fused_linear_cross_entropy_reference),
     replacement=_forward_with(fused_linear_cross_entropy),

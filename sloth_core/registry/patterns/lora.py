@@ -118,7 +118,7 @@ def _probe_linear(module: nn.Module, m: Match, gen) -> Probe:
 
 LORA_LINEAR = Pattern(
     name="lora_linear",
-    kernel="triton:lora_linear",
+    kernel="cublas:lora_linear",  # torch GEMMs (cuBLAS); 4-bit bases dequantized by a Triton kernel
     find=find_linear,
     reference=_linear_with(lora_linear_reference),
     replacement=_linear_with(lora_linear, grouped=True),
@@ -175,7 +175,7 @@ def _probe_mlp(module: nn.Module, m: Match, gen) -> Probe:
 
 LORA_MLP = Pattern(
     name="lora_mlp",
-    kernel="triton:lora_mlp",
+    kernel="cublas+triton:lora_mlp",  # torch GEMMs (cuBLAS), the Triton gated activation
     find=find_mlp,
     reference=_mlp_with(lora_mlp_reference),
     replacement=_mlp_with(lora_mlp),
@@ -301,7 +301,7 @@ def _attention_output(fn):
 
 LORA_QKV = Pattern(
     name="lora_qkv",
-    kernel="triton:lora_qkv",
+    kernel="cublas:lora_qkv",  # torch GEMMs (cuBLAS)
     find=find_qkv,
     reference=_attention_with(grouped=False),
     replacement=_attention_with(grouped=True),

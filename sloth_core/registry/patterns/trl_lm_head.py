@@ -27,6 +27,7 @@ from torch import nn
 from ... import binding
 from ...kernels.linear_log_probs import linear_log_probs, linear_log_probs_reference
 from ...verify import verify
+from ...warning import SlothCoreWarning
 from ..pattern import Match, Pattern, Probe, Skip
 
 GLOBAL = "_ChunkedLogProbFunction"
@@ -146,8 +147,6 @@ class _Served:
         if why is not None:
             if why not in self._warned:
                 self._warned.add(why)
-                from ...api import SlothCoreWarning  # lazy: api imports the rewriter, which imports the patterns
-
                 warnings.warn(f"sloth_core: {NAME}: TRL's chunked LM head runs on this call: {why}",
                               SlothCoreWarning, stacklevel=3)
             return self.original.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap,
@@ -207,7 +206,7 @@ def _replacement(m: Match) -> _Served:
 
 TRL_FUSED_LM_HEAD = Pattern(
     name=NAME,
-    kernel="triton:linear_log_probs",
+    kernel="cublas+triton:linear_log_probs",  # the projection in cuBLAS, the row statistics in Triton
     find=find,
     reference=lambda m: _Reference,
     replacement=_replacement,
