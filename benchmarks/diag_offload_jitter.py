@@ -2,7 +2,7 @@
 
     python benchmarks/diag_offload_jitter.py nf4|none [steps]
 
-Variants, one after the other on the same model: ``checkpointing.OFFLOAD_ATTENTION`` / ``OFFLOAD_QKV`` on and off,
+Variants, one after the other on the same model: the checkpointing modes keeping the attention / q/k/v outputs or not,
 Python's gc off, ``checkpointing._PREFETCH_FROM_SIDE_POOL`` off. Per step: wall time (ms), the host's time to
 enqueue the step (until ``zero_grad`` returns, before the closing synchronize), and what the step allocated:
 ``cudaMalloc`` / ``cudaFree`` calls of the caching allocator, pinned host buffers (pool misses), gc collections.
@@ -30,7 +30,7 @@ def counters() -> tuple:
             sum(s["collections"] for s in gc.get_stats()))
 
 
-VARIANTS = [  # (name, OFFLOAD_ATTENTION, OFFLOAD_QKV, gc on, side pool)
+VARIANTS = [  # (name, attention output kept, q/k/v outputs kept, gc on, side pool)
     ("attention+qkv", True, True, True, True),
     ("attention+qkv gc_off", True, True, False, True),
     ("attention+qkv no_side_pool", True, True, True, False),
@@ -40,7 +40,8 @@ VARIANTS = [  # (name, OFFLOAD_ATTENTION, OFFLOAD_QKV, gc on, side pool)
     ("attention+qkv again", True, True, True, True),
 ]
 for name, attention, qkv, gc_on, side_pool in VARIANTS:
-    ck.OFFLOAD_ATTENTION, ck.OFFLOAD_QKV, ck._PREFETCH_FROM_SIDE_POOL = attention, qkv, side_pool
+    ck.enable_checkpointing(model, next(m for m, keeps in ck.OFFLOAD_MODES.items() if keeps == (attention, qkv)))
+    ck._PREFETCH_FROM_SIDE_POOL = side_pool
     (gc.enable if gc_on else gc.disable)()
     torch.cuda.reset_peak_memory_stats()
     rows = []

@@ -9,6 +9,10 @@ from torch import nn
 
 from . import architectures  # noqa: F401  (declares the built-in architectures)
 from . import binding, fallback
+from .checkpointing import MODES as CHECKPOINTING_MODES
+from .checkpointing import checkpointed_layers, checkpointed_modes, disable_checkpointing, enable_checkpointing
+from .checkpointing_takeover import install as serve_hf_checkpointing
+from .checkpointing_takeover import serving_hf
 from .coverage import missing
 from .registry.architecture import Architecture, generic_architecture, lookup
 from .registry.patterns import ALL_PATTERNS, OPT_IN_PATTERNS
@@ -26,10 +30,11 @@ _OPTIONS = {
     "exclude": (),        # pattern names to leave alone
     "opt_in": (),         # patterns no architecture applies by default (OPT_IN_PATTERNS), by name
     "return_logits": False,  # with labels, the fused loss returns no logits unless this is True
-    "gradient_checkpointing": None,  # None: leave as is; False/"off", True/"on", "offload" (inputs to pinned CPU)
+    "gradient_checkpointing": None,  # None: leave as is; False/"off", True/"on", "offload" and its variants
 }
 _PATTERNS = {p.name: p for p in ALL_PATTERNS + OPT_IN_PATTERNS}
-_CHECKPOINTING = {None: None, False: "off", True: "on", "off": "off", "on": "on", "offload": "offload"}
+# optimize's values -> sloth_core.checkpointing's modes
+_CHECKPOINTING = {None: None, False: "off", True: "on", **{m: m for m in CHECKPOINTING_MODES}}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -56,7 +61,7 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"sloth_core.optimize(verify={opts['verify']!r}): expected 'auto' or 'always'")
     if opts["gradient_checkpointing"] not in _CHECKPOINTING:
         raise ValueError(f"sloth_core.optimize(gradient_checkpointing={opts['gradient_checkpointing']!r}): expected "
-                         f"None, False, True, 'on', 'off' or 'offload'")
+                         f"None, False, True, or one of {[m for m in _CHECKPOINTING if isinstance(m, str)]}")
     for key in ("patterns", "exclude", "opt_in"):
         v = opts[key]
         if isinstance(v, str):
@@ -78,9 +83,11 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
 
     Options: ``verbose`` (print the report), ``verify`` (``"auto"`` | ``"always"``), ``patterns`` (names to apply),
     ``exclude`` (names to leave alone), ``return_logits`` (with labels, the fused causal-LM loss skips the logits
-    unless this is True), ``gradient_checkpointing`` (``None`` leaves the model's as is; ``"on"``/``True``,
-    ``"offload"`` (saved layer inputs go to pinned CPU memory), ``"off"``/``False``; ours checkpoints in eval mode
-    too, unlike HF's), ``opt_in`` (names of patterns no architecture applies by default, e.g. ``"lora_qkv"``).
+    unless this is True), ``gradient_checkpointing`` (``None`` leaves the model's as is; ``"on"``/``True``;
+    ``"offload"``: the layer inputs go to pinned CPU memory, and so do the attention and q/k/v projection outputs
+    instead of being recomputed; ``"offload-attention"`` / ``"offload-qkv"``: the inputs and that one;
+    ``"offload-inputs"``: the inputs alone; ``"off"``/``False``; stored per model, in the layers; ours checkpoints in
+    eval mode too, unlike HF's), ``opt_in`` (names of patterns no architecture applies by default, e.g. ``"lora_qkv"``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sloth_core.optimize(model): expected a torch.nn.Module, got {type(model).__name__}")
@@ -167,9 +174,6 @@ def _apply_checkpointing(model: nn.Module, mode: str | None, mlp_output_unused=N
     whenever it is switched on (:mod:`sloth_core.checkpointing_takeover`); whether anything changed.
     ``mlp_output_unused`` / ``attention_output_unused``: the architecture's :class:`LayerFacts` methods (declared
     ones only)."""
-    from .checkpointing import checkpointed_layers, disable_checkpointing, enable_checkpointing
-    from .checkpointing_takeover import install as serve_hf_checkpointing
-
     changed = False
     if mode == "off":
         changed = bool(checkpointed_layers(model))
@@ -182,9 +186,6 @@ def _apply_checkpointing(model: nn.Module, mode: str | None, mlp_output_unused=N
 
 def _checkpointing_rows(model: nn.Module) -> list[ReportRow]:
     """A row per checkpointed layer, as installed now (a trainer may have switched HF's on since optimize)."""
-    from .checkpointing import checkpointed_modes
-    from .checkpointing_takeover import serving_hf
-
     why = ", serving Hugging Face's checkpointing (switched on for this model)" if serving_hf(model) else ""
     return [ReportRow(path, "checkpointing", f"torch:checkpoint({mode})", "replaced", f"mode={mode}{why}")
             for path, mode in checkpointed_modes(model)]

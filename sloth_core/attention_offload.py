@@ -1,5 +1,6 @@
 """Attention tensors kept in host memory instead of recomputed, in offloading checkpointed layers, when
-``sloth_core.checkpointing.OFFLOAD_ATTENTION`` is set (the default; see there). Exact (tests).
+their mode keeps them (``"offload"``, the default, and ``"offload-attention"``: :mod:`sloth_core.checkpointing`).
+Exact (tests).
 
 A checkpointed decoder layer reruns its forward in the backward to regenerate what autograd saved. The attention
 node (``F.scaled_dot_product_attention``, whatever backend PyTorch picks) saves ``q``, ``k``, ``v``, its output
@@ -286,6 +287,6 @@ def attention_offload():
     stash (a no-op outside such a layer): calls of ``torch.nn.functional.scaled_dot_product_attention`` made
     through the module attribute (as transformers' ``sdpa`` attention does) are routed (:func:`_routed_sdpa`)."""
     stash = recompute.layer_stash()
-    if stash is None or not stash.attention:  # the layer's OFFLOAD_ATTENTION, read when the layer started
+    if stash is None or not stash.attention:  # the layer's mode, read when the layer started
         return contextlib.nullcontext()
     return _routing(stash)

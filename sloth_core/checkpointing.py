@@ -43,10 +43,10 @@ hooks around the checkpoint call that catch exactly the layer input:
   layer a stash (:func:`sloth_core.recompute.mlp_input_stash`) that puts the fused LoRA MLP's input into the same
   pool. That MLP then saves nothing through the checkpoint, so its backward (which recomputes gate/up itself) runs
   before the layer's recompute -- the recomputed attention tensors are not alive during it.
-* In those layers, with :data:`OFFLOAD_ATTENTION` on (the default), the attention's output and
+* In those layers, in modes ``"offload"`` (the default) and ``"offload-attention"``, the attention's output and
   row statistics too (:mod:`sloth_core.attention_offload`, through a wrapper on the layer's ``self_attn``): the
   recompute takes the output back instead of running the attention, and ends there.
-* In those layers, with :data:`OFFLOAD_QKV` on (the default), the fused q/k/v projection's three outputs too: the
+* In those layers, in modes ``"offload"`` and ``"offload-qkv"``, the fused q/k/v projection's three outputs too: the
   recompute takes them back instead of running the projections (:meth:`_LayerStash.kept_qkv`).
 * Prefetch: the host copies one layer call makes form a group (:class:`_Group`). In the backward, restoring any
   copy of a group starts copying back the rest of that group, and restoring a layer input (its recompute starts)
@@ -93,28 +93,27 @@ from .warning import SlothCoreWarning
 
 PATTERN = "checkpointing"
 KERNEL = "torch.utils.checkpoint"
-MODES = ("off", "on", "offload")
+# What each mode keeps in host memory besides the layer (and MLP) inputs: (the attention output, the q/k/v outputs).
+OFFLOAD_MODES = {"offload": (True, True), "offload-attention": (True, False), "offload-qkv": (False, True),
+                 "offload-inputs": (False, False)}
+MODES = ("off", "on", *OFFLOAD_MODES)
 STATE_ATTR = "_sloth_core_checkpointing"
 HF_FLAG = "gradient_checkpointing"
 _FALLBACK_CONTAINERS = ("layers", "h")
 ATTENTION_ATTR = "self_attn"  # the decoder layer's attention module (transformers' name in every decoder layer)
 MLP_ATTR = "mlp"  # ... and its MLP
 LORA_MLP_PATTERN = "lora_mlp"  # the registry pattern of the fused LoRA MLP (sloth_core.registry.patterns.lora)
-# On by default. Offloading layers keep their attention output in host memory instead of recomputing it
-# (sloth_core.attention_offload; exact, tests). Off: the attention is recomputed (and the recompute skips the output
-# projection: _LayerStash). H200, same machine: steps 1.5% (QLoRA) / 0.9% (LoRA) shorter than with it off
-# (train_llama-3-8b_20261129_s7a / s7b); with OFFLOAD_QKV on in both, 0.9% / 1.5% (s7c against s7e).
-OFFLOAD_ATTENTION = True
-# On by default. In offloading layers the fused q/k/v LoRA projection (sloth_core.kernels.lora.lora_qkv) keeps its
-# three outputs in host memory, and the recompute takes them back instead of running the projections' GEMMs again
-# (its saved x and x A^T are recomputed as before). Exact: the recompute's input is bitwise the first forward's, so
-# the kept outputs are what it would compute. Costs q + k + v of host traffic a layer each way (96 MiB for
-# Llama-3-8B at 4 x 2048 tokens). H200, same machine: steps 2.3% (QLoRA) / 3.0% (LoRA) shorter with it (s7c against
-# s7d, attention offload on in both). Both flags on against both off (s7f / s7g, W_d change included): LoRA 592.1
-# against 615.7 ms, QLoRA 647.0 against 629.2 ms: a QLoRA step takes the host about as long as the GPU
-# (diag_offload_jitter_qlora_h200_20261129.txt), and the copies are host work (_HostCopy: 0.14 s of 1.76 s
-# profiled over two steps, profile_host_qlora_h200_20261129_s7.txt).
-OFFLOAD_QKV = True
+# The attention output kept (sloth_core.attention_offload; exact, tests) instead of recomputed (the recompute then
+# skips the output projection: _LayerStash). H200, same machine: steps 1.5% (QLoRA) / 0.9% (LoRA) shorter than
+# without (train_llama-3-8b_20261129_s7a / s7b); with the q/k/v outputs kept in both, 0.9% / 1.5% (s7c against s7e).
+# The q/k/v outputs kept: the fused q/k/v LoRA projection (sloth_core.kernels.lora.lora_qkv) keeps its three outputs
+# in host memory, and the recompute takes them back instead of running the projections' GEMMs again (its saved x
+# and x A^T are recomputed as before). Exact: the recompute's input is bitwise the first forward's. Costs q + k + v
+# of host traffic a layer each way (96 MiB for Llama-3-8B at 4 x 2048 tokens). H200, same machine: steps 2.3%
+# (QLoRA) / 3.0% (LoRA) shorter with it (s7c against s7d, attention kept in both). Both kept against neither (s7f /
+# s7g, W_d change included): LoRA 592.1 against 615.7 ms, QLoRA 647.0 against 629.2 ms: a QLoRA step takes the host
+# about as long as the GPU (diag_offload_jitter_qlora_h200_20261129.txt), and the copies are host work (_HostCopy:
+# 0.14 s of 1.76 s profiled over two steps, profile_host_qlora_h200_20261129_s7.txt).
 _CACHE_KWARGS = ("past_key_values", "cache", "layer_past")
 
 # Test hook: route CPU layer inputs through the offload path too (plain host buffers, synchronous copies).
@@ -147,8 +146,10 @@ def enable_checkpointing(model: nn.Module, mode: str = "on",
                          attention_output_unused: Callable[[nn.Module], bool] | None = None) -> list[str]:
     """Checkpoint the decoder layers of ``model`` (a transformers model or a PEFT model around one).
 
-    ``mode``: ``"on"`` (keep each layer's input on its device), ``"offload"`` (keep it in pinned host memory) or
-    ``"off"`` (same as :func:`disable_checkpointing`). In place. Calling it again changes the mode of the layers
+    ``mode``: ``"on"`` (keep each layer's input on its device), ``"offload"`` (keep it in pinned host memory, and
+    the attention output and the q/k/v projection outputs too, instead of recomputing them), ``"offload-attention"``
+    / ``"offload-qkv"`` (the inputs and only that one), ``"offload-inputs"`` (the inputs alone) or ``"off"`` (same
+    as :func:`disable_checkpointing`). The mode is stored per layer; a layer call reads it when it starts. In place. Calling it again changes the mode of the layers
     already wrapped; it never wraps twice. Returns the paths (``model.named_modules()`` names) of the wrapped
     layers.
 
@@ -320,8 +321,8 @@ def _install(layer: nn.Module, state: _LayerState) -> None:
 
 
 def _attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The attention module's forward inside :func:`sloth_core.attention_offload.attention_offload` when
-    :data:`OFFLOAD_ATTENTION` was on when the offloading layer running it started (a no-op otherwise); the
+    """The attention module's forward inside :func:`sloth_core.attention_offload.attention_offload` when the mode of
+    the offloading layer running it keeps the attention output (read when the layer started; a no-op otherwise); the
     layer's stash learns where the module's calls end (:meth:`_LayerStash.attention_module_done`)."""
     stash = recompute.layer_stash()
     start = recompute.calls_in_run(_LayerStash.PROJECTION) if stash is not None else 0
@@ -429,11 +430,11 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     else:
         return inner(*args, **kwargs)
     STATS.checkpointed_calls += 1
-    offload = state.mode == "offload"
-    group = _Group(hidden.device) if offload else None
-    hooks = _offloading(hidden, group) if offload else contextlib.nullcontext()
-    stash = _layer_stash(hidden, group, _keeps_norm_input(self, state)) if offload and state.mlp_output_unused \
-        else None
+    keeps = OFFLOAD_MODES.get(state.mode)
+    group = _Group(hidden.device) if keeps is not None else None
+    hooks = _offloading(hidden, group) if keeps is not None else contextlib.nullcontext()
+    stash = _layer_stash(hidden, group, keeps, _keeps_norm_input(self, state)) \
+        if keeps is not None and state.mlp_output_unused else None
     with hooks:
         # The input goes in positionally: the checkpoint keeps it (through the ambient saved-tensor hooks, which
         # is where offloading catches it) and infers from it whose RNG state to preserve.
@@ -487,7 +488,7 @@ class _LayerStash:
       the MLP kept its input and whose MLP input is that norm recomputed. Nothing saved then depends on the
       projection's output (``keep_norm_input`` declares that nothing in between saves), so the recompute ends
       once the projection has saved its input -- the output projection's GEMM runs once a step, not twice;
-    * :meth:`qkv_slot` / :meth:`keep_qkv` / :meth:`kept_qkv` (:data:`OFFLOAD_QKV`): the fused q/k/v projection's
+    * :meth:`qkv_slot` / :meth:`keep_qkv` / :meth:`kept_qkv` (modes keeping the q/k/v outputs): the fused q/k/v projection's
       outputs, which the recompute takes back instead of computing them.
 
     The MLP input of a layer whose norm before the MLP kept its input here is not copied: its handle recomputes
@@ -496,11 +497,12 @@ class _LayerStash:
     PROJECTION = "lora_linear"  # the call kind of :meth:`projection`
     QKV = "lora_qkv"  # ... and of :meth:`qkv_slot`
 
-    def __init__(self, target: str, group: "_Group", keep_norm_input: bool = False):
+    def __init__(self, target: str, group: "_Group", keeps: tuple[bool, bool] = (True, True),
+                 keep_norm_input: bool = False):
         self.target, self.group = target, group
-        # read once: the first forward and the recompute must take the same path (the checkpoint pairs their saves)
-        self.attention = OFFLOAD_ATTENTION
-        self.qkv = OFFLOAD_QKV
+        # the layer's mode, read when the layer started: the first forward and the recompute take the same path (the
+        # checkpoint pairs their saves)
+        self.attention, self.qkv = keeps
         self.keep_norm_input = keep_norm_input
         self._outputs: dict[int, tuple[_HostCopy, weakref.ref]] = {}
         self._qkv: dict[int, list[_HostCopy]] = {}
@@ -604,7 +606,7 @@ class _LayerStash:
 
     def qkv_slot(self) -> int | None:
         """The index of a fused q/k/v projection call in this layer run when the layer keeps their outputs
-        (:data:`OFFLOAD_QKV`, read when the layer started), else ``None``."""
+        (its mode, read when the layer started), else ``None``."""
         return recompute.next_call_index(self.QKV) if self.qkv else None
 
     def keep_qkv(self, slot: int, outputs: tuple[torch.Tensor, ...]) -> None:
@@ -665,10 +667,12 @@ class _Derived:
         return self.recompute_norm().reshape(self.shape)
 
 
-def _layer_stash(hidden: torch.Tensor, group: "_Group | None", keep_norm_input: bool = False) -> _LayerStash | None:
-    """The stash of an offloading layer whose input goes to host memory (``None`` when it stays on the device)."""
+def _layer_stash(hidden: torch.Tensor, group: "_Group | None", keeps: tuple[bool, bool],
+                 keep_norm_input: bool = False) -> _LayerStash | None:
+    """The stash of an offloading layer whose input goes to host memory (``None`` when it stays on the device);
+    ``keeps``: :data:`OFFLOAD_MODES`' (attention output, q/k/v outputs) of the layer's mode."""
     target = _offload_target(hidden)
-    return _LayerStash(target, group, keep_norm_input) if target is not None and group is not None else None
+    return _LayerStash(target, group, keeps, keep_norm_input) if target is not None and group is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

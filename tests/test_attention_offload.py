@@ -14,16 +14,9 @@ from sloth_core import checkpointing as ck
 from tests.batches import token_batch
 from tests.sdpa_lora import assert_same, offload_on_cpu, run_step, sdpa_lora_model  # noqa: F401 (a fixture)
 
-_DEFAULT = ck.OFFLOAD_ATTENTION
 
-
-@pytest.fixture(autouse=True)
-def attention_offload_on(monkeypatch):
-    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", True)  # the default (tests may turn it off)
-
-
-def test_on_by_default():
-    assert _DEFAULT is True
+def test_the_default_offload_mode_keeps_the_attention():
+    assert ck.OFFLOAD_MODES["offload"] == (True, True) and ck.OFFLOAD_MODES["offload-attention"] == (True, False)
 
 
 @pytest.fixture
@@ -231,18 +224,18 @@ def test_the_recompute_ends_at_the_attention(device, offload_on_cpu, monkeypatch
 
 
 @pytest.mark.parametrize("forward_flag", [True, False], ids=["on_then_off", "off_then_on"])
-def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its_path(
-        device, offload_on_cpu, monkeypatch, forward_flag):
-    """Each layer call reads ``OFFLOAD_ATTENTION`` once: its recompute takes the first forward's path even when
-    the flag changed in between (otherwise the two passes would save different tensors)."""
+def test_switching_the_mode_between_forward_and_backward_keeps_each_layer_on_its_path(
+        device, offload_on_cpu, forward_flag):
+    """Each layer call reads its mode once: its recompute takes the first forward's path even when the model's
+    mode changed in between (otherwise the two passes would save different tensors)."""
     ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     loss_on, grads_on = run_step(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on"), ids, labels)
-    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
+    keeping, not_keeping = "offload", "offload-qkv"
+    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing=keeping if forward_flag else not_keeping)
     ck.reset_checkpointing_stats()
-    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", forward_flag)
     loss = model(input_ids=ids, labels=labels).loss
-    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", not forward_flag)
+    ck.enable_checkpointing(model, not_keeping if forward_flag else keeping)
     loss.backward()
     assert ck.checkpointing_stats().attention_reused == (ref.config.num_hidden_layers if forward_flag else 0)
     assert_same(loss.detach(), loss_on, "loss", device)
@@ -283,12 +276,12 @@ def test_a_function_another_library_put_there_is_left_to_it(device, offload_on_c
     assert ck.checkpointing_stats().attention_reused == 0
 
 
-def test_with_the_flag_off_torch_is_left_alone(device, offload_on_cpu, monkeypatch):
-    """``OFFLOAD_ATTENTION`` off (the default): an offloading step does not install the routing --
-    ``F.scaled_dot_product_attention`` stays torch's own function."""
-    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", False)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", ao._SDPA)
-    model = sloth_core.optimize(sdpa_lora_model("llama", device), gradient_checkpointing="offload")
+def test_a_mode_not_keeping_the_attention_leaves_torch_alone(device, offload_on_cpu, monkeypatch):
+    """``"offload-qkv"`` (the attention recomputed): an offloading step does not route --
+    ``F.scaled_dot_product_attention`` stays torch's own function, even while the layers run."""
+    seen = []
+    monkeypatch.setattr(ao._WINDOW, "enter", lambda: seen.append(1) or False)
+    model = sloth_core.optimize(sdpa_lora_model("llama", device), gradient_checkpointing="offload-qkv")
     ids, labels = token_batch(device)
     model(input_ids=ids, labels=labels).loss.backward()
-    assert torch.nn.functional.scaled_dot_product_attention is ao._SDPA
+    assert torch.nn.functional.scaled_dot_product_attention is ao._SDPA and not seen

@@ -449,23 +449,15 @@ def _lora_on(model, targets):
 
 
 def _skipped_projections(ref, device, early_stop=True, **optimize):
-    """``(skipped, mlp inputs kept, offloaded)`` of one "offload" step of ``ref`` with the attention and the q/k/v
-    projections recomputed (``OFFLOAD_ATTENTION`` and ``OFFLOAD_QKV`` off), whose loss and gradients are asserted
-    equal (bitwise on the CPU) to the "on" path's."""
+    """``(skipped, mlp inputs kept, offloaded)`` of one ``"offload-inputs"`` step of ``ref`` (the attention and the
+    q/k/v projections recomputed), whose loss and gradients are asserted equal (bitwise on the CPU) to the "on"
+    path's."""
     from sloth_core import recompute
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ck, "OFFLOAD_ATTENTION", False)
-        patch.setattr(ck, "OFFLOAD_QKV", False)
-        return _skipped_projections_of(ref, device, early_stop, recompute, **optimize)
-
-
-def _skipped_projections_of(ref, device, early_stop, recompute, **optimize):
 
     ids, labels = _batch(device)
     on = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on", **optimize)
     loss_on, grads_on = _step(on, ids, labels)
-    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload", **optimize)
+    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload-inputs", **optimize)
     before = recompute.STATS.projection_outputs_skipped
     ck.reset_checkpointing_stats()
     with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):  # read by the forward's checkpoint
@@ -481,7 +473,7 @@ def _skipped_projections_of(ref, device, early_stop, recompute, **optimize):
 @pytest.mark.parametrize("early_stop", [True, False], ids=["early_stop", "full_recompute"])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3", "gemma", "gemma2"])
 def test_offloading_layers_skip_the_attention_output_projection_in_the_recompute(model_type, early_stop, device):
-    """With "offload" and the attention recomputed (``OFFLOAD_ATTENTION`` off), in layers declared to feed the attention output into the residual add before the MLP's norm
+    """With the attention recomputed (``"offload-inputs"``), in layers declared to feed the attention output into the residual add before the MLP's norm
     (every declared layout but Gemma2/3, whose MLP output is saved anyway) and running the fused LoRA MLP: the norm
     keeps its input in host memory instead of the MLP input (one copy a layer, as before), the MLP input is that
     norm recomputed, and the recompute leaves the attention's output projection uncomputed -- it ends once that

@@ -1,4 +1,5 @@
-"""q/k/v projection outputs kept in host memory in offloading checkpointed layers (``checkpointing.OFFLOAD_QKV``):
+"""q/k/v projection outputs kept in host memory in offloading checkpointed layers (modes ``"offload"``,
+``"offload-qkv"``):
 the recompute takes the fused q/k/v projection's first-forward outputs back instead of running its GEMMs again,
 with the recomputing path's losses and gradients (bitwise on the CPU)."""
 import copy
@@ -12,11 +13,9 @@ from sloth_core.kernels import lora
 from tests.batches import token_batch
 from tests.sdpa_lora import assert_same, offload_on_cpu, run_step, sdpa_lora_model  # noqa: F401 (a fixture)
 
-_DEFAULT = ck.OFFLOAD_QKV
 
-
-def test_on_by_default():
-    assert _DEFAULT is True
+def test_the_default_offload_mode_keeps_them():
+    assert ck.OFFLOAD_MODES["offload"] == (True, True) and ck.OFFLOAD_MODES["offload-qkv"] == (False, True)
 
 
 @pytest.fixture
@@ -54,20 +53,18 @@ def _step(model, ids, labels, early_stop=True):
 def test_the_recompute_takes_the_kept_qkv_outputs_with_identical_gradients(model_type, attention, early_stop,
                                                                            device, offload_on_cpu, monkeypatch,
                                                                            projections_computed):
-    """With the flag on, each layer's first forward copies q, k, v to the host stash (three copies a layer) and
-    its recompute computes none of them (the projection's GEMMs run once a step), whether the attention is
-    recomputed (``OFFLOAD_ATTENTION`` off) or kept; Qwen3 normalises q and k after the projection, Gemma2 saves
+    """In a mode keeping them, each layer's first forward copies q, k, v to the host stash (three copies a layer)
+    and its recompute computes none of them (the projection's GEMMs run once a step), whether the attention is
+    recomputed (``"offload-qkv"``) or kept (``"offload"``); Qwen3 normalises q and k after the projection, Gemma2 saves
     its MLP output: both take the same path. Loss and gradients are the "on" path's (which recomputes them)."""
-    monkeypatch.setattr(ck, "OFFLOAD_ATTENTION", attention)
     ref = sdpa_lora_model(model_type, device)
     ids, labels = token_batch(device)
     layers = ref.config.num_hidden_layers
     on = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on")
-    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
+    model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload" if attention else "offload-qkv")
     projections_computed["n"] = 0
     loss_on, grads_on, _ = _step(on, ids, labels)
     assert projections_computed["n"] == 2 * 3 * layers  # "on": the forward and the recompute
-    monkeypatch.setattr(ck, "OFFLOAD_QKV", True)
     projections_computed["n"] = 0
     loss, grads, stats = _step(model, ids, labels, early_stop)
     stashed = model_type != "gemma2"  # Gemma2's MLP output is saved: its layers have no stash
@@ -82,23 +79,22 @@ def test_the_recompute_takes_the_kept_qkv_outputs_with_identical_gradients(model
         assert_same(grads[n], g, n, device)
 
 
-def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its_path(device, offload_on_cpu,
-                                                                                     monkeypatch,
+def test_switching_the_mode_between_forward_and_backward_keeps_each_layer_on_its_path(device, offload_on_cpu,
                                                                                      projections_computed):
-    """Each layer call reads ``OFFLOAD_QKV`` once: a flag turned on after the forward does not make the recompute
-    look for copies that were never made, and one turned off does not make it compute what it kept."""
+    """Each layer call reads its mode once: a mode keeping q/k/v set after the forward does not make the recompute
+    look for copies that were never made, and one not keeping them does not make it compute what it kept."""
     ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     layers = ref.config.num_hidden_layers
     loss_on, grads_on = run_step(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on"), ids, labels)
     for forward_flag in (True, False):
-        model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
+        keeping, not_keeping = "offload-qkv", "offload-inputs"
+        model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing=keeping if forward_flag else not_keeping)
         ck.reset_checkpointing_stats()
         projections_computed["n"] = 0
-        monkeypatch.setattr(ck, "OFFLOAD_QKV", forward_flag)
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=labels).loss
-        monkeypatch.setattr(ck, "OFFLOAD_QKV", not forward_flag)
+        ck.enable_checkpointing(model, not_keeping if forward_flag else keeping)
         loss.backward()
         assert ck.checkpointing_stats().qkv_reused == (layers if forward_flag else 0)
         assert projections_computed["n"] == (1 if forward_flag else 2) * 3 * layers
@@ -111,7 +107,6 @@ def test_switching_the_flag_between_forward_and_backward_keeps_each_layer_on_its
 def test_unfused_projections_are_recomputed(device, offload_on_cpu, monkeypatch, projections_computed):
     """Without the fused q/k/v function (``exclude=("lora_qkv",)``) nothing is kept: PEFT's projections are
     recomputed as usual, gradients as the "on" path's."""
-    monkeypatch.setattr(ck, "OFFLOAD_QKV", True)
     ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     loss_on, grads_on, _ = _step(sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on",

@@ -17,11 +17,9 @@ What is measured, per (model preset, setup) -- one model, built once:
   - ``sloth_core``: HF checkpointing off, ``sloth_core.optimize(model, gradient_checkpointing="offload")``
     (its own decoder-layer checkpointing, layer inputs kept in pinned host memory); ``sloth_core.restore``
     afterwards. ``sloth_checkpointing="on"`` keeps the inputs on the GPU; ``"hf"`` keeps HF's checkpointing
-    (as ``hf_peft``) and calls ``optimize`` without the option; ``"offload-attention"`` /
-    ``"offload-recompute-attention"`` are ``"offload"`` with ``sloth_core.checkpointing.OFFLOAD_ATTENTION``
-    (attention outputs kept in host memory instead of recomputed) set on / off for the provider's steps,
-    ``"offload-qkv"`` with ``OFFLOAD_QKV`` (q/k/v projection outputs kept) on, ``"offload-attention-qkv"`` with
-    both on, ``"offload-recompute"`` with both off.
+    (as ``hf_peft``) and calls ``optimize`` without the option; ``"offload-attention"``, ``"offload-qkv"``,
+    ``"offload-inputs"`` are passed to ``optimize`` as they are (what the layers keep in host memory besides their
+    inputs: the attention outputs, the q/k/v projection outputs, neither; ``"offload"`` keeps both).
   - ``liger`` (when ``liger_kernel`` is importable): HF checkpointing as ``hf_peft``, plus Liger-Kernel's
     ``_apply_liger_kernel_to_instance`` on the transformers model (RMSNorm, RoPE, SwiGLU/GeGLU, fused linear
     cross-entropy; its defaults). Liger patches the model instance and the ``modeling_<type>`` module; the module
@@ -70,13 +68,8 @@ WARMUP = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = {"none": "lora_bf16", "nf4": "qlora_nf4"}  # --quant value -> setup name in the rows
 PROVIDERS = ("hf_peft", "sloth_core", "liger")  # the order they run in
-# "offload" with sloth_core.checkpointing's flags set as named for the provider's steps
-_OFFLOAD_FLAGS = {"offload-attention": {"OFFLOAD_ATTENTION": True},
-                  "offload-recompute-attention": {"OFFLOAD_ATTENTION": False},
-                  "offload-qkv": {"OFFLOAD_QKV": True},
-                  "offload-attention-qkv": {"OFFLOAD_ATTENTION": True, "OFFLOAD_QKV": True},
-                  "offload-recompute": {"OFFLOAD_ATTENTION": False, "OFFLOAD_QKV": False}}
-SLOTH_CHECKPOINTING = ("offload", "on", "hf", *_OFFLOAD_FLAGS)
+# sloth_core's checkpointing modes (optimize's gradient_checkpointing), and "hf": HF's, as hf_peft
+SLOTH_CHECKPOINTING = ("offload", "on", "hf", "offload-attention", "offload-qkv", "offload-inputs")
 DEFAULT_OUT = "benchmarks/results"
 
 # transformers config kwargs of the real models (their config.json, minus token ids and dtype).
@@ -293,20 +286,12 @@ def _use_sloth_core(model, checkpointing: bool, sloth_checkpointing: str, sloth_
     from sloth_core import checkpointing as sloth_ckpt
 
     options = dict(sloth_options)
-    flags = _OFFLOAD_FLAGS.get(sloth_checkpointing, {})
-    saved_flags = {name: getattr(sloth_ckpt, name) for name in flags}
     if sloth_checkpointing == "hf":
         _hf_checkpointing(model, checkpointing)
-    elif flags:
-        options["gradient_checkpointing"] = "offload"
-        for name, value in flags.items():
-            setattr(sloth_ckpt, name, value)
     else:
         options["gradient_checkpointing"] = sloth_checkpointing
 
     def undo():
-        for name, value in saved_flags.items():
-            setattr(sloth_ckpt, name, value)
         sloth_core.restore(model)
         _hf_checkpointing(model, False)
         sloth_ckpt.clear_host_pool()  # the pinned buffers of "offload" (sized for this model)
@@ -519,10 +504,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-checkpointing", action="store_true",
                         help="no HF gradient checkpointing for hf_peft / liger")
     parser.add_argument("--sloth-checkpointing", choices=SLOTH_CHECKPOINTING, default="offload",
-                        help="sloth_core's checkpointing: offload, on, hf (HF's, as hf_peft), or offload with "
-                             "sloth_core.checkpointing's flags set: offload-attention (OFFLOAD_ATTENTION), "
-                             "offload-qkv (OFFLOAD_QKV), offload-attention-qkv (both), offload-recompute-attention "
-                             "(OFFLOAD_ATTENTION off), offload-recompute (both off); default: %(default)s")
+                        help="sloth_core's checkpointing (optimize's gradient_checkpointing): offload (inputs, "
+                             "attention and q/k/v outputs to host memory), offload-attention, offload-qkv, "
+                             "offload-inputs, on; or hf (HF's, as hf_peft); default: %(default)s")
     parser.add_argument("--opt-in", nargs="+", default=[], metavar="PATTERN",
                         help="sloth_core patterns in no default list to apply too (optimize(opt_in=...))")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",

@@ -567,7 +567,7 @@ class _LoRAQKVFunction(torch.autograd.Function):
         As, Bs = (A_q, A_k, A_v), (B_q, B_k, B_v)
         # [T, r] each from one GEMM (x read once), made contiguous (cuBLAS-friendly, tiny)
         xas = [xa.contiguous() for xa in _shared_input_xa(x, As)]
-        # In an offloading layer keeping q/k/v outputs (checkpointing.OFFLOAD_QKV): the first forward's outputs
+        # In an offloading layer keeping q/k/v outputs (its checkpointing mode): the first forward's outputs
         # go to host memory, and the recompute (whose x is bitwise the first forward's) takes them back instead of
         # running the three projections again; it saves the same tensors.
         stash = recompute.layer_stash()

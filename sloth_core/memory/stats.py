@@ -12,7 +12,7 @@ class CheckpointingStats:
     attention_tensors: int = 0   # of those, tensors attention nodes saved (sloth_core.attention_offload)
     attention_reused: int = 0    # attention outputs a recompute took from host memory instead of recomputing
     attention_composite: int = 0  # attention calls that were no single node (math backend): recomputed as before
-    qkv_outputs: int = 0         # of the offloaded tensors, q/k/v projection outputs (OFFLOAD_QKV)
+    qkv_outputs: int = 0         # of the offloaded tensors, q/k/v projection outputs (modes keeping them)
     qkv_reused: int = 0          # q/k/v projection calls a recompute answered from host memory instead of computing
     offloaded_bytes: int = 0
     pinned: int = 0              # of those, into pinned memory

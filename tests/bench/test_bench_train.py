@@ -182,35 +182,26 @@ def test_excluded_patterns_reach_optimize_and_the_settings(monkeypatch):
     assert "error" not in results["rows"][0]
 
 
-@pytest.mark.parametrize("option, flags", [
-    ("offload-attention", {"OFFLOAD_ATTENTION": True}),
-    ("offload-recompute-attention", {"OFFLOAD_ATTENTION": False}),
-    ("offload-qkv", {"OFFLOAD_QKV": True}),
-    ("offload-attention-qkv", {"OFFLOAD_ATTENTION": True, "OFFLOAD_QKV": True}),
-    ("offload-recompute", {"OFFLOAD_ATTENTION": False, "OFFLOAD_QKV": False}),
-])
-def test_the_offload_flag_options_set_the_flags_for_sloth_core_only(monkeypatch, option, flags):
-    """``--sloth-checkpointing offload-attention`` (and the other flag options): optimize(
-    gradient_checkpointing="offload") with ``checkpointing``'s flags set as named while sloth_core runs, put
-    back afterwards; the settings record the option."""
+@pytest.mark.parametrize("option", ["offload-attention", "offload-qkv", "offload-inputs", "on"])
+def test_the_checkpointing_options_go_to_optimize(monkeypatch, option):
+    """``--sloth-checkpointing offload-attention`` (and the other modes): ``optimize(gradient_checkpointing=...)``
+    with that mode, which the model's layers keep (nothing process-wide is set); the settings record it."""
     from sloth_core import checkpointing
 
     seen = []
     optimize = sloth_core.optimize
 
     def recording_optimize(model, **options):
-        seen.append((options, {name: getattr(checkpointing, name) for name in flags}))
-        return optimize(model, **options)
+        out = optimize(model, **options)
+        seen.append((options, sorted({mode for _, mode in checkpointing.checkpointed_modes(model)})))
+        return out
 
     monkeypatch.setattr(sloth_core, "optimize", recording_optimize)
-    for name, value in flags.items():
-        monkeypatch.setattr(checkpointing, name, not value)
     args = _parse(["--preset", "tiny-llama", "--quant", "none", "--batch", "1", "--seq", "8", "--steps", "1",
                    "--provider", "hf_peft", "sloth_core", "--device", "cpu", "--sloth-checkpointing", option])
     results = train.run(args.preset, args.quant, batch=args.batch, seq=args.seq, steps=args.steps,
                         providers=args.provider, device=args.device, sloth_checkpointing=args.sloth_checkpointing)
-    assert seen == [({"gradient_checkpointing": "offload"}, flags)]
-    assert {name: getattr(checkpointing, name) for name in flags} == {n: not v for n, v in flags.items()}
+    assert seen == [({"gradient_checkpointing": option}, [option])]
     assert results["settings"]["sloth_checkpointing"] == option
     rows = _rows(results)
     assert "error" not in rows["sloth_core"]
