@@ -2,7 +2,7 @@
 
     python benchmarks/diag_attention_offload.py none|nf4
 
-Variants: the mode (``"offload"``, or ``"offload-qkv"``: the attention recomputed), ``checkpointing._PREFETCH_FROM_SIDE_POOL``, Python's gc on/off;
+Variants: the mode (``"offload"``, or ``"offload-qkv"``: the attention recomputed), ``memory.host.PREFETCH_FROM_SIDE_POOL``, Python's gc on/off;
 7 steps each (ms) and the peak memory. Output: benchmarks/results/attention_offload_diag_h200_20261129.txt.
 """
 import gc
@@ -15,13 +15,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _diag_setup import optimized_model, timed_steps  # noqa: E402
 
 from sloth_core import checkpointing as ck  # noqa: E402
+from sloth_core.memory import host
 
 quant = sys.argv[1]
 model, opt, ids = optimized_model(quant)
 for offload, side_pool, gcon in ((True, False, True), (True, False, False), (True, True, True), (True, True, False),
                                  (False, False, True), (False, True, True)):
     ck.enable_checkpointing(model, "offload" if offload else "offload-qkv")
-    ck._PREFETCH_FROM_SIDE_POOL = side_pool
+    host.PREFETCH_FROM_SIDE_POOL = side_pool
     (gc.enable if gcon else gc.disable)()
     torch.cuda.reset_peak_memory_stats()
     ts = timed_steps(model, opt, ids, 7)

@@ -3,7 +3,7 @@
     python benchmarks/diag_offload_jitter.py nf4|none [steps]
 
 Variants, one after the other on the same model: the checkpointing modes keeping the attention / q/k/v outputs or not,
-Python's gc off, ``checkpointing._PREFETCH_FROM_SIDE_POOL`` off. Per step: wall time (ms), the host's time to
+Python's gc off, ``memory.host.PREFETCH_FROM_SIDE_POOL`` off. Per step: wall time (ms), the host's time to
 enqueue the step (until ``zero_grad`` returns, before the closing synchronize), and what the step allocated:
 ``cudaMalloc`` / ``cudaFree`` calls of the caching allocator, pinned host buffers (pool misses), gc collections.
 """
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _diag_setup import optimized_model  # noqa: E402
 
 from sloth_core import checkpointing as ck  # noqa: E402
+from sloth_core.memory import host
 
 quant = sys.argv[1] if len(sys.argv) > 1 else "nf4"
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 8
@@ -41,7 +42,7 @@ VARIANTS = [  # (name, attention output kept, q/k/v outputs kept, gc on, side po
 ]
 for name, attention, qkv, gc_on, side_pool in VARIANTS:
     ck.enable_checkpointing(model, next(m for m, keeps in ck.OFFLOAD_MODES.items() if keeps == (attention, qkv)))
-    ck._PREFETCH_FROM_SIDE_POOL = side_pool
+    host.PREFETCH_FROM_SIDE_POOL = side_pool
     (gc.enable if gc_on else gc.disable)()
     torch.cuda.reset_peak_memory_stats()
     rows = []

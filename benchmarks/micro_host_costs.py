@@ -4,7 +4,7 @@ synchronization inside the loop (the device work of each call is far shorter tha
     python benchmarks/micro_host_costs.py
 
 Rows: ``interpreting()``; ``dequantize_weight`` of a 256 x 256 NF4 ``Linear4bit`` (a launch plan after the first
-call) against the checked ``dequantize_4bit`` path; a host copy (``checkpointing._HostCopy``) of a 1 MiB tensor,
+call) against the checked ``dequantize_4bit`` path; a host copy (``memory.host.HostCopy``) of a 1 MiB tensor,
 alone and three at once; and, for scale, a small cast, a small GEMM, ``torch.empty`` and the public stream helpers.
 """
 import time
@@ -13,6 +13,7 @@ import bitsandbytes as bnb
 import torch
 
 from sloth_core import checkpointing as ck
+from sloth_core.memory import host
 from sloth_core.kernels import dequant as dq
 from sloth_core.kernels._runtime import interpreting
 
@@ -36,9 +37,9 @@ def main() -> None:
     bench("dequantize_weight (planned)", lambda: dq.dequantize_weight(lin, torch.bfloat16))
     bench("dequantize_4bit (checked path)", lambda: dq.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
     x = torch.randn(1024, 512, dtype=torch.bfloat16, device="cuda")
-    bench("_HostCopy(x 1MB) create+drop", lambda: ck._HostCopy(x, pinned=True, kind="qkv"))
+    bench("HostCopy(x 1MB) create+drop", lambda: host.HostCopy(x, pinned=True, kind="qkv"))
     xs = [x, x[:256], x[:256]]
-    bench("_HostCopy.many(3) create+drop", lambda: ck._HostCopy.many(xs, pinned=True, kind="qkv"))
+    bench("HostCopy.many(3) create+drop", lambda: host.HostCopy.many(xs, pinned=True, kind="qkv"))
     A = torch.randn(16, 4096, device="cuda")
     bench("A.to(bf16) (16x4096 fp32)", lambda: A.to(torch.bfloat16))
     a = torch.randn(64, 64, dtype=torch.bfloat16, device="cuda")

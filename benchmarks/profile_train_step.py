@@ -58,7 +58,7 @@ def variants(model, ids, opt, steps, backends=()):
 
     rows = []
     tokens = ids.numel()
-    states = [layer.__dict__[checkpointing.STATE_ATTR] for _, layer in checkpointing._decoder_layers(model)]
+    states = [layer.__dict__[checkpointing.STATE_ATTR] for _, layer in checkpointing.decoder_layers(model)]
     declared = [s.mlp_output_unused for s in states]
     for mode in ("offload", "on"):
         sloth_core.optimize(model, gradient_checkpointing=mode)

@@ -22,7 +22,7 @@ memory) the attention call runs as :class:`_OffloadedAttention`:
   restored: one copy back). ``q``, ``k``, ``v`` enter that node through :class:`_Attach` (no leaf's
   ``AccumulateGrad`` keeps them alive); an attention that is no single node (the math backend's composite) is not
   kept: the recompute and the backward run it again.
-* after the attention (:meth:`sloth_core.checkpointing._LayerStash.after_attention`): the output projection (its
+* after the attention (:meth:`sloth_core.memory.stash.LayerStash.after_attention`): the output projection (its
   input is ``o``'s memory: the same host copy) and the norm before the MLP (its input to the stash; the MLP input is
   that norm recomputed) save nothing through the checkpoint, so the recompute ends at the attention.
 

@@ -5,6 +5,7 @@ import torch
 
 from sloth_core import attention_offload as ao
 from sloth_core import checkpointing as ck
+from sloth_core.memory import host
 from sloth_core.tiny import tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,5 +59,5 @@ def run_step(model, ids, labels):
 def offload_on_cpu(monkeypatch):
     """CPU tensors take the whole offload path (plain host buffers), and every tensor an attention node saves goes
     to the host stash (the tiny shapes are below ``MIN_BYTES``)."""
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)
     monkeypatch.setattr(ao, "MIN_BYTES", 1)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import sloth_core
 from sloth_core import attention_offload as ao
 from sloth_core import checkpointing as ck
+from sloth_core.memory.stash import LayerStash
+from sloth_core.memory import host
 from tests.batches import token_batch
 from tests.sdpa_lora import assert_same, offload_on_cpu, run_step, sdpa_lora_model  # noqa: F401 (a fixture)
 
@@ -142,7 +144,7 @@ def test_disable_checkpointing_unwraps_the_attention_modules(device):
 ], ids=["contiguous", "bthd", "transposed", "1d"])
 def test_host_copies_come_back_with_their_values_and_strides(make):
     x = make()
-    copy_ = ck._HostCopy(x, pinned=False)
+    copy_ = host.HostCopy(x, pinned=False)
     y = copy_.restore(keep=True)
     assert torch.equal(y, x) and y.stride() == x.stride() and y.data_ptr() != x.data_ptr()
     assert copy_.restore() is y  # kept: the next restore returns the same tensor, no second copy
@@ -150,10 +152,10 @@ def test_host_copies_come_back_with_their_values_and_strides(make):
 
 
 def test_tensors_that_are_not_dense_stay_on_the_device(monkeypatch):
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)
     x = torch.randn(4, 6)
-    assert ck._offload_target(x[:, ::2]) is None and ck._offload_target(x[1:3]) == "host"
-    stash = ck._LayerStash("host", ck._Group(x.device))
+    assert host.offload_target(x[:, ::2]) is None and host.offload_target(x[1:3]) == "host"
+    stash = LayerStash("host", host.Group(x.device))
     assert stash.host_copy(x[:, ::2]) is None
 
 

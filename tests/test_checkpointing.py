@@ -5,7 +5,7 @@ Loss and every gradient match the un-checkpointed model (bitwise on the CPU) in 
 sloth_core.optimize; a checkpointed layer keeps only its input (on the device, or in host memory); disabling is
 bit-identical; nothing is wrapped or checkpointed twice, Hugging Face's checkpointing included.
 
-On the CPU, ``_OFFLOAD_CPU_INPUTS`` sends CPU layer inputs through the offload path (plain host buffers), so that
+On the CPU, ``memory.host.OFFLOAD_CPU_INPUTS`` sends CPU layer inputs through the offload path (plain host buffers), so that
 path is exercised here; the CUDA test checks pinned memory, the side-stream copies and the prefetch on the GPU.
 """
 import copy
@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import sloth_core
 from sloth_core import binding
 from sloth_core import checkpointing as ck
+from sloth_core.memory import host
 from sloth_core.tiny import tiny_model
 from sloth_core.tolerances import assert_close
 from tests.batches import token_batch
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:sloth_core checkpointing.*KV cac
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)
     monkeypatch.setattr(ck, "_warned", set())
     ck.reset_checkpointing_stats()
     yield
@@ -390,7 +391,7 @@ def test_bad_arguments():
 
 @pytest.mark.cuda
 def test_offload_moves_inputs_to_pinned_memory_on_gpu(device, monkeypatch):
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", False)
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", False)
     ref = _lora(tiny_model("llama", device=device, attention_dropout=0.1), dropout=0.1).train()
     model = copy.deepcopy(ref)
     layers = _decoder_layers(model)
@@ -417,7 +418,7 @@ def test_offload_moves_inputs_to_pinned_memory_on_gpu(device, monkeypatch):
     assert stats.offloaded == stats.pinned == n and stats.offloaded_bytes == n * input_bytes
     assert stats.restored == n and stats.prefetched == n - 1
     assert on - offload >= n * input_bytes
-    buffers = [b for free in ck._POOL._free.values() for b in free]
+    buffers = [b for free in host.POOL._free.values() for b in free]
     assert len(buffers) == n and all(b.is_pinned() for b in buffers)
 
     for mode in MODES:
@@ -511,15 +512,15 @@ def test_the_output_projection_is_computed_where_its_output_may_be_read(case, de
 @pytest.mark.cuda
 def test_host_copies_follow_the_current_stream(device):
     """Host copies started inside a user's stream wait for that stream's queued work, leave it current, and come
-    back intact -- one at a time, several at once (``_HostCopy.many``), and permuted (dense in another order)."""
+    back intact -- one at a time, several at once (``HostCopy.many``), and permuted (dense in another order)."""
     user = torch.cuda.Stream()
     with torch.cuda.stream(user):
         torch.cuda._sleep(50_000_000)  # the values below are written long after the copies are queued
         xs = [torch.arange(4096 * k, device=device, dtype=torch.float32).reshape(64, -1) for k in (1, 2, 3)]
         xs.append(torch.arange(2 * 3 * 4 * 5, device=device, dtype=torch.bfloat16).reshape(2, 4, 3, 5)
                   .transpose(1, 2))
-        one = ck._HostCopy(xs[0], pinned=True, kind="qkv")
-        many = ck._HostCopy.many(xs[1:], pinned=True, kind="qkv")
+        one = host.HostCopy(xs[0], pinned=True, kind="qkv")
+        many = host.HostCopy.many(xs[1:], pinned=True, kind="qkv")
         assert torch.cuda.current_stream() == user
         back = [c.restore() for c in (one, *many)]
         assert torch.cuda.current_stream() == user

@@ -14,6 +14,7 @@ import torch
 
 import sloth_core
 from sloth_core import checkpointing as ck
+from sloth_core.memory import host
 from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
 from tests.batches import token_batch
 from tests.sdpa_lora import TARGETS, sdpa_overrides
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:sloth_core checkpointing.*KV cac
 
 @pytest.fixture(autouse=True)
 def _offload_on_cpu(monkeypatch):
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)
     yield
     ck.clear_host_pool()
 

@@ -10,6 +10,7 @@ import torch
 import sloth_core
 from sloth_core import binding
 from sloth_core import checkpointing as ck
+from sloth_core.memory import host
 from sloth_core.checkpointing_takeover import TARGET
 from sloth_core.tiny import tiny_model
 from tests.batches import token_batch
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:sloth_core checkpointing.*KV cac
 
 @pytest.fixture(autouse=True)
 def _offload_on_cpu(monkeypatch):
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)
     ck.reset_checkpointing_stats()
     yield
     ck.clear_host_pool()

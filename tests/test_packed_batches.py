@@ -13,6 +13,7 @@ import torch
 
 import sloth_core
 from sloth_core import checkpointing as ck
+from sloth_core.memory import host
 from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
 from sloth_core.tolerances import assert_close
 from tests.sdpa_lora import TARGETS, sdpa_overrides
@@ -75,7 +76,7 @@ def test_packed_batch_matches_the_plain_model(model_type, attn, device):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2"])
 def test_packed_batch_lora_with_offloaded_checkpointing(model_type, device, monkeypatch):
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)
     ref = _model(model_type, "sdpa", device, lora=True)
     model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="offload")
     assert not sloth_core.missing_patterns(model)

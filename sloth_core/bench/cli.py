@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import KERNELS, MODELS, MODES, positive_int  # noqa: F401  (the bench CLI's shared values)
-
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` sub-command (with ``kernels``, ``train``, ``compare``) to an ``argparse`` sub-parsers

@@ -383,7 +383,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, base_layer, scale):
         stash = recompute.layer_stash()
-        # In an offloading layer (checkpointing._LayerStash.projection): the output projection of a kept attention
+        # In an offloading layer (memory.stash.LayerStash.projection): the output projection of a kept attention
         # output takes x back from that host copy and saves nothing through the checkpoint; in the recompute, the
         # output projection whose output no saved tensor depends on computes only what it saves (xa).
         call = stash.projection(x) if stash is not None else None

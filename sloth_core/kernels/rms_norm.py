@@ -366,7 +366,7 @@ class _RMSNormFunction(torch.autograd.Function):
         ctx.offset, ctx.gemma = offset, gemma
         stash = recompute.layer_stash()
         # the norm after the attention (before the MLP) of an offloading layer that keeps it there
-        # (checkpointing._LayerStash): its input goes to the layer's host stash and nothing is saved through the
+        # (memory.stash.LayerStash): its input goes to the layer's host stash and nothing is saved through the
         # checkpoint; the MLP input is this norm recomputed from that copy
         ctx.stashed = stash.after_attention("rms_norm", x_read) if stash is not None else None
         if ctx.stashed is None:

@@ -125,10 +125,11 @@ def test_offloading_layers_run_the_mlp_backward_before_the_recompute(model_type,
     recompute (the recomputed attention tensors are not alive during it); gradients still equal PEFT's. With
     "on" the MLP's saved input triggers the recompute first."""
     from sloth_core import checkpointing as ck
+    from sloth_core.memory import host
     from sloth_core.kernels import lora
     from sloth_core.tolerances import assert_close
 
-    monkeypatch.setattr(ck, "_OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the offload path too
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the offload path too
     monkeypatch.setattr(lora, "CHUNK_MULTIPLE", 8)
     seen = []
     chunked = lora._chunked_recompute_backward

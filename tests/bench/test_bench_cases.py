@@ -4,7 +4,7 @@ import pytest
 
 from sloth_core.autotune.presets import PRESETS, ModelShape
 from sloth_core.bench import cases as C
-from sloth_core.bench import cli
+from sloth_core.bench import args as cli_args
 
 TINY = ModelShape("tiny", 64, 128, 4, 2, 16, 256)  # hidden a multiple of 64: bitsandbytes' CPU path needs it
 GEMMA = ModelShape("gemma-2-tiny", 64, 128, 4, 2, 16, 256, activation="gelu_tanh")
@@ -19,7 +19,7 @@ def test_gemma_flavour():
 
 
 def test_registry_has_every_kernel():
-    assert set(C.CASES) == {*cli.KERNELS, "lora_nf4"}
+    assert set(C.CASES) == {*cli_args.KERNELS, "lora_nf4"}
     assert all(case.name == name for name, case in C.CASES.items())
     assert C.CASES["dequant"].token_free and C.CASES["dequant"].modes == ("fwd",)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sloth_core.bench import cases as C
-from sloth_core.bench import cli, report, timing
+from sloth_core.bench import args as cli_args
+from sloth_core.bench import report, timing
 from sloth_core.bench import kernels as K
 from tests.bench.test_bench_cases import GEMMA, TINY
 
@@ -44,7 +45,7 @@ def rows_of(results, **match):
 
 
 def test_every_kernel_mode_and_provider_has_a_row(full):
-    expected = set(cli.KERNELS) | ({"lora_nf4"} if HAS_BNB else set())
+    expected = set(cli_args.KERNELS) | ({"lora_nf4"} if HAS_BNB else set())
     assert {r["kernel"] for r in full["rows"]} == expected
     for kernel in expected:
         modes = {"fwd"} if kernel == "dequant" else {"fwd", "fwd_bwd"}
