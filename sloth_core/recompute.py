@@ -20,9 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Any, Callable
 
-import torch
+from .kernels.stash import InputStash, LayerStash
 
 _STATE = threading.local()
 
@@ -62,7 +61,7 @@ def mlp_recomputed_in_backward() -> bool:
     return in_checkpointed_layer() and getattr(_STATE, "mlp_output_unused", False)
 
 
-def mlp_input_stash() -> Callable[[torch.Tensor], Any] | None:
+def mlp_input_stash() -> InputStash | None:
     """Where such an MLP (:func:`mlp_recomputed_in_backward`) of an offloading layer keeps its input, or ``None``.
 
     ``stash(x)`` returns a handle whose ``restore()`` gives ``x`` back (on its device) in the backward; the
@@ -74,9 +73,10 @@ def mlp_input_stash() -> Callable[[torch.Tensor], Any] | None:
     return getattr(_STATE, "stash", None) if mlp_recomputed_in_backward() else None
 
 
-def layer_stash() -> Any:
+def layer_stash() -> LayerStash | None:
     """The host-memory stash of the offloading layer running now (first forward or recompute), or ``None``: the
-    attention offload (:mod:`sloth_core.attention_offload`) keeps attention tensors there."""
+    kernels ask it what :class:`sloth_core.kernels.stash.LayerStash` says; the attention offload
+    (:mod:`sloth_core.attention_offload`) keeps attention tensors there."""
     return getattr(_STATE, "stash", None) if in_checkpointed_layer() else None
 
 
@@ -100,7 +100,7 @@ def calls_in_run(kind: str) -> int:
 
 @contextlib.contextmanager
 def checkpointed_layer_scope(recompute: bool, mlp_output_unused: bool = False,
-                             stash: Callable[[torch.Tensor], Any] | None = None):
+                             stash: LayerStash | None = None):
     """Mark the code inside as a checkpointed layer's first forward (``recompute=False``) or its recompute
     (``mlp_output_unused``: the layer's MLP output feeds nothing its backward needs; ``stash``: see
     :func:`mlp_input_stash`)."""

@@ -89,3 +89,21 @@ def test_a_circle_is_found():
     """The check itself: a lazy import back from a module its importer depends on is a circle."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert circles(graph) == [["a", "b", "c"]]
+
+
+def test_kernels_know_the_memory_code_only_through_their_seam():
+    """The kernels import nothing from checkpointing, the memory package, the rewriter or the API: they ask
+    ``sloth_core.recompute`` for a stash typed by ``sloth_core.kernels.stash``, which the memory package's stash
+    implements."""
+    import torch
+
+    from sloth_core.kernels.stash import LayerStash as Seam
+    from sloth_core.memory.host import Group
+    from sloth_core.memory.stash import LayerStash
+
+    graph = import_graph()
+    kernels = [m for m in graph if m.startswith("sloth_core.kernels")]
+    banned = ("sloth_core.checkpointing", "sloth_core.memory", "sloth_core.rewriter", "sloth_core.api",
+              "sloth_core.registry", "sloth_core.attention_offload")
+    assert kernels and not {(k, d) for k in kernels for d in graph[k] if d.startswith(banned)}
+    assert isinstance(LayerStash("host", Group(torch.device("cpu"))), Seam)
