@@ -1,4 +1,5 @@
 """Mistral: Llama's layout (RMSNorm with Llama casting, SwiGLU MLP, RoPE; sliding window lives in attention)."""
-from ..registry import declare
+from ..registry import LayerFacts, declare
 
-MISTRAL = declare("mistral", model_types=("mistral",), norm="llama", activation="silu")
+MISTRAL = declare("mistral", model_types=("mistral",), norm="llama", activation="silu",
+                  layer=LayerFacts(attention_output_into_residual=True, mlp_output_into_residual=True))

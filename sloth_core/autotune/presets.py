@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..presets import MODEL_CONFIGS, REAL_MODELS
+
 _QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2")
 _GELU_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast", "gelu")
 
@@ -40,12 +42,6 @@ class ModelShape:
                 f"{', q/k norms' if self.qk_norm else ''}")
 
 
-PRESETS: dict[str, ModelShape] = {
-    "llama-3-8b": ModelShape("llama-3-8b", 4096, 14336, 32, 8, 128, 128256),
-    "gemma-2-9b": ModelShape("gemma-2-9b", 3584, 14336, 16, 8, 256, 256000, activation="gelu_tanh"),
-    "qwen3-8b": ModelShape("qwen3-8b", 4096, 12288, 32, 8, 128, 151936, qk_norm=True),
-    "mistral-7b": ModelShape("mistral-7b", 4096, 14336, 32, 8, 128, 32768),  # v0.3 vocabulary
-}
 
 
 def model_shape(spec: str) -> ModelShape:
@@ -84,6 +80,10 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
         head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
         activation="gelu_tanh" if act in _GELU_ACTIVATIONS else "silu",
         qk_norm=model_type in _QK_NORM_MODEL_TYPES)
+
+
+# The released models' shapes, from their configs (sloth_core.presets: the one home of them).
+PRESETS: dict[str, ModelShape] = {name: shape_from_config(MODEL_CONFIGS[name], name) for name in REAL_MODELS}
 
 
 def launch_keys(shape: ModelShape, tokens: int, dtype, num_sms: int) -> list[tuple[str, dict]]:

@@ -61,6 +61,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ..presets import MODEL_CONFIGS
 from .args import positive_int
 
 LR = 1e-4
@@ -72,32 +73,7 @@ PROVIDERS = ("hf_peft", "sloth_core", "liger")  # the order they run in
 SLOTH_CHECKPOINTING = ("offload", "on", "hf", "offload-attention", "offload-qkv", "offload-inputs")
 DEFAULT_OUT = "benchmarks/results"
 
-# transformers config kwargs of the real models (their config.json, minus token ids and dtype).
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                       rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=8192,
-                       attention_bias=False, mlp_bias=False, tie_word_embeddings=False),
-    "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
-                       rope_theta=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-                       max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
-                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, attention_bias=False,
-                       tie_word_embeddings=True),
-    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=40960,
-                     attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=36,
-                     tie_word_embeddings=False),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32768,  # v0.3
-                       rope_theta=1000000.0, rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=32768,
-                       sliding_window=None, tie_word_embeddings=False),
-    "tiny-llama": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, rope_theta=10000.0,
-                       rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=4096,
-                       tie_word_embeddings=False),
-}
+PRESETS = MODEL_CONFIGS  # the models the benchmark builds (sloth_core.presets)
 ATTN_IMPLEMENTATION = {"gemma-2-9b": "eager"}  # see the module docstring; every other preset: "sdpa"
 
 

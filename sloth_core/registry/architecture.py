@@ -103,13 +103,12 @@ def generic_architecture(**_: Any) -> Architecture:
     return Architecture(name="generic", model_types=(), patterns=GENERIC_PATTERNS, declared=False)
 
 
-def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
-            head: HeadFacts | None = None, post_mlp_norm_attr: str | None = None, notes: str = "") -> Architecture:
+def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str, layer: LayerFacts,
+            head: HeadFacts | None = None, notes: str = "") -> Architecture:
     """Register the usual decoder-only layout: RMSNorm (``norm``: ``"llama"`` or ``"gemma"`` casting, the latter
-    with the ``(1 + w)`` offset), an attention whose output projection feeds the residual add before the MLP's
-    norm, a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``) whose output goes
-    into the residual add that ends the layer (or first through the norm ``post_mlp_norm_attr`` where a layer has
-    one), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs, and
+    with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``), the decoder
+    layer's dataflow as ``layer`` states it (:class:`LayerFacts`: where the attention and MLP outputs go -- each
+    architecture says it, nothing is defaulted), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs, and
     the q/k/v LoRA projections of an attention call together) as fused functions, and the
     causal-LM head's fused loss with the ``head`` facts (or, where TRL gave the model its fused LM head, that head's
     chunked log-probs). Architectures that differ list their :class:`PatternUse` s
@@ -127,8 +126,7 @@ def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str,
                   CAUSAL_LM_LOSS.using(softcap_attr=head.softcap_attr, logit_scale_attr=head.logit_scale_attr),
                   TRL_FUSED_LM_HEAD.using()),
         head=head,
-        layer=LayerFacts(mlp_output_into_residual=True, post_mlp_norm_attr=post_mlp_norm_attr,
-                         attention_output_into_residual=True),
+        layer=layer,
         notes=notes,
         expects=DECLARED_EXPECTS,
     ))
