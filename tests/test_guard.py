@@ -102,3 +102,37 @@ def test_a_setting_that_does_not_verify_falls_back_and_says_so(monkeypatch):
         warnings.simplefilter("ignore")
         sloth_core.optimize(model)  # verifies the bf16 setting again: still wrong, so skipped
     assert {r.status for r in sloth_core.report(model) if r.pattern == "rms_norm"} == {"skipped"}
+
+
+def test_a_setting_verified_inside_an_offloading_layer_leaves_its_stash_alone(monkeypatch):
+    """The first call under a new setting (here autocast) comes inside a checkpointed, offloading layer: the probe's
+    kernel calls must neither join the layer's saved tensors nor its stash's call order, or the recompute would
+    not match the forward (torch's CheckpointError). Loss and gradients as the "on" path's."""
+    from peft import LoraConfig, get_peft_model
+
+    from sloth_core.memory import host
+
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the whole offload path (the stash)
+
+    def lora_model():
+        model = get_peft_model(tiny_model("llama", device=DEVICE),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(0))
+        return model
+
+    results = {}
+    for mode in ("on", "offload"):
+        model = sloth_core.optimize(lora_model(), gradient_checkpointing=mode)
+        ids = _ids()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[mode] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (loss_off, grads_off), (loss_on, grads_on) = results["offload"], results["on"]
+    assert_close("loss", loss_off, loss_on, dtype=torch.bfloat16)
+    assert grads_off.keys() == grads_on.keys() and grads_on
+    for n in grads_on:
+        assert_close(n, grads_off[n], grads_on[n], dtype=torch.bfloat16)
