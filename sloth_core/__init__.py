@@ -5,6 +5,7 @@
     sloth_core.report(model)          # what was replaced / skipped and why
     sloth_core.missing_patterns(model)  # what the architecture expects that the model did not get
     sloth_core.restore(model)         # back to the original forwards
+    sloth_core.save_merged(model, "out")  # LoRA merged into a 16-bit checkpoint from_pretrained loads
 
 The package imports its kernels lazily (on first use of the API), so that ``TRITON_INTERPRET`` may still be set
 after ``import sloth_core`` and before the first call (Triton reads it when a kernel is defined).
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 from .version import __version__
 
-_API = ("optimize", "restore", "report", "format_report", "is_optimized", "missing_patterns", "SlothCoreWarning")
+# public name -> the module that defines it (imported on first use)
+_API = {**{name: "api" for name in ("optimize", "restore", "report", "format_report", "is_optimized",
+                                    "missing_patterns")},
+        "SlothCoreWarning": "warning", "save_merged": "export"}
 
 __all__ = [*_API, "__version__"]
 
 
 def __getattr__(name: str):
     if name in _API:
-        from . import api
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'sloth_core' has no attribute {name!r}")
