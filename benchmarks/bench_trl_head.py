@@ -98,7 +98,8 @@ def run(shapes, tokens, repeats):
             weight.grad = None
             a, b = results["sloth_core"], results["trl_chunked"]
             agree = dict(max_logp_diff=(a[0] - b[0]).abs().max().item(),
-                         max_entropy_diff=(a[1] - b[1]).abs().max().item(), top1_equal=(a[2] == b[2]).float().mean().item(), grad_hidden_rel=_rel(a[3], b[3]),
+                         max_entropy_diff=(a[1] - b[1]).abs().max().item(),
+                         top1_equal=(a[2] == b[2]).float().mean().item(), grad_hidden_rel=_rel(a[3], b[3]),
                          grad_weight_rel=_rel(a[4], b[4]))
             del results, a, b
             for method, fn in METHODS.items():

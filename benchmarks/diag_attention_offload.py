@@ -2,8 +2,9 @@
 
     python benchmarks/diag_attention_offload.py none|nf4
 
-Variants: the mode (``"offload"``, or ``"offload-qkv"``: the attention recomputed), ``memory.host.PREFETCH_FROM_SIDE_POOL``, Python's gc on/off;
-7 steps each (ms) and the peak memory. Output: benchmarks/results/attention_offload_diag_h200_20261129.txt.
+Variants: the mode (``"offload"``, or ``"offload-qkv"``: the attention recomputed),
+``memory.host.PREFETCH_FROM_SIDE_POOL``, Python's gc on/off; 7 steps each (ms) and the peak memory. Output:
+benchmarks/results/attention_offload_diag_h200_20261129.txt.
 """
 import gc
 import os

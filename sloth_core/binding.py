@@ -2,9 +2,9 @@
 
 Two targets:
 
-* ``"forward"``: the instance's ``forward`` attribute is set to the replacement, bound to the instance as a method
-  (so ``deepcopy`` rebinds it to the copy). Where accelerate has wrapped the forward (``_hf_hook`` with ``_old_forward``), the wrapped
-  ``_old_forward`` is replaced instead so the hook keeps running.
+* ``"forward"``: the instance's ``forward`` attribute is set to the replacement, bound to the instance as a method (so
+  ``deepcopy`` rebinds it to the copy). Where accelerate has wrapped the forward (``_hf_hook`` with ``_old_forward``),
+  the wrapped ``_old_forward`` is replaced instead so the hook keeps running.
 * ``"global:<name>"``: calls of the global function ``<name>`` inside the instance's forward run the replacement.
   Where transformers' hub-kernel layer gave the instance a slot for that function (transformers 5.2x with the
   ``kernels`` package), the slot is set; otherwise the instance's forward is re-created from its class function's

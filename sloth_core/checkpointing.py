@@ -33,9 +33,10 @@ The checkpoint saves its positional inputs through the ambient ``saved_tensors_h
 hooks around the checkpoint call that catch exactly the layer input:
 
 * pack (forward): a pinned host buffer from a pool (the smallest free one that holds it, so steps reuse the same
-  buffers, also when the batch length varies) receives the input on a side CUDA stream (``non_blocking``). The side stream first waits for the compute
-  stream (the input is complete), and ``record_stream`` keeps the caching allocator from handing the input's memory
-  to anyone else before the copy has read it. The device tensor is then no longer referenced by the graph.
+  buffers, also when the batch length varies) receives the input on a side CUDA stream (``non_blocking``). The side
+  stream first waits for the compute stream (the input is complete), and ``record_stream`` keeps the caching allocator
+  from handing the input's memory to anyone else before the copy has read it. The device tensor is then no longer
+  referenced by the graph.
 * unpack (start of the layer's recompute, in the backward): the input is copied back on the side stream into a fresh
   device tensor (unless a prefetch already started that) and the compute stream waits on that copy's event.
 * A pinned buffer returns to the pool when the graph that holds it is freed. All copies into and out of the pool's
@@ -51,10 +52,10 @@ hooks around the checkpoint call that catch exactly the layer input:
   recompute takes the output back instead of running the attention, and ends there.
 * In those layers, in modes ``"offload"`` and ``"offload-qkv"``, the fused q/k/v projection's three outputs too: the
   recompute takes them back instead of running the projections (:meth:`sloth_core.memory.stash.LayerStash.kept_qkv`).
-* Prefetch: the host copies one layer call makes form a group (:class:`sloth_core.memory.host.Group`). In the backward, restoring any
-  copy of a group starts copying back the rest of that group, and restoring a layer input (its recompute starts)
-  starts copying back the previous layer's last copy (its MLP input, or its input) -- each copy overlaps the
-  backward that runs before it is needed, and at most one layer's copies are in flight ahead.
+* Prefetch: the host copies one layer call makes form a group (:class:`sloth_core.memory.host.Group`). In the
+  backward, restoring any copy of a group starts copying back the rest of that group, and restoring a layer input (its
+  recompute starts) starts copying back the previous layer's last copy (its MLP input, or its input) -- each copy
+  overlaps the backward that runs before it is needed, and at most one layer's copies are in flight ahead.
 
 Inputs that are not on a CUDA device (or not dense) stay where they are: ``"offload"`` then behaves as ``"on"``.
 For the CPU test suite ``OFFLOAD_CPU_INPUTS = True`` makes CPU inputs take the whole offload path with plain
@@ -144,12 +145,12 @@ def enable_checkpointing(model: nn.Module, mode: str = "on",
                          attention_output_unused: Callable[[nn.Module], bool] | None = None) -> list[str]:
     """Checkpoint the decoder layers of ``model`` (a transformers model or a PEFT model around one).
 
-    ``mode``: ``"on"`` (keep each layer's input on its device), ``"offload"`` (keep it in pinned host memory, and
-    the attention output and the q/k/v projection outputs too, instead of recomputing them), ``"offload-attention"``
-    / ``"offload-qkv"`` (the inputs and only that one), ``"offload-inputs"`` (the inputs alone) or ``"off"`` (same
-    as :func:`disable_checkpointing`). The mode is stored per layer; a layer call reads it when it starts. In place. Calling it again changes the mode of the layers
-    already wrapped; it never wraps twice. Returns the paths (``model.named_modules()`` names) of the wrapped
-    layers.
+    ``mode``: ``"on"`` (keep each layer's input on its device), ``"offload"`` (keep it in pinned host memory, and the
+    attention output and the q/k/v projection outputs too, instead of recomputing them), ``"offload-attention"`` /
+    ``"offload-qkv"`` (the inputs and only that one), ``"offload-inputs"`` (the inputs alone) or ``"off"`` (same as
+    :func:`disable_checkpointing`). The mode is stored per layer; a layer call reads it when it starts. In place.
+    Calling it again changes the mode of the layers already wrapped; it never wraps twice. Returns the paths
+    (``model.named_modules()`` names) of the wrapped layers.
 
     ``mlp_output_unused(layer)``: whether nothing the layer saves for its backward depends on its MLP's output
     (the MLP output only feeds the residual add that ends the layer; declared per architecture by

@@ -5,8 +5,9 @@ Loss and every gradient match the un-checkpointed model (bitwise on the CPU) in 
 sloth_core.optimize; a checkpointed layer keeps only its input (on the device, or in host memory); disabling is
 bit-identical; nothing is wrapped or checkpointed twice, Hugging Face's checkpointing included.
 
-On the CPU, ``memory.host.OFFLOAD_CPU_INPUTS`` sends CPU layer inputs through the offload path (plain host buffers), so that
-path is exercised here; the CUDA test checks pinned memory, the side-stream copies and the prefetch on the GPU.
+On the CPU, ``memory.host.OFFLOAD_CPU_INPUTS`` sends CPU layer inputs through the offload path (plain host buffers),
+so that path is exercised here; the CUDA test checks pinned memory, the side-stream copies and the prefetch on the
+GPU.
 """
 import copy
 import weakref
@@ -474,12 +475,12 @@ def _skipped_projections(ref, device, early_stop=True, **optimize):
 @pytest.mark.parametrize("early_stop", [True, False], ids=["early_stop", "full_recompute"])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3", "gemma", "gemma2"])
 def test_offloading_layers_skip_the_attention_output_projection_in_the_recompute(model_type, early_stop, device):
-    """With the attention recomputed (``"offload-inputs"``), in layers declared to feed the attention output into the residual add before the MLP's norm
-    (every declared layout but Gemma2/3, whose MLP output is saved anyway) and running the fused LoRA MLP: the norm
-    keeps its input in host memory instead of the MLP input (one copy a layer, as before), the MLP input is that
-    norm recomputed, and the recompute leaves the attention's output projection uncomputed -- it ends once that
-    projection saved its input. Without the checkpoint's early stop the recompute runs on past the skipped
-    projection and saves nothing. Loss and gradients are bitwise the "on" path's."""
+    """With the attention recomputed (``"offload-inputs"``), in layers declared to feed the attention output into the
+    residual add before the MLP's norm (every declared layout but Gemma2/3, whose MLP output is saved anyway) and
+    running the fused LoRA MLP: the norm keeps its input in host memory instead of the MLP input (one copy a layer, as
+    before), the MLP input is that norm recomputed, and the recompute leaves the attention's output projection
+    uncomputed -- it ends once that projection saved its input. Without the checkpoint's early stop the recompute runs
+    on past the skipped projection and saves nothing. Loss and gradients are bitwise the "on" path's."""
     ref = _lora_on(tiny_model(model_type, device=device), ALL_TARGETS)
     skipped, mlp_inputs, offloaded = _skipped_projections(ref, device, early_stop)
     layers = ref.config.num_hidden_layers

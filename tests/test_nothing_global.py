@@ -1,5 +1,6 @@
 """Nothing process-wide: optimizing a model, training it (offloading checkpointing, attention routing included) and
-restoring it (on the CPU with the whole offload path: ``offload_on_cpu``) leaves ``torch.nn.functional``, the transformers modules and the model classes as they were."""
+restoring it (on the CPU with the whole offload path: ``offload_on_cpu``) leaves ``torch.nn.functional``, the
+transformers modules and the model classes as they were."""
 import sys
 
 import pytest

@@ -35,8 +35,8 @@ def _optimized_lora_model(monkeypatch):
 
     calls = []
     monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: calls.append(1) or rope_pattern.rope_reference(*a))
-    model = get_peft_model(tiny_model("llama", device=DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                           task_type="CAUSAL_LM"))
+    model = get_peft_model(tiny_model("llama", device=DEVICE),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     sloth_core.optimize(model)
     assert not sloth_core.missing_patterns(model)
     return model, calls
@@ -114,8 +114,8 @@ def _sft_losses(tmp_path, monkeypatch, where):
     "after" it, or None: the plain script); the logged losses, the model, the head kernel's calls in training."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_model("llama", device=DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                           task_type="CAUSAL_LM"))
+    model = get_peft_model(tiny_model("llama", device=DEVICE),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     if where == "before":
         sloth_core.optimize(model)
     args = trl.SFTConfig(output_dir=str(tmp_path / str(where)), max_steps=2, per_device_train_batch_size=2,

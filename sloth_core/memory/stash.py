@@ -45,8 +45,8 @@ class LayerStash:
       the MLP kept its input and whose MLP input is that norm recomputed. Nothing saved then depends on the
       projection's output (``keep_norm_input`` declares that nothing in between saves), so the recompute ends
       once the projection has saved its input -- the output projection's GEMM runs once a step, not twice;
-    * :meth:`qkv_slot` / :meth:`keep_qkv` / :meth:`kept_qkv` (modes keeping the q/k/v outputs): the fused q/k/v projection's
-      outputs, which the recompute takes back instead of computing them.
+    * :meth:`qkv_slot` / :meth:`keep_qkv` / :meth:`kept_qkv` (modes keeping the q/k/v outputs): the fused q/k/v
+      projection's outputs, which the recompute takes back instead of computing them.
 
     The MLP input of a layer whose norm before the MLP kept its input here is not copied: its handle recomputes
     the norm from that copy (the same kernel on the same tensor: the same values)."""

@@ -105,14 +105,14 @@ def generic_architecture(**_: Any) -> Architecture:
 
 def declare(name: str, model_types: tuple[str, ...], norm: str, activation: str, layer: LayerFacts,
             head: HeadFacts | None = None, notes: str = "") -> Architecture:
-    """Register the usual decoder-only layout: RMSNorm (``norm``: ``"llama"`` or ``"gemma"`` casting, the latter
-    with the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``), the decoder
-    layer's dataflow as ``layer`` states it (:class:`LayerFacts`: where the attention and MLP outputs go -- each
-    architecture says it, nothing is defaulted), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs, and
-    the q/k/v LoRA projections of an attention call together) as fused functions, and the
-    causal-LM head's fused loss with the ``head`` facts (or, where TRL gave the model its fused LM head, that head's
-    chunked log-probs). Architectures that differ list their :class:`PatternUse` s
-    in an :class:`Architecture` and call :func:`register` themselves."""
+    """Register the usual decoder-only layout: RMSNorm (``norm``: ``"llama"`` or ``"gemma"`` casting, the latter with
+    the ``(1 + w)`` offset), a gated MLP with ``activation`` (``"silu"`` / ``"gelu_tanh"``), the decoder layer's
+    dataflow as ``layer`` states it (:class:`LayerFacts`: where the attention and MLP outputs go -- each architecture
+    says it, nothing is defaulted), RoPE through ``apply_rotary_pos_emb``, PEFT LoRA layers (and LoRA gated MLPs, and
+    the q/k/v LoRA projections of an attention call together) as fused functions, and the causal-LM head's fused loss
+    with the ``head`` facts (or, where TRL gave the model its fused LM head, that head's chunked log-probs).
+    Architectures that differ list their :class:`PatternUse` s in an :class:`Architecture` and call :func:`register`
+    themselves."""
     from .patterns import (CAUSAL_LM_LOSS, GATED_MLP, LORA_LINEAR, LORA_MLP, LORA_QKV, RMS_NORM, ROPE,
                            TRL_FUSED_LM_HEAD)
 

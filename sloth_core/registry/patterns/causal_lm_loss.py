@@ -67,9 +67,9 @@ def _signature(fn) -> inspect.Signature:
 
 
 def _passes_through(module: nn.Module, sig: inspect.Signature) -> str | None:
-    """Why the class forward's arguments (``sig``) cannot be split into the head's and the decoder's (``None``:
-    they can): it must take ``self``, ``labels``, ``logits_to_keep`` and ``**kwargs``, and the decoder must accept every other
-    argument by name."""
+    """Why the class forward's arguments (``sig``) cannot be split into the head's and the decoder's (``None``: they
+    can): it must take ``self``, ``labels``, ``logits_to_keep`` and ``**kwargs``, and the decoder must accept every
+    other argument by name."""
     params = sig.parameters
     names = list(params)
     if not names or names[0] != "self" or not all(n in params for n in _HEAD_ARGS) or \

@@ -8,12 +8,12 @@ causal-LM loss never runs there. This pattern finds that forward on the instance
 bound to :class:`_Served` (:mod:`sloth_core.binding`, target ``global:``): TRL's forward, its masking, loss and
 metrics stay as they are; the chunked head under them is ours.
 
-:class:`_Served` runs the kernel only on a setting that was verified against TRL's own function: the compute
-dtype (after autocast), the device, the soft-cap and logit scale TRL passes, the shapes and which of weight / bias
-take gradients. Each setting is verified on its first call (the probe ``optimize`` verified the kernel with, on the
-call's weight: a few rows, once per setting), and a setting that does not verify -- or that the kernel does not serve: a temperature other than
-1, outputs other than ``log_probs`` / ``entropy`` / ``is_top1`` (DPO's ``mean_logits``), a sharded or non-floating
-weight -- runs TRL's function, with one warning naming the reason.
+:class:`_Served` runs the kernel only on a setting that was verified against TRL's own function: the compute dtype
+(after autocast), the device, the soft-cap and logit scale TRL passes, the shapes and which of weight / bias take
+gradients. Each setting is verified on its first call (the probe ``optimize`` verified the kernel with, on the call's
+weight: a few rows, once per setting), and a setting that does not verify -- or that the kernel does not serve: a
+temperature other than 1, outputs other than ``log_probs`` / ``entropy`` / ``is_top1`` (DPO's ``mean_logits``), a
+sharded or non-floating weight -- runs TRL's function, with one warning naming the reason.
 """
 from __future__ import annotations
 
