@@ -102,6 +102,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     if opts["return_logits"]:
         arch = dataclasses.replace(arch, patterns=tuple(
             u.with_params(return_logits=True) if u.name == "causal_lm_loss" else u for u in arch.patterns))
+    bound_before = {(path, r.pattern) for path, m in base.named_modules() for r in binding.records(m)}
     rows = rewrite(base, arch,
                    only=set(opts["patterns"]) if opts["patterns"] is not None else None,
                    exclude=set(opts["exclude"]),
@@ -116,7 +117,9 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
         state["options"] = {**state.get("options", {}), **replay}
         new = {(r.module, r.pattern): r for r in rows}  # a module verified again replaces its row
         old = {(r.module, r.pattern): r for r in state["rows"]}
-        rows = [r for key, r in new.items() if old.get(key) != r]
+        # changed: a new row, or one bound again (its binding was lost: a pickled model, ...)
+        rows = [r for key, r in new.items()
+                if old.get(key) != r or (r.status == "replaced" and key not in bound_before)]
         state["rows"][:] = [r for key, r in old.items() if key not in new] + list(new.values())
         unchanged = not any(r.status == "replaced" for r in rows) and not changed
         if unchanged:
@@ -224,7 +227,9 @@ def _as_running(row: ReportRow, module: nn.Module | None) -> ReportRow:
         by = [r.pattern for r in binding.records(module)
               if row.pattern in getattr(_PATTERNS.get(r.pattern), "supersedes", ())]
         return dataclasses.replace(row, status="superseded" if by else "undone",
-                                   detail=f"by {by[0]}" if by else "no longer bound")
+                                   detail=f"by {by[0]}" if by else "no longer bound (restored, or lost in a pickle "
+                                                                   "/ torch.save round trip: optimize(model) binds "
+                                                                   "it again)")
     why = fallback.fallback_reason(module, row.pattern)
     if why is not None:
         return dataclasses.replace(row, status="fallback", detail=why)
@@ -243,7 +248,13 @@ def missing_patterns(model: nn.Module) -> list:
 
 
 def is_optimized(model: nn.Module) -> bool:
-    return STATE_ATTR in unwrap(model).__dict__
+    """Whether ``optimize`` ran on ``model`` and what it bound is in place (not after a pickle / ``torch.save``
+    round trip, which keeps the record but not the kernels: ``optimize`` again binds them)."""
+    base = unwrap(model)
+    state = base.__dict__.get(STATE_ATTR)
+    if state is None:
+        return False
+    return binding.any_bound(base) or not any(r.status == "replaced" for r in state["rows"])
 
 
 def format_report(model_or_rows: nn.Module | Iterable[ReportRow]) -> str:

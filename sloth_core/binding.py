@@ -109,8 +109,28 @@ def replaced_since(module: nn.Module, pattern: str) -> str | None:
     return None
 
 
+class _Records(list):
+    """A module's binding records. Pickled (``torch.save``, ``pickle``) empty: the replacements are closures that
+    do not pickle -- an unpickled module runs its class's forwards, and its record must not claim otherwise (the
+    next ``optimize`` binds it again). Deep copies keep them: their bound replacements are rebound to the copy."""
+
+    def __reduce_ex__(self, protocol):
+        return _Records, ()
+
+    def __deepcopy__(self, memo):
+        new = _Records()
+        memo[id(self)] = new
+        new.extend(copy.deepcopy(list(self), memo))
+        return new
+
+
 def records(module: nn.Module) -> list[BindingRecord]:
     return module.__dict__.get(RECORD_ATTR, [])
+
+
+def any_bound(root: nn.Module) -> bool:
+    """Whether any module under ``root`` holds a binding now."""
+    return any(records(m) for m in root.modules())
 
 
 _FORWARD_ATTRS = ("forward", "_old_forward")
@@ -138,7 +158,10 @@ def is_bound(module: nn.Module, pattern: str) -> bool:
 
 def _push(module: nn.Module, rec: BindingRecord, value: Any) -> None:
     rec.installed = value
-    module.__dict__.setdefault(RECORD_ATTR, []).append(rec)
+    recs = module.__dict__.get(RECORD_ATTR)
+    if not isinstance(recs, _Records):
+        recs = module.__dict__[RECORD_ATTR] = _Records(recs or ())
+    recs.append(rec)
     module.__dict__[rec.attr] = value
 
 

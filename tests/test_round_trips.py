@@ -1,0 +1,94 @@
+"""What ``report()`` and ``is_optimized()`` say follows what is installed through the model's round trips, and
+``optimize()`` afterwards reinstalls what is missing: pickle and ``torch.save`` keep no kernel (the replacements
+are closures), a deep copy keeps them all, a model built on the meta device gets them once it is materialized."""
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import sloth_core
+from sloth_core.registry.patterns import rope as rope_pattern
+from sloth_core.tiny import tiny_config, tiny_model
+from sloth_core.tolerances import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def rope_calls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(rope_pattern, "apply_rope", lambda *a: calls.append(1) or rope_pattern.rope_reference(*a))
+    return calls
+
+
+def _ids():
+    return torch.randint(2, 100, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+
+def _statuses(model):
+    return {r.status for r in sloth_core.report(model)}
+
+
+def _torch_save(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _optimize_quietly(model):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sloth_core.optimize(model)
+    return [str(w.message) for w in seen if isinstance(w.message, sloth_core.SlothCoreWarning)]
+
+
+@pytest.mark.parametrize("round_trip", ["loads", "torch_save"])
+def test_a_pickled_model_says_it_runs_no_kernel_and_optimize_binds_them_again(round_trip, rope_calls):
+    model = sloth_core.optimize(tiny_model("llama", device=DEVICE))
+    want = model(input_ids=_ids()).logits
+    back = pickle.loads(pickle.dumps(model)) if round_trip == "loads" else _torch_save(model)
+    assert not sloth_core.is_optimized(back)
+    assert _statuses(back) == {"undone"}
+    rope_calls.clear()
+    assert_close("unpickled logits", back(input_ids=_ids()).logits, want)
+    assert not rope_calls  # HF's forwards run
+    warned = _optimize_quietly(back)
+    assert not [w for w in warned if "nothing changed" in w], warned
+    assert sloth_core.is_optimized(back) and _statuses(back) == {"replaced"}
+    assert_close("re-optimized logits", back(input_ids=_ids()).logits, want)
+    assert rope_calls
+
+
+def test_a_deep_copy_keeps_its_kernels(rope_calls):
+    model = sloth_core.optimize(tiny_model("llama", device=DEVICE))
+    twin = copy.deepcopy(model)
+    assert sloth_core.is_optimized(twin) and _statuses(twin) == {"replaced"}
+    rope_calls.clear()
+    assert_close("copy logits", twin(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+    assert len(rope_calls) == 2 * twin.config.num_hidden_layers
+    assert any("nothing changed" in w for w in _optimize_quietly(twin))
+
+
+def test_a_meta_model_gets_its_kernels_once_materialized(rope_calls):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    _optimize_quietly(model)
+    assert "replaced" not in _statuses(model)  # nothing verifies on the meta device
+    model.to_empty(device=DEVICE)
+    ref = tiny_model("llama", device=DEVICE)
+    model.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # the non-persistent buffers (RoPE's inv_freq) are not in a state dict
+        for (name, buf), (_, ref_buf) in zip(model.named_buffers(), ref.named_buffers()):
+            buf.copy_(ref_buf)
+    warned = _optimize_quietly(model)
+    assert not [w for w in warned if "nothing changed" in w], warned
+    assert _statuses(model) == {"replaced"}
+    rope_calls.clear()
+    assert_close("materialized logits", model(input_ids=_ids()).logits, ref(input_ids=_ids()).logits)
+    assert rope_calls
