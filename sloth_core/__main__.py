@@ -24,12 +24,14 @@ def _prepare_runtime() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .tiny import TINY_MODEL_TYPES  # torch only: Triton's interpreter is still settable after it
+
     parser = argparse.ArgumentParser(prog="sloth-core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="optimize a tiny model, print the report, check parity (and speed on GPU)")
-    demo.add_argument("--model", default="llama", help="tiny preset: llama, mistral, qwen3, gemma, gemma2, "
-                                                       "gemma3_text (default: llama)")
+    demo.add_argument("--model", default="llama", choices=TINY_MODEL_TYPES, metavar="MODEL",
+                      help=f"tiny preset: {', '.join(TINY_MODEL_TYPES)} (default: llama)")
     demo.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                       help="default: bf16 on a GPU, fp32 on the CPU")
     from .bench.cli import add_bench_parser, run_bench

@@ -72,7 +72,7 @@ def run_tune(args: argparse.Namespace) -> int:
     why = _no_gpu_reason()
     if why is not None:
         print(f"sloth-core tune: {why}; tuning times the kernels on the GPU it tunes for", file=sys.stderr)
-        return 1
+        return 2  # as sloth-core bench: the command cannot run here
     return _tune_model(shape, args)
 
 

@@ -18,13 +18,21 @@ class ReportRow:
 
 
 def format_table(rows: list[ReportRow], max_detail: int = 100) -> str:
+    """The rows as a Markdown table; a detail longer than ``max_detail`` is shortened in the table, with a numbered
+    note under it giving it in full (a skip reason is never lost)."""
     from tabulate import tabulate
 
     if not rows:
         return "(nothing matched)"
-    body = [(r.module or "<root>", r.pattern, r.kernel, r.status,
-             r.detail if len(r.detail) <= max_detail else r.detail[: max_detail - 3] + "...") for r in rows]
-    return tabulate(body, headers=("module", "pattern", "kernel", "status", "detail"), tablefmt="github")
+    body, notes = [], []
+    for r in rows:
+        detail = r.detail
+        if len(detail) > max_detail:
+            notes.append(detail)
+            detail = f"{detail[: max_detail - 10].rstrip()}... [{len(notes)}]"
+        body.append((r.module or "<root>", r.pattern, r.kernel, r.status, detail))
+    table = tabulate(body, headers=("module", "pattern", "kernel", "status", "detail"), tablefmt="github")
+    return table + "".join(f"\n[{i}] {note}" for i, note in enumerate(notes, 1))
 
 
 def summary(rows: list[ReportRow]) -> str:

@@ -253,3 +253,14 @@ def test_a_replacement_overridden_after_optimize_is_reported_so(device):
     assert rows["model.norm"].status == "overridden"
     assert "someone_elses (" in rows["model.norm"].detail and "tests/test_rewriter.py)" in rows["model.norm"].detail
     assert rows["model.layers.0.input_layernorm"].status == "replaced"
+
+
+def test_a_long_skip_reason_is_given_in_full_under_the_table():
+    from sloth_core.reporting import ReportRow, format_table
+
+    reason = "not verified: kernel disagrees: " + "x" * 150 + " END"
+    table = format_table([ReportRow("model.layers.0.mlp", "gated_mlp", "triton:gated_activation", "skipped", reason),
+                          ReportRow("model.norm", "rms_norm", "triton:rms_norm", "replaced", "cast=llama")])
+    lines = table.splitlines()
+    assert any(line.rstrip(" |").endswith("... [1]") for line in lines[:4]), table
+    assert lines[-1] == f"[1] {reason}" and "cast=llama" in table

@@ -72,7 +72,7 @@ def test_cache_dir_option(tmp_path, capsys, monkeypatch):
 
 def test_without_cuda_exits_non_zero_with_a_message(cache_dir, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli("--model", "llama-3-8b", "--seq", "2048") == 1
+    assert cli("--model", "llama-3-8b", "--seq", "2048") == 2  # as `sloth-core bench` without a GPU
     err = capsys.readouterr().err
     assert "no CUDA GPU" in err and "Traceback" not in err
 
@@ -80,7 +80,7 @@ def test_without_cuda_exits_non_zero_with_a_message(cache_dir, capsys, monkeypat
 def test_under_the_interpreter_exits_non_zero(cache_dir, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert cli("--model", "llama-3-8b") == 1
+    assert cli("--model", "llama-3-8b") == 2
     assert "TRITON_INTERPRET" in capsys.readouterr().err
 
 
