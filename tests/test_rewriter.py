@@ -264,3 +264,11 @@ def test_a_long_skip_reason_is_given_in_full_under_the_table():
     lines = table.splitlines()
     assert any(line.rstrip(" |").endswith("... [1]") for line in lines[:4]), table
     assert lines[-1] == f"[1] {reason}" and "cast=llama" in table
+
+
+def test_labels_of_the_wrong_shape_are_named_with_their_shapes(device):
+    model = sloth_core.optimize(tiny_model("llama", device=device))
+    ids = torch.randint(2, 100, (2, 16), device=device)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM: labels of shape \(2, 10\) do not match the inputs' "
+                                         r"\(batch, sequence\) shape \(2, 16\)"):
+        model(input_ids=ids, labels=ids[:, :10])

@@ -147,6 +147,10 @@ def _forward_with(loss_fn):
             num_items_in_batch = decoder_args.pop("num_items_in_batch", None)
             outputs = _decoder(self)(**decoder_args)
             hidden = outputs[0]
+            given = ("shift_labels", shift_labels) if shift_labels is not None else ("labels", labels)
+            if tuple(given[1].shape) != tuple(hidden.shape[:-1]):
+                raise ValueError(f"{type(self).__name__}: {given[0]} of shape {tuple(given[1].shape)} do not match "
+                                 f"the inputs' (batch, sequence) shape {tuple(hidden.shape[:-1])}")
             if shift_labels is None:
                 shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
             loss = loss_fn(hidden.reshape(-1, hidden.shape[-1]), head.weight,
