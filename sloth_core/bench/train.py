@@ -183,9 +183,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_steps(model, batches: Sequence[torch.Tensor], lr: float = LR, *, warmup: int = WARMUP) -> dict:
+def run_steps(model, batches: Sequence[torch.Tensor], lr: float = LR, *, warmup: int = WARMUP,
+              label: str | None = None) -> dict:
     """Train ``model`` for one step per batch of token ids with a fresh AdamW over the parameters that require
-    grad.
+    grad; with ``label``, a progress line per step on stderr (a CPU run takes minutes).
 
     Returns ``step_s_median`` (median over the steps after ``warmup``), ``peak_GiB`` (CUDA only, else ``None``),
     ``losses`` and ``times`` (every step, seconds)."""
@@ -205,6 +206,9 @@ def run_steps(model, batches: Sequence[torch.Tensor], lr: float = LR, *, warmup:
         times.append(time.perf_counter() - t)
         losses.append(out.loss.item())
         del out
+        if label is not None:
+            print(f"  {label}: step {len(times)}/{len(batches)} {times[-1] * 1e3:.0f} ms, loss {losses[-1]:.4f}",
+                  file=sys.stderr, flush=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     warm = times[min(warmup, len(times) - 1):]
     return {"step_s_median": statistics.median(warm), "peak_GiB": peak, "losses": losses, "times": times}
@@ -335,7 +339,7 @@ def _measure(provider: str, model, batches, *, lr: float, warmup: int, checkpoin
         return {"error": f"setup: {type(exc).__name__}: {exc}"}
     extra["setup_s"] = time.perf_counter() - t
     try:
-        return {**run_steps(model, batches, lr=lr, warmup=warmup), **extra}
+        return {**run_steps(model, batches, lr=lr, warmup=warmup, label=provider), **extra}
     except Exception as exc:  # noqa: BLE001 - out of memory, a kernel error, ...
         return {"error": f"{type(exc).__name__}: {exc}", **extra}
     finally:

@@ -273,3 +273,10 @@ def test_a_model_that_cannot_be_built_gets_error_rows(monkeypatch):
     assert [(r["setup"], r["provider"]) for r in rows] == [("lora_bf16", "hf_peft"), ("lora_bf16", "sloth_core"),
                                                           ("qlora_nf4", "hf_peft"), ("qlora_nf4", "sloth_core")]
     assert {r["error"] for r in rows} == {"build: OutOfMemoryError: CUDA out of memory"}
+
+
+def test_each_step_reports_progress_on_stderr(capsys):
+    train.run(["tiny-llama"], ["none"], batch=1, seq=8, steps=2, warmup=0, providers=["hf_peft"], device="cpu",
+              layers=1)
+    err = capsys.readouterr().err
+    assert "hf_peft: step 1/2" in err and "hf_peft: step 2/2" in err
