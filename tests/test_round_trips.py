@@ -92,3 +92,31 @@ def test_a_meta_model_gets_its_kernels_once_materialized(rope_calls):
     rope_calls.clear()
     assert_close("materialized logits", model(input_ids=_ids()).logits, ref(input_ids=_ids()).logits)
     assert rope_calls
+
+
+def test_optimize_train_restore_cycles_do_not_grow_the_process():
+    """optimize / a training step / restore, again and again on one model: after a few cycles to warm the caches,
+    no Python object and no resident memory accumulates."""
+    import gc
+    import resource
+
+    model = tiny_model("llama", device=DEVICE)
+    ids = _ids()
+
+    def cycle():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sloth_core.optimize(model, gradient_checkpointing="offload")
+        model(input_ids=ids, labels=ids).loss.backward()
+        sloth_core.restore(model)
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(4):
+        cycle()
+    gc.collect()
+    objects, rss = len(gc.get_objects()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(12):
+        cycle()
+    gc.collect()
+    assert len(gc.get_objects()) - objects <= 50
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss <= 64 * 1024  # KiB: no growth past noise
