@@ -164,3 +164,47 @@ def test_unsupported_adapters_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: DoRA adapter 'default' is not supported"):
         sloth_core.save_merged(model, tmp_path / "merged", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+_KILLED_WRITER = """
+import sys, time, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {root!r})
+import sloth_core
+from sloth_core import export
+from tests.test_export import _adapter_model
+
+real = export._Shards.flush
+def slow_flush(self):
+    real(self)
+    open({marker!r}, "w").close()  # a shard is on disk: the parent kills us now
+    time.sleep(60)
+export._Shards.flush = slow_flush
+sloth_core.save_merged(_adapter_model("bf16"), {target!r}, max_shard_bytes=20_000, progress=False)
+"""
+
+
+def test_a_killed_write_leaves_nothing_under_the_name(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    marker, target = tmp_path / "marker", tmp_path / "out" / "merged"
+    script = _KILLED_WRITER.format(root=root, marker=str(marker), target=str(target))
+    child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": root})
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the child never wrote a shard"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert not target.exists()
+    assert [p.name for p in target.parent.iterdir() if not p.name.startswith(".merged.partial-")] == []
