@@ -120,3 +120,28 @@ def test_optimize_train_restore_cycles_do_not_grow_the_process():
     gc.collect()
     assert len(gc.get_objects()) - objects <= 50
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss <= 64 * 1024  # KiB: no growth past noise
+
+
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_a_deleted_optimized_model_is_freed(mode, monkeypatch):
+    """Nothing sloth_core keeps (bindings, guards, checkpointing state, host buffers, TRL-style re-created forwards)
+    holds an optimized LoRA model after its last reference goes: it and every parameter are collected."""
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+
+    from sloth_core.memory import host
+
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)
+    model = get_peft_model(tiny_model("llama", device=DEVICE),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sloth_core.optimize(model, gradient_checkpointing=mode)
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    refs = [weakref.ref(model)] + [weakref.ref(p) for p in model.parameters()]
+    del model
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
