@@ -170,10 +170,24 @@ def install_attr(module: nn.Module, attr: str, value: Any, pattern: str, kernel:
     _push(module, BindingRecord(pattern, kernel, attr, module.__dict__.get(attr, _MISSING)), value)
 
 
+def _named(fn: Callable, name: str) -> Callable:
+    """``fn`` under the name ``name``: a bound method pickles as ``getattr(instance, name)``, so a replacement
+    installed as ``forward`` unpickles as the class's forward (the replacement itself does not pickle), not as a
+    lookup of its own name that fails (``_checkpointed_forward``)."""
+    if not inspect.isfunction(fn) or fn.__name__ == name:
+        return fn
+    new = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    new.__doc__ = fn.__doc__
+    new.__dict__.update(fn.__dict__)
+    return new
+
+
 def install_forward(module: nn.Module, replacement: Callable, pattern: str, kernel: str) -> None:
     attr = _forward_attr(module)
     _push(module, BindingRecord(pattern, kernel, attr, module.__dict__.get(attr, _MISSING)),
-          types.MethodType(replacement, module))
+          types.MethodType(_named(replacement, attr), module))
 
 
 def _cell_holds(cell: types.CellType, obj: Any) -> bool:

@@ -273,33 +273,34 @@ class _LayerState:
 
 class _Suspended:
     """Stands in for a wrapped layer's Hugging Face ``gradient_checkpointing`` flag: falsy, so
-    ``GradientCheckpointingLayer.__call__`` does not checkpoint on top of the wrapper. One instance, kept by
-    ``copy``/``deepcopy``/pickle, so :func:`disable_checkpointing` recognises it on copies."""
+    ``GradientCheckpointingLayer.__call__`` does not checkpoint on top of the wrapper. It remembers HF's value
+    (``hf_on``). Kept by ``copy``/``deepcopy`` (one instance a value, so :func:`disable_checkpointing` recognises it
+    on copies); pickled as HF's value itself: an unpickled layer has lost our wrapper (its binding records pickle
+    empty) and gets HF's checkpointing back."""
 
-    _instance: "_Suspended | None" = None
+    _instances: "dict[bool, _Suspended]" = {}
 
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    def __new__(cls, hf_on: bool = False):
+        inst = cls._instances.get(bool(hf_on))
+        if inst is None:
+            inst = cls._instances[bool(hf_on)] = super().__new__(cls)
+            inst.hf_on = bool(hf_on)
+        return inst
 
     def __bool__(self) -> bool:
         return False
 
     def __repr__(self) -> str:
-        return "<gradient_checkpointing suspended by sloth_core.checkpointing>"
+        return f"<gradient_checkpointing suspended by sloth_core.checkpointing (HF's: {self.hf_on})>"
 
     def __reduce__(self):
-        return (_Suspended, ())
+        return (bool, (self.hf_on,))
 
     def __copy__(self):
         return self
 
     def __deepcopy__(self, memo):
         return self
-
-
-_SUSPENDED = _Suspended()
 
 
 def _is_missing(previous: Any) -> bool:
@@ -341,14 +342,16 @@ def _keeps_norm_input(layer: nn.Module, state: _LayerState) -> bool:
 
 
 def _suspend_hf_checkpointing(layer: nn.Module) -> None:
+    current = getattr(layer, HF_FLAG, False)
+    marker = _Suspended(current.hf_on if isinstance(current, _Suspended) else bool(current))
     if any(r.pattern == PATTERN and r.attr == HF_FLAG for r in binding.records(layer)):
-        layer.__dict__[HF_FLAG] = _SUSPENDED
+        layer.__dict__[HF_FLAG] = marker
     elif hasattr(layer, HF_FLAG):
-        _push(layer, HF_FLAG, _SUSPENDED)
+        _push(layer, HF_FLAG, marker)
 
 
 def _undo(module: nn.Module, rec: binding.BindingRecord) -> None:
-    if rec.attr == HF_FLAG and module.__dict__.get(rec.attr) is not _SUSPENDED:
+    if rec.attr == HF_FLAG and not isinstance(module.__dict__.get(rec.attr), _Suspended):
         return  # set again since (e.g. gradient_checkpointing_enable()): leave the user's value
     if _is_missing(rec.previous):
         module.__dict__.pop(rec.attr, None)

@@ -145,3 +145,19 @@ def test_a_deleted_optimized_model_is_freed(mode, monkeypatch):
     del model
     gc.collect()
     assert [r for r in refs if r() is not None] == []
+
+
+@pytest.mark.parametrize("hf_on", [True, False])
+def test_an_unpickled_model_gets_hf_checkpointing_back_as_it_was(hf_on):
+    """Ours served HF's checkpointing (or ran on its own): the unpickled model has lost our wrapper, and HF's flag
+    comes back with HF's value -- it does not train silently without checkpointing."""
+    model = tiny_model("llama", device=DEVICE)
+    for layer in model.model.layers:  # what HF's gradient_checkpointing_enable sets (it also hooks the embeddings
+        layer.gradient_checkpointing = hf_on  # with a closure, which no model pickles with)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sloth_core.optimize(model, gradient_checkpointing="offload" if not hf_on else None)
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)  # suspended while ours runs
+    back = _torch_save(model)
+    assert {layer.gradient_checkpointing for layer in back.model.layers} == {hf_on}
+    assert {type(layer.gradient_checkpointing) for layer in back.model.layers} == {bool}
