@@ -42,14 +42,17 @@ def _dequantized(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight
     kind = type(weight).__name__
     if kind == "Params4bit":
-        import bitsandbytes.functional as bnbf
+        from .kernels.dequant import dequantize_4bit, dequantize_weight
 
-        data, state = weight.data, weight.quant_state
+        state = weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes' CPU inference repacks the weight in place (AVX512-BF16 layout) on its first eval call:
             # undone on copies, the layer keeps its packing
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
-        return bnbf.dequantize_4bit(data, state).float()
+            import bitsandbytes.functional as bnbf
+
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
+            return dequantize_4bit(data, state).float()
+        return dequantize_weight(layer).float()
     if kind == "Int8Params":
         from peft.utils.integrations import dequantize_bnb_weight
 
