@@ -29,6 +29,7 @@ from ...kernels.linear_log_probs import linear_log_probs, linear_log_probs_refer
 from ...verify import verify
 from ...warning import SlothCoreWarning
 from ..pattern import Match, Pattern, Probe, Skip
+from ._probe import autocast_state
 
 GLOBAL = "_ChunkedLogProbFunction"
 NAME = "trl_fused_lm_head"
@@ -57,8 +58,16 @@ def _adapt(fn):
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    dev = hidden.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    return autocast_state(hidden.device) or hidden.dtype
+
+
+def _in_compute_dtype(fn, hidden, weight, bias, targets, softcap, logit_scale):
+    """``fn`` (the kernel or its reference) on the inputs cast to the compute dtype (autocast's, as TRL's function
+    takes it), autocast off; TRL's unit logit scale is "no scale"."""
+    dtype = _compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return fn(hidden.to(dtype), weight.to(dtype), targets, None if bias is None else bias.to(dtype), softcap,
+                  None if float(logit_scale) == 1.0 else float(logit_scale))
 
 
 def _setting(hidden, weight, bias, softcap, logit_scale) -> tuple:
@@ -102,11 +111,8 @@ class _Reference:
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
               outputs=("log_probs",)):
-        dtype = _compute_dtype(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            log_probs, entropy, top1 = linear_log_probs_reference(
-                hidden.to(dtype), weight.to(dtype), targets, None if bias is None else bias.to(dtype), softcap,
-                None if float(logit_scale) == 1.0 else float(logit_scale))
+        log_probs, entropy, top1 = _in_compute_dtype(linear_log_probs_reference, hidden, weight, bias, targets,
+                                                     softcap, logit_scale)
         return log_probs, entropy, None, None, top1
 
 
@@ -158,11 +164,8 @@ class _Served:
     def kernel_apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
                      outputs=("log_probs",)):
         """The kernel, unchecked (what verification runs)."""
-        dtype = _compute_dtype(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            log_probs, entropy, top1 = linear_log_probs(
-                hidden.to(dtype), weight.to(dtype), targets, None if bias is None else bias.to(dtype), softcap,
-                None if float(logit_scale) == 1.0 else float(logit_scale))
+        log_probs, entropy, top1 = _in_compute_dtype(linear_log_probs, hidden, weight, bias, targets, softcap,
+                                                     logit_scale)
         return (log_probs, entropy if "entropy" in outputs else None, None, None,
                 top1 if "is_top1" in outputs else None)
 
