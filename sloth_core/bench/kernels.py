@@ -464,15 +464,11 @@ def default_stem(device: torch.device | str | None = None) -> str:
 def main(args: argparse.Namespace) -> int:
     """``sloth-core bench kernels``: ceilings, the matrix, the terminal table, then JSON / Markdown / charts. The
     CLI (:func:`sloth_core.bench.cli.run_bench`) has checked that a CUDA GPU is there."""
-    from .report import terminal_table, write_all
+    from .report import terminal_table, write_and_list
 
     device = torch.device("cuda")
     results = run(args.kernel, args.model, args.mode, args.tokens, args.provider, device=device,
                   timer=timing.CudaTimer(device), reps=args.reps)
     print(terminal_table(results))
-    paths = write_all(results, args.out, args.name or default_stem(device))
-    print(f"wrote {paths['json']}")
-    print(f"wrote {paths['markdown']}")
-    for chart in paths["charts"]:
-        print(f"wrote {chart}")
+    write_and_list(results, args.out, args.name or default_stem(device))
     return 0

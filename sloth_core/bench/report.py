@@ -72,6 +72,14 @@ def write_all(results: Results, out_dir: str | Path, stem: str) -> dict[str, Any
     return paths
 
 
+def write_and_list(results: Results, out_dir: str | Path, stem: str) -> dict[str, Any]:
+    """:func:`write_all`, then a ``wrote <path>`` line per file written (what every ``bench`` command prints)."""
+    paths = write_all(results, out_dir, stem)
+    for path in (paths["json"], paths["markdown"], *paths["charts"]):
+        print(f"wrote {path}")
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------- rows
 
 

@@ -475,7 +475,7 @@ def format_table(results: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     """``sloth-core bench train --flow sft``: run, print the table, write the outputs (the JSON after every
     provider)."""
-    from .report import write_all, write_json
+    from .report import write_and_list, write_json
 
     unsupported = [flag for flag, used in (("--provider liger", "liger" in (args.provider or ())),
                                            ("--no-checkpointing", args.no_checkpointing),
@@ -509,8 +509,5 @@ def main(args: argparse.Namespace) -> int:
           f"{s['varlen']['max']}], {s['varlen_steps']} steps; median of the steps after {s['warmup']}; LoRA "
           f"r={s['rank']}; trl {s['trl']}; {results['env'].get('gpu')}")
     print(format_table(results))
-    paths = write_all(results, out, stem)
-    print(f"wrote {paths['json']}\nwrote {paths['markdown']}")
-    for path in paths.get("charts") or []:
-        print(f"wrote {path}")
+    write_and_list(results, out, stem)
     return 0 if not any("error" in r for r in results["rows"]) else 1

@@ -524,7 +524,7 @@ def format_table(results: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options, print the table, write the outputs. The CLI
     (:func:`sloth_core.bench.cli.run_bench`) has checked that a CUDA GPU is there when ``--device cuda``."""
-    from .report import write_all
+    from .report import write_and_list
 
     try:
         results = run(args.preset, args.quant, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
@@ -542,8 +542,5 @@ def main(args: argparse.Namespace) -> int:
           f"{results['env'].get('gpu')}")
     print(format_table(results))
     stem = args.name or f"train_{'_'.join(args.preset)}_{time.strftime('%Y%m%d_%H%M%S')}"
-    paths = write_all(results, args.out, stem)
-    print(f"wrote {paths['json']}\nwrote {paths['markdown']}")
-    for path in paths.get("charts") or []:
-        print(f"wrote {path}")
+    write_and_list(results, args.out, stem)
     return 0 if not any("error" in r for r in results["rows"]) else 1
