@@ -30,11 +30,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .registry.patterns.lora import is_lora_layer
+
 SHARD_BYTES = 2 * 1024 ** 3
-
-
-def _lora_layer(module: nn.Module) -> bool:
-    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
 
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:
@@ -105,7 +103,7 @@ def _tensors(root: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         if type(module).__name__ == "ModulesToSaveWrapper":
             yield from walk(prefix, _active_copy(module))
             return
-        if _lora_layer(module):
+        if is_lora_layer(module):
             yield f"{prefix}weight", _merged_weight(prefix.rstrip("."), module)
             bias = getattr(module.get_base_layer(), "bias", None)
             if bias is not None:

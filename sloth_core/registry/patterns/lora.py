@@ -38,7 +38,7 @@ from . import gated_mlp
 from ._probe import module_dtype_device, randn
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
+def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
 
 
@@ -71,7 +71,7 @@ def _changed(specs, verified: tuple) -> str | None:
 
 # --- lora_linear ------------------------------------------------------------------------------------------------
 def find_linear(module: nn.Module, params) -> Match | Skip | None:
-    if not _is_lora_layer(module):
+    if not is_lora_layer(module):
         return None
     spec = lora_spec(module)
     if isinstance(spec, str):
@@ -139,7 +139,7 @@ def find_mlp(module: nn.Module, params) -> Match | Skip | None:
     found = gated_mlp.find(module, params)
     if not isinstance(found, Match):
         return found
-    if not all(_is_lora_layer(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")):
+    if not all(is_lora_layer(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")):
         return None  # plain projections: gated_mlp's business
     specs = _mlp_specs(module)
     if isinstance(specs, str):
@@ -236,7 +236,7 @@ def _grouping(attention: nn.Module):
 
 def find_qkv(module: nn.Module, params) -> Match | Skip | None:
     projections = [getattr(module, name, None) for name in _QKV]
-    if not all(isinstance(p, nn.Module) and _is_lora_layer(p) for p in projections):
+    if not all(isinstance(p, nn.Module) and is_lora_layer(p) for p in projections):
         return None
     if not isinstance(getattr(module, "head_dim", None), int):
         return None  # not an attention module this pattern can probe
