@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
+from .budget import DEFAULT_BUDGET_S, DEFER, SKIP, TuningBudget, budget_seconds, device_headroom
+from . import shipped
 from .cache import Environment, TuningCache, TuningCacheWarning, cache_path
 from .space import describe_key, format_key, get_space
 
@@ -19,6 +22,7 @@ MODES = ("on", "cache", "off")
 _mode: str | None = None  # set_mode(); None: from the environment variable
 _cache: TuningCache | None = None
 _timer = None  # a timer for tuning on first use (tests inject a fake one); None: CudaTimer
+_budget: TuningBudget | None = None  # what tuning on first use has spent in this process
 _warned: set[str] = set()
 
 
@@ -69,8 +73,23 @@ def default_cache() -> TuningCache:
 
 
 def forget_cache() -> None:
-    global _cache
+    """Forget the in-memory cache and the tuning budget spent so far."""
+    global _cache, _budget
     _cache = None
+    _budget = None
+
+
+def budget() -> TuningBudget:
+    """This process's tuning budget (``$SLOTH_CORE_TUNE_BUDGET_S`` read on first use)."""
+    global _budget
+    if _budget is None:
+        try:
+            seconds = budget_seconds()
+        except ValueError as exc:
+            _warn_once(f"{exc}; using {DEFAULT_BUDGET_S:g} s")
+            seconds = DEFAULT_BUDGET_S
+        _budget = TuningBudget(seconds)
+    return _budget
 
 
 def set_timer(timer) -> None:
@@ -89,6 +108,11 @@ def tuning_device():
     import torch
 
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def headroom() -> int:
+    """Bytes tuning may allocate on the tuning device without raising the process's peak."""
+    return device_headroom(tuning_device())
 
 
 def current_environment() -> Environment:
@@ -123,8 +147,9 @@ def _warn_once(message: str) -> None:
 
 def resolve(kernel: str, key: dict, heuristic: dict) -> tuple[dict, bool]:
     """``(config, final)``: the config for a launch outside the interpreter, and whether it may be memoized
-    (not while another tuning runs, nor inside a capture / trace: a later call may still tune)."""
-    from .tuner import tuning_active
+    (not while another tuning runs, nor inside a capture / trace, nor while the key's tuning is deferred for
+    memory: a later call may still tune)."""
+    from .tuner import scratch_bytes, tuning_active
 
     current = mode()
     spec = get_space(kernel)
@@ -134,33 +159,48 @@ def resolve(kernel: str, key: dict, heuristic: dict) -> tuple[dict, bool]:
     key_str = format_key(bucket)
     env = current_environment()
     cache = default_cache()
-    entry = cache.lookup(env.key, kernel, key_str)
-    if entry is not None:
+    for entry, source in ((cache.lookup(env.key, kernel, key_str), cache.path),
+                          (shipped.lookup(env.gpu, env.triton, kernel, key_str), shipped.SHIPPED_DIR)):
+        if entry is None:
+            continue
         why = spec.accepts(entry["config"], bucket)
         if why is None:
             return {**heuristic, **entry["config"]}, True
         _warn_once(f"sloth_core: ignoring the cached {kernel} config for ({describe_key(bucket)}) in "
-                   f"{cache.path}: {why}")
+                   f"{source}: {why}")
     if tuning_active() or _busy():
         return heuristic, False
     if current != "on" or not spec.should_tune(bucket):
+        return heuristic, True
+    need = None if spec.workspace is None else int(spec.workspace(bucket)) + scratch_bytes(tuning_device())
+    decision = budget().decide(f"{kernel} ({describe_key(bucket)})", need, headroom())
+    if decision == DEFER:
+        return heuristic, False
+    if decision == SKIP:
         return heuristic, True
     tuned = _tune_now(kernel, bucket, env, cache)
     return ({**heuristic, **tuned} if tuned is not None else heuristic), True
 
 
 def _tune_now(kernel: str, bucket: dict, env: Environment, cache: TuningCache) -> dict | None:
-    """Tune one bucket now (one line on stderr), store the winner; None when tuning failed."""
+    """Tune one bucket now within the budget (one line on stderr); store the winner unless the budget cut the
+    tuning short; None when tuning failed."""
     from .tuner import tune
 
+    spent, started = budget(), time.perf_counter()
     print(f"sloth_core: tuning {kernel} for ({describe_key(bucket)}) ...", end="", file=sys.stderr, flush=True)
     try:
-        result = tune(kernel, bucket, device=tuning_device(), timer=_timer)
+        result = tune(kernel, bucket, device=tuning_device(), timer=_timer, deadline=spent.deadline())
     except Exception as exc:  # noqa: BLE001 - a failed tuning falls back to the heuristic, never breaks a run
         print(f" failed ({type(exc).__name__}: {exc}); using the heuristic", file=sys.stderr, flush=True)
         return None
+    finally:
+        spent.charge(time.perf_counter() - started)
     gain = f", x{result.speedup:.2f} vs heuristic" if result.speedup is not None else ""
-    print(f" {result.ms:.4g} ms{gain} ({result.tuning_s:.1f} s)", file=sys.stderr, flush=True)
+    cut = f"; {result.untried} candidates untried (budget spent), not cached" if result.untried else ""
+    print(f" {result.ms:.4g} ms{gain} ({result.tuning_s:.1f} s{cut})", file=sys.stderr, flush=True)
+    if result.untried:
+        return result.config
     try:
         cache.store(env, kernel, format_key(bucket), result.entry())
     except OSError as exc:

@@ -18,7 +18,11 @@ A :class:`TuningSpec` holds
 * ``reference(inputs)``: optional; the outputs to match. Default: ``run`` under the heuristic config;
 * ``worth_tuning(bucket)``: optional; ``False`` for launches too small to gain from tuning (probes, toy
   shapes): they keep the heuristic and are never timed;
-* ``tolerance_scale``: outputs must match within ``sloth_core.tolerances`` of their dtype times this.
+* ``tolerance_scale``: outputs must match within ``sloth_core.tolerances`` of their dtype times this;
+* ``workspace(bucket)``: bytes of device memory tuning the bucket allocates at most (its inputs, the expected
+  outputs, one candidate's outputs and scratch, transients included): tuning on first use starts only when they
+  fit under the process's peak (see :mod:`sloth_core.autotune.budget`). Without it a bucket is tuned only by
+  ``sloth-core tune``, never on first use.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class TuningSpec:
     reference: Callable[[Any], Any] | None = None
     worth_tuning: Callable[[Bucket], bool] | None = None
     tolerance_scale: float = 2.0
+    workspace: Callable[[Bucket], int] | None = None
 
     # ------------------------------------------------------------------------------------------ buckets
     def bucket(self, launch_key: Mapping[str, Any]) -> Bucket:
@@ -109,11 +114,12 @@ class TuningSpec:
 def register_space(kernel: str, *, params: Mapping[str, Container], key: Callable[..., Bucket],
                    candidates: Callable[[Bucket], Iterable[Config]], make_inputs: Callable, run: Callable,
                    example: Callable[[Bucket], dict] | None = None, reference: Callable | None = None,
-                   worth_tuning: Callable[[Bucket], bool] | None = None, tolerance_scale: float = 2.0) -> TuningSpec:
+                   worth_tuning: Callable[[Bucket], bool] | None = None, tolerance_scale: float = 2.0,
+                   workspace: Callable[[Bucket], int] | None = None) -> TuningSpec:
     """Declare ``kernel``'s tuning space (see the module docstring); ``example`` defaults to the bucket."""
     spec = TuningSpec(kernel=kernel, params=dict(params), key=key, example=example or (lambda b: dict(b)),
                       candidates=candidates, make_inputs=make_inputs, run=run, reference=reference,
-                      worth_tuning=worth_tuning, tolerance_scale=tolerance_scale)
+                      worth_tuning=worth_tuning, tolerance_scale=tolerance_scale, workspace=workspace)
     _SPACES[kernel] = spec
     from .heuristics import _RESOLVED
 
@@ -198,6 +204,15 @@ def rows_bucket(n_rows: int, row_elems: int = 1, max_elems: int = 1 << 27) -> in
 def format_key(bucket: Mapping[str, Any]) -> str:
     """The cache's key string of a bucket: ``"n_rows=8192,n_cols=4096,dtype=bf16"``."""
     return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in bucket.items())
+
+
+def parse_key(key: str) -> Bucket:
+    """The bucket of a cache key string (:func:`format_key`'s inverse: integers back to ``int``)."""
+    bucket: Bucket = {}
+    for part in key.split(","):
+        name, _, value = part.partition("=")
+        bucket[name] = int(value) if value.lstrip("-").isdigit() else value
+    return bucket
 
 
 def describe_key(bucket: Mapping[str, Any]) -> str:

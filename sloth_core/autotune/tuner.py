@@ -63,6 +63,7 @@ class TuneResult:
     heuristic_ms: float | None
     tuning_s: float
     trials: list[Trial] = field(default_factory=list)
+    untried: int = 0  # candidates not started: the deadline had passed
 
     @property
     def key(self) -> str:
@@ -107,7 +108,7 @@ class CudaTimer:
         dev = torch.cuda.current_device()
         if dev not in self._flush:
             l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or (64 << 20)
-            self._flush[dev] = torch.empty(2 * l2, dtype=torch.int8, device=f"cuda:{dev}")
+            self._flush[dev] = torch.empty(2 * l2, dtype=torch.int8, device=f"cuda:{dev}")  # see scratch_bytes
         return self._flush[dev]
 
     def __call__(self, fn: Callable[[], Any], config: Config | None = None) -> float:
@@ -173,7 +174,16 @@ def _run(spec: TuningSpec, inputs: Any, config: Config, device: torch.device) ->
 
 
 #: Elements compared at once (bounds the temporaries of a comparison on the GPU).
-_COMPARE_CHUNK = 1 << 24
+_COMPARE_CHUNK = 1 << 22
+
+
+def scratch_bytes(device: torch.device) -> int:
+    """Device memory the tuner itself allocates beside a spec's workspace: the temporaries of a comparison
+    (at most 8 float32 / bool chunks) and :class:`CudaTimer`'s L2-flush buffer."""
+    flush = 0
+    if device.type == "cuda":
+        flush = 2 * (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20))
+    return 8 * 4 * _COMPARE_CHUNK + flush
 
 
 def compare_on_device(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.0) -> str | None:
@@ -251,10 +261,12 @@ def _trial(spec: TuningSpec, inputs: Any, config: Config, expected: list, timer:
 
 def tune(kernel: str | TuningSpec, bucket: dict, *, device: torch.device | str | None = None,
          timer: Timer | None = None, candidates: Iterable[Config] | None = None, seed: int = 0,
-         min_gain: float = 0.01) -> TuneResult:
+         min_gain: float = 0.01, deadline: float | None = None) -> TuneResult:
     """Tune ``kernel`` for ``bucket``; raises :class:`TuningError` when nothing could be checked.
 
-    ``candidates`` replaces the spec's own list (the heuristic's config is always tried first)."""
+    ``candidates`` replaces the spec's own list (the heuristic's config is always tried first). ``deadline``
+    (a ``time.perf_counter()`` value): no candidate is started after it, the heuristic's config excepted; the
+    ones left untried are counted in :attr:`TuneResult.untried`."""
     global _ACTIVE
     spec = kernel if isinstance(kernel, TuningSpec) else get_space(kernel)
     if spec is None:
@@ -271,7 +283,11 @@ def tune(kernel: str | TuningSpec, bucket: dict, *, device: torch.device | str |
             gen = torch.Generator(device=device).manual_seed(seed)
             inputs = spec.make_inputs(bucket, device, gen)
             expected = _expected(spec, inputs, heuristic, device)
-            trials = [_trial(spec, inputs, cfg, expected, timer, device) for cfg in pool]
+            trials = []
+            for cfg in pool:
+                if trials and deadline is not None and time.perf_counter() >= deadline:
+                    break
+                trials.append(_trial(spec, inputs, cfg, expected, timer, device))
             del inputs, expected
     finally:
         _ACTIVE -= 1
@@ -285,7 +301,7 @@ def tune(kernel: str | TuningSpec, bucket: dict, *, device: torch.device | str |
         best = heuristic_trial
     return TuneResult(kernel=spec.kernel, bucket=dict(bucket), config=dict(best.config), ms=best.ms,
                       heuristic_config=heuristic, heuristic_ms=heuristic_trial.ms if heuristic_trial else None,
-                      tuning_s=time.perf_counter() - started, trials=trials)
+                      tuning_s=time.perf_counter() - started, trials=trials, untried=len(pool) - len(trials))
 
 
 def _expected(spec: TuningSpec, inputs: Any, heuristic: Config, device: torch.device) -> list:

@@ -158,13 +158,21 @@ def _tuning_candidates(bucket: dict):
 def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
     n_tokens, vocab, n_hidden = bucket["n_tokens"], bucket["vocab"], bucket["hidden"]
     dtype = dtype_from_name(bucket["dtype"])
-    hidden = torch.randn(n_tokens, n_hidden, device=device, generator=gen).to(dtype)
-    weight = (torch.randn(vocab, n_hidden, device=device, generator=gen) / n_hidden ** 0.5).to(dtype)
+    hidden = torch.randn(n_tokens, n_hidden, device=device, dtype=dtype, generator=gen)
+    weight = torch.randn(vocab, n_hidden, device=device, dtype=dtype, generator=gen).div_(n_hidden ** 0.5)
     labels = torch.randint(0, vocab, (n_tokens,), device=device, generator=gen)
     labels[torch.rand(n_tokens, device=device, generator=gen) < 0.05] = -100
     valid = max(1, int((labels != -100).sum()))
     row_weight = torch.full((1,), 1.0 / valid, dtype=torch.float32, device=device)
     return dict(hidden=hidden, weight=weight, labels=labels, row_weight=row_weight)
+
+
+def _tuning_workspace(bucket: dict) -> int:
+    """Bytes a tuning of ``bucket`` allocates: hidden, weight, labels; per pass (the expected one, a candidate's,
+    the one before it) the per-token loss and statistics and the hidden-state gradient; one logits chunk."""
+    n_tokens, vocab, n_hidden = bucket["n_tokens"], bucket["vocab"], bucket["hidden"]
+    elem = dtype_from_name(bucket["dtype"]).itemsize
+    return elem * (4 * n_tokens * n_hidden + vocab * n_hidden) + 64 * n_tokens + CHUNK_BYTES_BUDGET
 
 
 def _tuning_run(inputs: dict):
@@ -177,7 +185,7 @@ register_space(
     "fused_linear_cross_entropy",
     params=dict(chunk_tokens=range(1, 1 << 24)),
     key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
-    make_inputs=_tuning_inputs, run=_tuning_run,
+    make_inputs=_tuning_inputs, run=_tuning_run, workspace=_tuning_workspace,
     worth_tuning=lambda bucket: bucket["n_tokens"] >= 512 and bucket["n_tokens"] * bucket["vocab"] >= 1 << 22,
 )
 

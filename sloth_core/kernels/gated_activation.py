@@ -213,8 +213,14 @@ def _tuning_candidates(bucket: dict):
 
 def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
     dtype = dtype_from_name(bucket["dtype"])
-    gate, up, dh = (torch.randn(bucket["n"], device=device, generator=gen).to(dtype) for _ in range(3))
+    gate, up, dh = (torch.randn(bucket["n"], device=device, dtype=dtype, generator=gen) for _ in range(3))
     return dict(gate=gate, up=up, dh=dh)
+
+
+def _tuning_workspace(bucket: dict) -> int:
+    """Bytes a tuning of ``bucket`` allocates: 3 inputs, and 3 outputs for the expected ones, a candidate's and the
+    one before it in the timing loop."""
+    return 12 * bucket["n"] * dtype_from_name(bucket["dtype"]).itemsize
 
 
 def _tuning_run(inputs: dict):
@@ -226,6 +232,6 @@ register_space(
     "gated_activation",
     params=dict(BLOCK=tuple(1 << i for i in range(17)), num_warps=(1, 2, 4, 8, 16, 32)),
     key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
-    make_inputs=_tuning_inputs, run=_tuning_run,
+    make_inputs=_tuning_inputs, run=_tuning_run, workspace=_tuning_workspace,
     worth_tuning=lambda bucket: bucket["n"] >= 1 << 20,
 )

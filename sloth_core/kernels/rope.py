@@ -224,13 +224,22 @@ def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> 
     dtype = dtype_from_name(bucket["dtype"])
 
     def heads(n):  # HF: proj(x).view(B, S, H, D).transpose(1, 2)
-        return torch.randn(1, seq, n, 2 * half, device=device, generator=gen).to(dtype).transpose(1, 2)
+        return torch.randn(1, seq, n, 2 * half, device=device, dtype=dtype, generator=gen).transpose(1, 2)
 
     inv_freq = 1.0 / (10000.0 ** (torch.arange(half, device=device, dtype=torch.float32) / half))
     angles = torch.arange(seq, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)[None]
     return dict(q=heads(n_q), k=heads(n_k), cos=angles.cos().to(dtype), sin=angles.sin().to(dtype),
                 dq=heads(n_q).contiguous(), dk=heads(n_k).contiguous())
+
+
+def _tuning_workspace(bucket: dict) -> int:
+    """Bytes a tuning of ``bucket`` allocates: q, k, dq, dk (dq's contiguous copy made beside its source), the
+    fp32 angles and their cos / sin, and 4 outputs for the expected ones, a candidate's and the one before it."""
+    seq, n_q, half = bucket["n_tokens"], bucket["n_heads"], bucket["half"]
+    n_k = n_q // 4 if n_q % 4 == 0 else n_q
+    q_bytes, k_bytes = (seq * n * 2 * half * dtype_from_name(bucket["dtype"]).itemsize for n in (n_q, n_k))
+    return 8 * (q_bytes + k_bytes) + q_bytes + 48 * seq * half
 
 
 def _tuning_run(inputs: dict):
@@ -246,7 +255,7 @@ register_space(
     params=dict(BLOCK_T=tuple(1 << i for i in range(17)), BLOCK_H=tuple(1 << i for i in range(11)),
                 BLOCK_HALF=tuple(1 << i for i in range(13)), num_warps=(1, 2, 4, 8, 16, 32)),
     key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
-    make_inputs=_tuning_inputs, run=_tuning_run,
+    make_inputs=_tuning_inputs, run=_tuning_run, workspace=_tuning_workspace,
     worth_tuning=lambda bucket: bucket["n_tokens"] * bucket["n_heads"] * bucket["half"] >= 1 << 18,
 )
 

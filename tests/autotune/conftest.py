@@ -20,6 +20,7 @@ KERNEL = "autotune_test_kernel"
 HEURISTIC = {"BLOCK": 1, "num_warps": 1}
 FASTEST_CORRECT = {"BLOCK": 2, "num_warps": 1}
 FAKE_ENV = Environment("Fake GPU 80GB", "3.6.0", "0.1.0")
+WORKSPACE_PER_ELEMENT = 1000  # the fake kernel's declared tuning workspace, bytes per element of its bucket
 
 
 def fake_run(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,7 @@ def _register():
             dtype_from_name(b["dtype"])),
         run=fake_run,
         worth_tuning=lambda b: b["n"] >= 64,
+        workspace=lambda b: WORKSPACE_PER_ELEMENT * b["n"],
     )
 
 
@@ -95,6 +97,8 @@ def fake_gpu(fake_kernel, monkeypatch, tmp_path):
     monkeypatch.setattr(runtime, "cuda_ready", lambda: True)
     monkeypatch.setattr(runtime, "current_environment", lambda: FAKE_ENV)
     monkeypatch.setattr(runtime, "tuning_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(runtime, "headroom", lambda: 1 << 40)  # tests of the memory rule set their own
+    monkeypatch.delenv("SLOTH_CORE_TUNE_BUDGET_S", raising=False)
     runtime.set_timer(timer)
     autotune.set_tuning(None)
     autotune.reset()
