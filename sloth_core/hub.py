@@ -29,7 +29,7 @@ def kernel_mapping(device: str = "cuda") -> dict:
     Under ``torch.compile`` modes ``kernelize`` keeps the modules' own forwards (the layers do not claim it)."""
     from kernels import LocalLayerRepository, Mode
 
-    return {name: {device: {mode: LocalLayerRepository(repo_path=REPO_PATH, layer_name=layer, check_arch=False)
+    return {name: {device: {mode: LocalLayerRepository(repo_path=REPO_PATH, layer_name=layer)
                             for mode in (Mode.TRAINING, Mode.INFERENCE)}}
             for name, layer in LAYERS.items()}
 

@@ -92,10 +92,19 @@ def test_kernelized_model_computes_what_the_plain_one_does(model_type, dtype, co
         assert_close(f"grad {name}", p.grad, grads[name].grad, dtype, scale=4 * scale)
 
 
-def test_torch_compile_mode_keeps_the_modules_own_forwards():
-    model = tiny_model("llama")
-    hub.kernelize(model, mode=Mode.TRAINING | Mode.TORCH_COMPILE, device="cpu")
-    assert all(_bound(m) is None for m in _norms(model) + _slots(model))
+@pytest.mark.parametrize("mode,ours", [(Mode.INFERENCE, True), (Mode.TRAINING | Mode.TORCH_COMPILE, False),
+                                       (Mode.INFERENCE | Mode.TORCH_COMPILE, False)])
+def test_modes(mode, ours):
+    """Inference gets the layers too; a ``torch.compile`` mode keeps the modules' own forwards (the layers do not
+    claim ``can_torch_compile``)."""
+    model = tiny_model("llama").eval()
+    hub.kernelize(model, mode=mode, device="cpu")
+    assert all((_bound(m) is not None) == ours for m in _norms(model) + _slots(model))
+    if ours:
+        with torch.no_grad():
+            ids, _ = token_batch("cpu")
+            assert_close("logits", model(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits,
+                         torch.float32, scale=4)
 
 
 def test_a_class_under_the_name_with_other_code_runs_its_own_forward(counted):
@@ -201,3 +210,30 @@ def test_optimize_refuses_a_hub_kernel_that_computes_something_else(tmp_path):
     assert rows["rope"].status == "skipped" and f"hub kernel `{repo}`" in rows["rope"].detail
     assert {m.pattern for m in sloth_core.missing_patterns(model)} >= {"rms_norm", "rope"}
     assert torch.equal(model(input_ids=ids).logits, before)  # the hub kernels still compute, unreplaced
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("through", ["sloth_core.hub", "transformers"])
+def test_kernelize_on_cuda(through, counted, monkeypatch):
+    """The real path on a GPU, bf16: ``hub.kernelize``, and transformers' own ``set_use_kernels`` with a local
+    ``KernelConfig`` naming the repository; then ``optimize`` serves over it."""
+    plain = tiny_model("llama", torch.bfloat16, device="cuda")
+    model = tiny_model("llama", torch.bfloat16, device="cuda")
+    if through == "transformers":
+        from transformers import KernelConfig
+
+        monkeypatch.setenv("USE_HUB_KERNELS", "YES")  # conftest turns transformers' hub kernels off
+        config = KernelConfig({name: f"{hub.REPO_PATH}:{layer}" for name, layer in hub.LAYERS.items()},
+                              use_local_kernel=True)
+        model.set_use_kernels(True, config)
+    else:
+        hub.kernelize(model)
+    assert all(_bound(m) is layers.RMSNorm.forward for m in _norms(model))
+    assert all(_bound(s) is layers.RotaryPosEmb.forward for s in _slots(model))
+    ids, labels = token_batch("cuda")
+    outs = [m(input_ids=ids, labels=labels) for m in (plain, model)]
+    assert counted["rms_norm"] and counted["apply_rope"]
+    assert_close("logits", outs[1].logits, outs[0].logits, torch.bfloat16, scale=2)
+    sloth_core.optimize(model)
+    assert not sloth_core.missing_patterns(model)
+    assert_close("loss", model(input_ids=ids, labels=labels).loss, outs[0].loss, torch.bfloat16, scale=2)
