@@ -92,8 +92,8 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
                 continue
             match, why = _try_matches(module, use, found, cache, seed, settings)
             if match is None:
-                reason = why.reason if hub is None else f"the hub kernel {hub} that kernels.kernelize set on it " \
-                                                          f"does not verify, left to it: {why.reason}"
+                reason = why.reason if hub is None else f"{why.reason} (what it computes now is the hub kernel " \
+                                                          f"{hub} that kernels.kernelize set: left to it)"
                 rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", reason, why.error))
                 continue
             for name in pattern.supersedes:  # e.g. lora_mlp on an MLP gated_mlp took before PEFT added the LoRA
