@@ -195,12 +195,12 @@ def _dummy_repo(path):
 
 def test_optimize_refuses_a_hub_kernel_that_computes_something_else(tmp_path):
     repo = _dummy_repo(tmp_path / "dummy")
-    mapping = {name: {"cpu": kernels.LocalLayerRepository(repo_path=repo, layer_name=layer, check_arch=False)}
+    mapping = {name: {"cpu": kernels.LocalLayerRepository(repo_path=repo, layer_name=layer)}
                for name, layer in hub.LAYERS.items()}
     model = tiny_model("llama")
     with kernels.use_kernel_mapping(mapping, inherit_mapping=False):
         kernels.kernelize(model, mode=Mode.TRAINING, device="cpu")
-    ids, labels = token_batch("cpu")
+    ids, _ = token_batch("cpu")
     before = model(input_ids=ids).logits
     with pytest.warns(SlothCoreWarning, match="rms_norm"):
         sloth_core.optimize(model, exclude="causal_lm_loss")
