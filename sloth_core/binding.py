@@ -93,6 +93,27 @@ def foreign_forward(module: nn.Module) -> str | None:
     return _describe(current)
 
 
+#: Where ``kernels.kernelize`` records, on an instance, the repository whose layer forward it set there.
+HUB_KERNEL_ATTR = "_kernel_repo"
+
+
+def hub_kernel(module: nn.Module) -> str | None:
+    """The repository of the hub kernel whose forward ``kernels.kernelize`` (transformers' hub-kernel layers) set
+    on this instance, or ``None``. Such a forward is verified like the class's own: it is what the module computes
+    now."""
+    repo = module.__dict__.get(HUB_KERNEL_ATTR)
+    return None if repo is None else str(repo)
+
+
+def hub_kernel_at(module: nn.Module, target: str) -> str | None:
+    """:func:`hub_kernel` of what a binding ``target`` would replace: the instance's forward, or its hub-kernel
+    slot for a ``"global:<name>"`` target."""
+    if target.startswith("global:"):
+        slot = hub_slot(module, target[len("global:"):])
+        return None if slot is None else hub_kernel(slot)
+    return hub_kernel(module)
+
+
 def replaced_since(module: nn.Module, pattern: str) -> str | None:
     """The name of what replaced, after the install, the attribute ``pattern`` set on ``module`` (TRL's fused LM
     head wraps the forward the fused loss set), or ``None``: it is still there, or a later binding of ours wraps

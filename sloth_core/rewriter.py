@@ -77,8 +77,9 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             found = use.find(module)
             if found is None:
                 continue
-            if not isinstance(found, Skip) and pattern.target == "forward":
-                other = binding.foreign_forward(module)
+            hub = None if isinstance(found, Skip) else binding.hub_kernel_at(module, pattern.target)
+            if not isinstance(found, Skip) and pattern.target == "forward" and hub is None:
+                other = binding.foreign_forward(module)  # a hub kernel's forward is verified like the class's
                 if other is not None:
                     found = Skip(f"its forward was replaced on this instance by {other} (TRL's fused LM head, for "
                                  f"one): left to it")
@@ -91,7 +92,9 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
                 continue
             match, why = _try_matches(module, use, found, cache, seed, settings)
             if match is None:
-                rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", why.reason, why.error))
+                reason = why.reason if hub is None else f"{why.reason} (what it computes now is the hub kernel " \
+                                                          f"{hub} that kernels.kernelize set: left to it)"
+                rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", reason, why.error))
                 continue
             for name in pattern.supersedes:  # e.g. lora_mlp on an MLP gated_mlp took before PEFT added the LoRA
                 binding.uninstall_pattern(module, name)
@@ -100,5 +103,6 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
                 verified = settings.setdefault((pattern.name, match.signature), {})
                 replacement = guard.guard(pattern, match, replacement, verified)
             binding.install(module, pattern.target, replacement, pattern.name, pattern.kernel)
-            rows.append(ReportRow(path, pattern.name, pattern.kernel, "replaced", match.describe()))
+            detail = match.describe() if hub is None else f"{match.describe()}, over the hub kernel {hub}"
+            rows.append(ReportRow(path, pattern.name, pattern.kernel, "replaced", detail))
     return rows

@@ -15,6 +15,7 @@ import functools
 import torch
 from torch import nn
 
+from ... import binding
 from ...kernels.gated_activation import gated_activation, gated_activation_reference
 from ..pattern import Match, Pattern, Probe, Skip
 from ._probe import autocast_state, input_dtype, module_dtype_device, randn
@@ -63,7 +64,8 @@ def find(module: nn.Module, params) -> Match | Skip | None:
     if hidden is None:
         return Skip("gate_proj has no in_features")
     dtype, device = module_dtype_device(module)
-    sig = (type(module), type(module.gate_proj), dtype, device, hidden, _in_features(module.down_proj), activation)
+    sig = (type(module), type(module.gate_proj), dtype, device, hidden, _in_features(module.down_proj), activation,
+           binding.hub_kernel(act) if isinstance(act, nn.Module) else None)
     return Match({"activation": activation, "hidden": hidden}, sig)
 
 
