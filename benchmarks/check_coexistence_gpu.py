@@ -56,17 +56,20 @@ def _report_lines(model) -> list[str]:
     return lines
 
 
-def _holders(obj, depth: int = 6) -> list[str]:
-    """A chain of referrers from ``obj`` up to something that is not a frame, a cell, a dict or a list (the
-    holder), as lines."""
-    lines, seen = [], {id(obj)}
+def _holders(obj, depth: int = 8) -> list[str]:
+    """A chain of referrers of ``obj`` (the first one of each, frames and this function's own lists left out), as
+    lines: where it ends is what holds the model."""
+    lines, mine = [], set()
     for _ in range(depth):
-        refs = [r for r in gc.get_referrers(obj) if id(r) not in seen and not isinstance(r, type(sys._getframe()))]
+        refs = gc.get_referrers(obj)
+        mine.add(id(refs))
+        refs = [r for r in refs if id(r) not in mine and not isinstance(r, type(sys._getframe()))]
         if not refs:
             break
         obj = refs[0]
-        seen.add(id(obj))
-        lines.append(f"      <- {type(obj).__module__}.{type(obj).__qualname__}: {repr(obj)[:160]}")
+        mine.add(id(obj))
+        text = repr(obj).replace("\n", " ")[:160]
+        lines.append(f"      <- {type(obj).__module__}.{type(obj).__qualname__}: {text}")
     return lines
 
 
