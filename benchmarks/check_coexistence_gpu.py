@@ -12,10 +12,11 @@ PEFT LoRA r=16 on every projection, ``sloth_core.optimize(model, gradient_checkp
 
 Per case it prints what ``optimize`` replaced / left (the report's rows grouped by pattern and status, with the
 reasons of what was left), tokens/s (median of the steps after the first two), the peak memory, and
-``torch.cuda.memory_allocated()`` before the build, after ``del`` alone and after ``gc.collect()``; where the
-memory is not back to its starting value after ``gc.collect()``, the chain of objects holding the model's largest
-leaked parameter. Exit status 1 when a case's memory did not come back or its tokens/s are under
-``--min-ratio`` (default 0.9) of ``plain``'s.
+``torch.cuda.memory_allocated()`` before the build, after ``del`` alone and after ``gc.collect()`` (an optimized
+model's bindings are bound methods of its modules: reference cycles, freed by ``gc.collect()``, not by ``del``
+alone); where the memory is not back to its starting value (within ``--slack-mib``: cuBLAS workspaces) after
+``gc.collect()``, the chain of objects holding the model's largest parameter. Exit status 1 when a case's memory
+did not come back or its tokens/s are under ``--min-ratio`` (default 0.9) of ``plain``'s.
 
     SLOTH_CORE_AUTOTUNE=0 python benchmarks/check_coexistence_gpu.py            # ~2 minutes on an H100
     SLOTH_CORE_AUTOTUNE=0 python benchmarks/check_coexistence_gpu.py --instance --layers 16
@@ -135,7 +136,7 @@ def run_case(name: str, args, liger: str | None) -> dict:
     print(f"    {tokens_s:,.0f} tokens/s, peak {peak:.2f} GiB; allocated: start {start / GiB:.3f} GiB, after del "
           f"{after_del / GiB:.3f}, after gc.collect() {after_gc / GiB:.3f}", flush=True)
     leaked = biggest()
-    if after_gc > start or leaked is not None:
+    if after_gc - start > args.slack_mib * 2**20 or leaked is not None:
         print(f"    NOT FREED: {(after_gc - start) / GiB:.3f} GiB; largest parameter alive: {leaked is not None}")
         if leaked is not None:
             print("\n".join(_holders(leaked)))
@@ -154,22 +155,24 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--instance", action="store_true", help="also Liger's per-instance patching")
     ap.add_argument("--min-ratio", type=float, default=0.9)
+    ap.add_argument("--slack-mib", type=float, default=256,
+                    help="memory over the starting value still counted as freed (cuBLAS workspaces, RNG states)")
     args = ap.parse_args(argv)
     if _cuda(args.device) and not torch.cuda.is_available():
         print("needs a CUDA GPU (--device cpu --preset tiny-llama: a smoke run of the script)")
         return 2
-    import liger_kernel  # noqa: F401  (fails here, before any model is built, when it is not installed)
+    import liger_kernel.transformers  # noqa: F401  (fails here, before any model is built, when not installed)
 
     t0 = time.perf_counter()
     cases = [("liger-first", "process"), ("plain", None)] + ([("liger-instance", "instance")] if args.instance else [])
     results = [run_case(name, args, liger) for name, liger in cases]
     plain = next(r for r in results if r["case"] == "plain")
-    print(f"\n| case | tokens/s | vs plain | peak GiB | allocated start / after del / after gc (GiB) |")
+    print("\n| case | tokens/s | vs plain | peak GiB | allocated start / after del / after gc (GiB) |")
     print("|---|---|---|---|---|")
     bad = False
     for r in results:
         ratio = r["tokens_s"] / plain["tokens_s"]
-        freed = r["after_gc"] <= r["start"]
+        freed = r["after_gc"] - r["start"] <= args.slack_mib * 2**20
         bad |= not freed or ratio < args.min_ratio
         print(f"| {r['case']} | {r['tokens_s']:,.0f} | {ratio:.2f}x | {r['peak']:.2f} | {r['start'] / GiB:.3f} / "
               f"{r['after_del'] / GiB:.3f} / {r['after_gc'] / GiB:.3f}{'' if freed else ' NOT FREED'} |")

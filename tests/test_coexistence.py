@@ -15,7 +15,8 @@ Liger patches transformers' ``modeling_llama`` module and ``LlamaForCausalLM.for
 later tests see transformers as it was (checked here too). On the CPU Liger's Triton kernels run under the
 interpreter with one shim (:func:`_float_scalars`); its RMSNorm kernel does not run there at all (a store of
 ``None``), nor its cross-entropy under triton 3.6, so CPU runs patch what runs (:func:`liger_kwargs`), and check
-that ``optimize`` leaves a Liger norm it cannot probe to Liger, by name. Skipped where ``liger_kernel`` is not importable (CI installs it with the ``dev`` extra).
+that ``optimize`` leaves a Liger norm it cannot probe to Liger, by name. Skipped where ``liger_kernel`` is not
+importable (CI installs it with the ``dev`` extra).
 """
 import contextlib
 import copy
