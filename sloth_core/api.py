@@ -13,6 +13,7 @@ from .checkpointing import MODES as CHECKPOINTING_MODES
 from .checkpointing import checkpointed_layers, checkpointed_modes, disable_checkpointing, enable_checkpointing
 from .checkpointing_takeover import install as serve_hf_checkpointing
 from .checkpointing_takeover import serving_hf
+from .compiled import compiled_reason
 from .coverage import missing
 from .registry.architecture import Architecture, generic_architecture, lookup
 from .registry.patterns import ALL_PATTERNS, OPT_IN_PATTERNS
@@ -92,6 +93,13 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"sloth_core.optimize(model): expected a torch.nn.Module, got {type(model).__name__}")
     opts = _options(options)
+    compiled = compiled_reason(model)
+    if compiled is not None:
+        warnings.warn(f"sloth_core.optimize: {compiled}; sloth_core's kernels are verified on eager forwards, not "
+                      f"as torch.compile traces them, so nothing was replaced and the model runs as before. Call "
+                      f"sloth_core.optimize(model) on the model before torch.compile and do not compile it after",
+                      SlothCoreWarning, stacklevel=2)
+        return model
     base = unwrap(model)
     state = base.__dict__.get(STATE_ATTR)
     mtype = model_type(model)

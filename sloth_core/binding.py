@@ -79,10 +79,11 @@ def _describe(value: Any) -> str:
     return f"{getattr(code, 'co_qualname', code.co_name)} ({where})"
 
 
-def foreign_forward(module: nn.Module) -> str | None:
-    """The name of a forward someone other than sloth_core set on this instance (TRL's fused LM head sets
-    ``model.forward``), also where one of our ``global:`` bindings re-created it, or ``None``: no instance forward,
-    the class's own (bound, as accelerate keeps it in ``_old_forward``), or one of ours over either."""
+def foreign_forward_function(module: nn.Module) -> Any:
+    """The forward someone other than sloth_core set on this instance (TRL's fused LM head sets ``model.forward``,
+    Liger-Kernel's ``model=`` patching the forwards of the model's norms and MLPs), also where one of our
+    ``global:`` bindings re-created it, or ``None``: no instance forward, the class's own (bound, as accelerate
+    keeps it in ``_old_forward``), or one of ours over either."""
     attr = _forward_attr(module)
     current = module.__dict__.get(attr, _MISSING)
     for rec in reversed(records(module)):  # back through our installs to what was there before them
@@ -90,7 +91,13 @@ def foreign_forward(module: nn.Module) -> str | None:
             current = rec.previous
     if current is _MISSING or getattr(current, "__func__", current) is type(module).forward:
         return None
-    return _describe(current)
+    return current
+
+
+def foreign_forward(module: nn.Module) -> str | None:
+    """The name of :func:`foreign_forward_function`, or ``None``."""
+    current = foreign_forward_function(module)
+    return None if current is None else _describe(current)
 
 
 #: Where ``kernels.kernelize`` records, on an instance, the repository whose layer forward it set there.

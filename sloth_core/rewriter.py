@@ -17,21 +17,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import binding, fallback, guard
+from . import binding, fallback, foreign, guard
 from .kernels._runtime import unsupported_reason
 from .registry.architecture import Architecture
-from .registry.pattern import Match, PatternUse, Skip
+from .registry.pattern import Match, Pattern, PatternUse, Skip
 from .registry.patterns._probe import module_dtype_device
 from .reporting import ReportRow
 from .verify import Failure, raised, verify
 
 
 def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache: dict | None,
-                 gen_seed: int, settings: dict) -> tuple[Match | None, Failure]:
+                 gen_seed: int, settings: dict, forward: str | None = None) -> tuple[Match | None, Failure]:
     pattern = use.pattern
     reasons = []
     for m in matches:
-        key = (pattern.name, m.signature)
+        key = (pattern.name, m.signature, forward)
         if cache is not None and key in cache:
             why = cache[key]
         else:
@@ -56,6 +56,15 @@ def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache
                          "\n".join(r.error for r in reasons if r.error))
 
 
+def _whose(pattern: Pattern, module: nn.Module, match: Match) -> str | None:
+    """The library other than transformers' whose function the pattern verified against (:mod:`sloth_core.foreign`),
+    or ``None``: a forward target's forward as the instance had it before us (or its class's), a global's function
+    as the instance's forward calls it."""
+    if pattern.target == "forward":
+        return foreign.origin(binding.foreign_forward_function(module) or type(module).forward)
+    return foreign.origin(pattern.original(module, match))
+
+
 def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             exclude: set[str] | None = None, verify_every: bool = False, seed: int = 0) -> list[ReportRow]:
     """Bind every verified match of ``arch``'s patterns inside ``model``; return the report rows."""
@@ -78,11 +87,13 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             if found is None:
                 continue
             hub = None if isinstance(found, Skip) else binding.hub_kernel_at(module, pattern.target)
-            if not isinstance(found, Skip) and pattern.target == "forward" and hub is None:
-                other = binding.foreign_forward(module)  # a hub kernel's forward is verified like the class's
-                if other is not None:
-                    found = Skip(f"its forward was replaced on this instance by {other} (TRL's fused LM head, for "
-                                 f"one): left to it")
+            other = binding.foreign_forward(module) if pattern.target == "forward" else None
+            # a hub kernel's forward is verified like the class's; so is another library's where the pattern serves it
+            if not isinstance(found, Skip) and other is not None and hub is None and not (
+                    pattern.serves_foreign and foreign.servable(binding.foreign_forward_function(module))):
+                whose = foreign.origin(binding.foreign_forward_function(module)) or other
+                found = Skip(f"its forward was replaced on this instance by {whose} (TRL's fused LM head, "
+                             f"Liger-Kernel's fused loss, for two): left to it")
             if not isinstance(found, Skip):
                 dtype, device = module_dtype_device(module)
                 why = unsupported_reason(device, dtype)
@@ -90,19 +101,28 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             if isinstance(found, Skip):
                 rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", found.reason))
                 continue
-            match, why = _try_matches(module, use, found, cache, seed, settings)
+            # an instance forward another library set is part of what was verified (``other``)
+            match, why = _try_matches(module, use, found, cache, seed, settings, other)
+            serves = _whose(pattern, module, match or found[0])
             if match is None:
-                reason = why.reason if hub is None else f"{why.reason} (what it computes now is the hub kernel " \
-                                                          f"{hub} that kernels.kernelize set: left to it)"
+                reason = why.reason
+                if hub is not None:
+                    reason += f" (what it computes now is the hub kernel {hub} that kernels.kernelize set: left to it)"
+                elif serves:
+                    reason += f" (the module runs {serves}: left to it)"
                 rows.append(ReportRow(path, pattern.name, pattern.kernel, "skipped", reason, why.error))
                 continue
             for name in pattern.supersedes:  # e.g. lora_mlp on an MLP gated_mlp took before PEFT added the LoRA
                 binding.uninstall_pattern(module, name)
             replacement = pattern.replacement(match)
             if pattern.target == "forward":
-                verified = settings.setdefault((pattern.name, match.signature), {})
+                verified = settings.setdefault((pattern.name, match.signature, other), {})
                 replacement = guard.guard(pattern, match, replacement, verified)
             binding.install(module, pattern.target, replacement, pattern.name, pattern.kernel)
-            detail = match.describe() if hub is None else f"{match.describe()}, over the hub kernel {hub}"
+            detail = match.describe()
+            if hub is not None:
+                detail += f", over the hub kernel {hub}"
+            elif serves:
+                detail += f"; serves {serves} (verified against it)"
             rows.append(ReportRow(path, pattern.name, pattern.kernel, "replaced", detail))
     return rows

@@ -81,6 +81,10 @@ class Pattern:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     adapt: Callable[[Callable], Callable] | None = None
     supersedes: tuple[str, ...] = ()  # patterns that leave a module alone once this one is bound on it
+    # whether a ``"forward"`` replacement may stand in for a forward another kernel library set on the instance
+    # (:func:`sloth_core.foreign.servable`: Liger-Kernel's ``model=`` patching): verified against it, and its
+    # fallbacks run that forward (:func:`sloth_core.binding.previous_forward`), not the class's
+    serves_foreign: bool = False
     # ``setting(module, args) -> tuple``: what verification depended on that can change after optimize (parameter
     # dtypes / devices, input dtype, autocast); checked at every call of a ``"forward"`` replacement
     # (:mod:`sloth_core.guard`)

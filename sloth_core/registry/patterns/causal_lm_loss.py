@@ -9,7 +9,8 @@ logits are never materialized -- with the architecture's final-logit soft-cappin
 class's own forward runs unchanged:
 
 * gradients off (evaluation and prediction loops: ``Trainer.evaluate`` hands the logits to ``compute_metrics``);
-* ``logits_to_keep`` other than 0, a ``loss_function`` other than transformers' ``ForCausalLMLoss``;
+* ``logits_to_keep`` other than 0, ``skip_logits=False`` (Liger-Kernel's ``lce_forward`` as the class forward), a
+  ``loss_function`` other than transformers' ``ForCausalLMLoss``;
 * an ``lm_head`` that is not a plain ``nn.Linear`` (a LoRA layer on ``lm_head``, a quantized head) or that has
   hooks. PEFT's ``modules_to_save`` copy of ``lm_head`` is served: its weight receives gradients.
 """
@@ -34,6 +35,9 @@ from ._probe import autocast_state, module_dtype_device, randn
 # argument (the input ids, masks, positions, the KV cache -- ``past_key_values`` up to transformers 5.17, ``cache``
 # from 5.2x --, ``use_cache``, ...) and the ``**kwargs`` go to the decoder unchanged, which must accept them.
 _HEAD_ARGS = ("labels", "logits_to_keep")
+# Head arguments some class forwards add: Liger-Kernel's ``lce_forward`` (``apply_liger_kernel_to_llama()`` makes it
+# ``LlamaForCausalLM.forward``) takes ``skip_logits``; ``False`` asks for the logits, which the class forward serves.
+_OPTIONAL_HEAD_ARGS = ("skip_logits",)
 
 
 def head_linear(lm_head: nn.Module) -> nn.Linear | None:
@@ -117,6 +121,8 @@ def _split(sig: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict)
     var_kw = next(n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD)
     extra = named.pop(var_kw, {})
     head = {n: named.pop(n) for n in _HEAD_ARGS}
+    head.update({n: named.pop(n) for n in _OPTIONAL_HEAD_ARGS if n in named})
+    head.update({n: extra.pop(n) for n in _OPTIONAL_HEAD_ARGS if n in extra})
     return head, {**named, **extra}
 
 
@@ -136,7 +142,7 @@ def _forward_with(loss_fn):
             head_args, decoder_args = _split(m["_signature"], self, args, kwargs)
             labels, logits_to_keep = head_args["labels"], head_args["logits_to_keep"]
             head = head_linear(self.lm_head) if labels is not None else None
-            if head is None or not torch.is_grad_enabled() or \
+            if head is None or not torch.is_grad_enabled() or head_args.get("skip_logits") is False or \
                     not (isinstance(logits_to_keep, int) and logits_to_keep == 0) or not _loss_is_hf_causal(self):
                 return _class_forward(self)(self, *args, **kwargs)
             return_dict = decoder_args.pop("return_dict", None)

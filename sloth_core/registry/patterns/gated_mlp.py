@@ -17,6 +17,7 @@ from torch import nn
 
 from ... import binding
 from ...kernels.gated_activation import gated_activation, gated_activation_reference
+from ... import foreign
 from ..pattern import Match, Pattern, Probe, Skip
 from ._probe import autocast_state, input_dtype, module_dtype_device, randn
 
@@ -48,13 +49,25 @@ def _in_features(proj: nn.Module) -> int | None:
     return None
 
 
+# Liger-Kernel's gated MLPs (what ``apply_liger_kernel_to_<type>()`` makes the model's MLP class) have no ``act_fn``:
+# their forward is ``down_proj(<fused act(gate) * up>)`` with the activation of the class.
+_LIGER_ACTIVATIONS = {"LigerSwiGLUMLP": "silu", "LigerGEGLUMLP": "gelu_tanh"}
+
+
+def _liger_activation(module: nn.Module) -> str | None:
+    return next((a for name, a in _LIGER_ACTIVATIONS.items() if foreign.is_liger_class(type(module), name)), None)
+
+
 def find(module: nn.Module, params) -> Match | Skip | None:
     if not all(isinstance(getattr(module, c, None), nn.Module) for c in _CHILDREN):
         return None
     act = getattr(module, "act_fn", None)
     if act is None:
-        return None
-    activation = activation_of(act)
+        activation = _liger_activation(module)
+        if activation is None:
+            return None
+    else:
+        activation = activation_of(act)
     if activation is None:
         return Skip(f"activation {type(act).__name__} is not supported (silu, gelu_tanh are)")
     want = params["activation"]
@@ -108,4 +121,5 @@ GATED_MLP = Pattern(
     probe=probe,
     setting=_setting,
     defaults={"activation": "auto"},
+    serves_foreign=True,
 )

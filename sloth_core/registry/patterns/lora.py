@@ -156,11 +156,11 @@ def _mlp_with(fn):
         def forward(self, x):
             specs = _mlp_specs(self)
             if isinstance(specs, str):
-                return type(self).forward(self, x)
+                return binding.previous_forward(self, "lora_mlp")(x)
             changed = _changed(specs, m["_settings"])
             if changed is not None:
                 fall_back(self, "lora_mlp", changed)
-                return type(self).forward(self, x)
+                return binding.previous_forward(self, "lora_mlp")(x)
             return fn(x, *specs, activation)
 
         return forward
@@ -183,6 +183,7 @@ LORA_MLP = Pattern(
     probe=_probe_mlp,
     defaults={"activation": "auto"},
     supersedes=("gated_mlp",),
+    serves_foreign=True,
 )
 
 

@@ -93,4 +93,5 @@ RMS_NORM = Pattern(
     probe=_probe,
     setting=_setting,
     defaults={"cast": "auto", "offset": None},
+    serves_foreign=True,
 )
