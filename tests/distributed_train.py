@@ -26,7 +26,7 @@ CASES = {  # name -> (dtype, base): fp32 for tight equality, bf16 and NF4 bases 
 STEPS, BATCH, SEQ = 2, 6, 8  # BATCH splits evenly over 1, 2 and 3 ranks
 
 
-def build(case: str):
+def build(case: str, optimize: bool = True):
     """The tiny Llama with LoRA on every projection (NF4 bases for ``qlora_nf4``) and its ``optimize`` line."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -60,7 +60,8 @@ def build(case: str):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen).mul_(0.1).to(p.dtype))
-    sloth_core.optimize(model)
+    if optimize:
+        sloth_core.optimize(model)
     return model
 
 
@@ -101,35 +102,53 @@ def trainable(model) -> dict:
     return out
 
 
-def _shard(model) -> None:
-    """FSDP2 as its documentation applies it: each decoder layer, then the root."""
+def _shard(model, head: bool = False) -> None:
+    """FSDP2 as its documentation applies it: each decoder layer (``head``: and the ``lm_head`` on its own), then
+    the root."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
+    if head:
+        fully_shard(model.base_model.model.lm_head)
     fully_shard(model)
 
 
 def _run(case: str, engine: str, rank: int, world: int) -> dict:
+    """One run. Engines: ``ddp``, ``fsdp2``; ``fsdp2_head`` (the ``lm_head`` sharded on its own) and
+    ``fsdp2_late`` (``optimize`` after ``fully_shard``) show what sloth_core does where it cannot serve. Records the
+    SlothCoreWarnings and an exception's text instead of raising it."""
+    import warnings
+
     import torch
     import torch.distributed as dist
 
     import sloth_core
 
-    model = build(case)
-    if engine == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+    result = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", sloth_core.SlothCoreWarning)
+        try:
+            model = build(case, optimize=engine != "fsdp2_late")
+            if engine == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
 
-        losses = train(model, rank, world, step_model=DistributedDataParallel(model))
-    elif engine == "fsdp2":
-        _shard(model)
-        losses = train(model, rank, world)
-    else:
-        raise ValueError(f"engine {engine!r}: expected ddp or fsdp2")
-    losses = torch.stack(losses)
-    dist.all_reduce(losses)
-    return {"losses": (losses / world).tolist(), "params": trainable(model),
-            "report": [(r.module, r.pattern, r.status) for r in sloth_core.report(model)]}
+                losses = train(model, rank, world, step_model=DistributedDataParallel(model))
+            elif engine in ("fsdp2", "fsdp2_head", "fsdp2_late"):
+                _shard(model, head=engine == "fsdp2_head")
+                if engine == "fsdp2_late":
+                    sloth_core.optimize(model)
+                losses = train(model, rank, world)
+            else:
+                raise ValueError(f"engine {engine!r}: expected ddp, fsdp2, fsdp2_head or fsdp2_late")
+            losses = torch.stack(losses)
+            dist.all_reduce(losses)
+            result = {"losses": (losses / world).tolist(), "params": trainable(model),
+                      "report": [(r.module, r.pattern, r.status) for r in sloth_core.report(model)]}
+        except Exception as e:
+            result = {"error": f"{type(e).__name__}: {e}"}
+    return {**result, "warnings": [str(w.message) for w in caught if issubclass(w.category,
+                                                                              sloth_core.SlothCoreWarning)]}
 
 
 def main(out: str, *runs: str) -> None:

@@ -22,7 +22,8 @@ TOLERANCE = {  # Adam's update divides by the gradient's magnitude: small gradie
     "lora_fp32": dict(rtol=1e-4, atol=1e-5), "lora_bf16": dict(rtol=2e-2, atol=2e-3),
     "qlora_nf4": dict(rtol=2e-2, atol=2e-3)}
 # world size -> the runs of one launch (CASE:ENGINE); 3 ranks split each batch of 6 rows unlike 2
-LAUNCHES = {2: ("lora_fp32:ddp", "lora_fp32:fsdp2", "lora_bf16:fsdp2", "qlora_nf4:ddp"),
+LAUNCHES = {2: ("lora_fp32:ddp", "lora_fp32:fsdp2", "lora_bf16:fsdp2", "qlora_nf4:ddp", "lora_fp32:fsdp2_head",
+                "lora_fp32:fsdp2_late", "qlora_nf4:fsdp2"),
             3: ("lora_fp32:ddp", "lora_fp32:fsdp2")}
 
 
@@ -60,11 +61,21 @@ def launched(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("world, name", [(w, n) for w, names in LAUNCHES.items() for n in names])
-def test_ranks_train_as_one_process_with_the_global_batch(world, name, launched, single_process):
-    case, engine = name.split(":")
+EQUAL_RUNS = [(w, n) for w, names in LAUNCHES.items() for n in names if n.split(":")[1] in ("ddp", "fsdp2")
+              and n != "qlora_nf4:fsdp2"]
+
+
+def _results(launched, world: int, name: str) -> list[dict]:
     out = launched(world)
-    ranks = [torch.load(out / f"{case}_{engine}_{r}.pt") for r in range(world)]
+    return [torch.load(out / f"{name.replace(':', '_')}_{r}.pt") for r in range(world)]
+
+
+@pytest.mark.parametrize("world, name", EQUAL_RUNS)
+def test_ranks_train_as_one_process_with_the_global_batch(world, name, launched, single_process):
+    case = name.split(":")[0]
+    ranks = _results(launched, world, name)
+    assert "error" not in ranks[0], ranks[0]["error"]
+    assert not ranks[0]["warnings"]
     one = single_process(case)
     tol = TOLERANCE[case]
     for rank, got in enumerate(ranks):
@@ -76,3 +87,36 @@ def test_ranks_train_as_one_process_with_the_global_batch(world, name, launched,
     # the ranks run the kernels the single process runs: the same rows, every pattern replaced
     assert ranks[0]["report"] == one["report"]
     assert {s for _, _, s in one["report"]} == {"replaced"}
+
+
+def test_an_lm_head_sharded_on_its_own_falls_back_to_the_plain_loss_and_says_so(launched, single_process):
+    """FSDP2 gathers a separately sharded head's weight only when the head is called, after the fused loss would
+    read it: Hugging Face's loss runs, with one warning naming the reason, and training equals the single process."""
+    ranks = _results(launched, 2, "lora_fp32:fsdp2_head")
+    one = single_process("lora_fp32")
+    for got in ranks:
+        assert "error" not in got, got["error"]
+        assert len(got["warnings"]) == 1 and "lm_head is sharded on its own" in got["warnings"][0]
+        assert ("", "causal_lm_loss", "fallback") in got["report"]
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one["losses"]), **TOLERANCE["lora_fp32"])
+
+
+def test_optimize_after_fully_shard_binds_nothing_and_says_call_it_before(launched):
+    for got in _results(launched, 2, "lora_fp32:fsdp2_late"):
+        assert "error" not in got, got["error"]
+        assert got["report"] == []
+        assert len(got["warnings"]) == 1 and "before fully_shard" in got["warnings"][0]
+
+
+def test_fsdp2_on_a_4bit_base_is_a_clear_error_not_a_crash_inside_bitsandbytes(launched):
+    for got in _results(launched, 2, "qlora_nf4:fsdp2"):
+        assert got.get("error", "").startswith("NotImplementedError: sloth_core: Linear4bit's 4-bit weight"), got
+        assert "DDP" in got["error"]
+
+
+def test_a_hung_rank_fails_with_its_stack(tmp_path):
+    """The deadline: a process still running at it fails the test, and its Python stack is in the message."""
+    code = ("import faulthandler, signal, time; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+            "print('ready', flush=True)\ndef waiting_for_a_collective(): time.sleep(60)\nwaiting_for_a_collective()")
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)still running after 3 s.*waiting_for_a_collective"):
+        run([[sys.executable, "-c", code]], [rank_env()], tmp_path, timeout=3)
