@@ -1,18 +1,20 @@
-"""LoRA on several GPUs: the Hugging Face Trainer, one sloth_core line, PyTorch's own engines. The same script runs
-on one process or on N, launched by ``torchrun`` or ``accelerate launch``; the Trainer wraps the model in DDP
-(default) or FSDP2 (``--fsdp``) after the ``optimize`` line. The global batch is fixed (``--global-batch``): each
-of N ranks gets ``global / N`` rows a step, so N ranks train the same model as one process does. A tiny random
-Llama and an in-script dataset: nothing is downloaded (on a CPU: the gloo backend, kernels in Triton's
-interpreter, float32; on GPUs: NCCL, bf16).
+"""LoRA on several GPUs: the Hugging Face Trainer, one sloth_core line, PyTorch's own engines. The same script runs on
+one process or on N, launched by ``torchrun`` or ``accelerate launch``; the Trainer wraps the model in DDP (default)
+or FSDP2 (``--fsdp``) after the ``optimize`` line; HF's activation checkpointing is on (sloth_core's serves it, in
+each rank: on GPUs its layer inputs go to that rank's pinned host memory). The global batch is fixed
+(``--global-batch``): each of N ranks gets ``global / N`` rows a step, so N ranks train the same model as one
+process does. A tiny random Llama and an in-script dataset: nothing is downloaded (on a CPU: the gloo backend,
+kernels in Triton's interpreter, float32; on GPUs: NCCL, bf16).
 
     torchrun --nproc-per-node 2 examples/several_gpus.py
-    accelerate launch --num-processes 2 examples/several_gpus.py          # on CPUs add --cpu
+    accelerate launch --multi_gpu --num_processes 2 examples/several_gpus.py   # CPUs too: the script picks gloo
     torchrun --nproc-per-node 2 examples/several_gpus.py --fsdp           # FSDP2 (GPUs): each rank holds 1/N
     python examples/several_gpus.py                                       # one process, same global batch
 
 accelerate applies FSDP on accelerators only: on CPUs ``--fsdp`` is refused here (the Trainer would run DDP
-instead); ``tests/test_distributed.py`` runs FSDP2's ``fully_shard`` on CPU ranks directly. The line printed at
-the end names the engine that wrapped the model. ``kill -USR1 <pid>`` of a rank prints its Python stacks (where a rank waits, if a run hangs).
+instead); ``tests/test_distributed.py`` runs FSDP2's ``fully_shard`` on CPU ranks directly. The line printed at the
+end names the engine that wrapped the model. ``kill -USR1 <pid>`` of a rank prints its Python stacks (where a rank
+waits, if a run hangs).
 """
 from __future__ import annotations
 
@@ -65,8 +67,9 @@ def main(argv: list[str] | None = None) -> list[float]:
                                                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
     config = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="sloth_core_ranks_"), max_steps=args.steps,
                                per_device_train_batch_size=args.global_batch // world, learning_rate=1e-3,
-                               bf16=cuda, logging_steps=1, report_to=[], save_strategy="no", use_cpu=not cuda,
-                               seed=0, data_seed=0, ddp_backend="gloo" if world > 1 and not cuda else None, **fsdp)
+                               gradient_checkpointing=True, bf16=cuda, logging_steps=1, report_to=[],
+                               save_strategy="no", use_cpu=not cuda, seed=0, data_seed=0,
+                               ddp_backend="gloo" if world > 1 and not cuda else None, **fsdp)
     trainer = Trainer(model=model, args=config, train_dataset=Dataset.from_dict({"input_ids": rows,
                                                                                  "labels": rows}))
     trainer.train()

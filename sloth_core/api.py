@@ -96,8 +96,8 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     base = unwrap(model)
     sharded = sharded_parameters(base)
     if sharded:  # each probe would fail on the shards, with a DTensor error per pattern
-        warnings.warn(f"sloth_core.optimize: nothing was bound: the model's parameters are DTensor shards ({sharded[0]} "
-                      f"and {len(sharded) - 1} more: FSDP2 fully_shard or tensor parallelism). Call "
+        warnings.warn(f"sloth_core.optimize: nothing was bound: the model's parameters are DTensor shards "
+                      f"({sharded[0]} and {len(sharded) - 1} more: FSDP2 fully_shard or tensor parallelism). Call "
                       f"sloth_core.optimize(model) before fully_shard / accelerator.prepare: FSDP2 gathers each "
                       f"module's parameters whole inside its forward, where the kernels run", SlothCoreWarning,
                       stacklevel=2)

@@ -2,17 +2,18 @@
 
 The same functions build the model, the data and the steps for both sides, so the distributed test
 (``tests/test_distributed.py``) compares a run on ``W`` ranks, each with ``B / W`` rows of every global batch of
-``B`` rows, against the single-process run on the whole batch: the same function, so the same losses and
-parameters within the dtype's rounding.
+``B`` rows, against the single-process run on the whole batch: the same function, so the same losses and parameters
+within the dtype's rounding.
 
 As a rank (``python -m tests.distributed_train OUT CASE:ENGINE ...``, with ``RANK``, ``WORLD_SIZE`` and
-``SLOTH_CORE_TEST_STORE`` -- a ``FileStore`` path -- in the environment) it writes ``OUT/CASE_ENGINE_R.pt`` for
-each run: the global loss of every step (the mean of the ranks' equal-sized shares), every trainable parameter in full (FSDP2's
-shards gathered), and ``sloth_core.report`` rows. ``SIGUSR1`` prints every thread's Python stack to stderr: the
-test sends it to ranks that are still running at its deadline.
+``SLOTH_CORE_TEST_STORE`` -- a ``FileStore`` path -- in the environment) it writes ``OUT/CASE_ENGINE_R.pt`` for each
+run: the global loss of every step (the mean of the ranks' equal-sized shares), every trainable parameter in full
+(FSDP2's shards gathered), and ``sloth_core.report`` rows. ``SIGUSR1`` prints every thread's Python stack to stderr:
+the test sends it to ranks that are still running at its deadline.
 """
 from __future__ import annotations
 
+import datetime
 import faulthandler
 import os
 import signal
@@ -158,8 +159,9 @@ def main(out: str, *runs: str) -> None:
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # a collective waits at most 90 s for a missing rank: an error with its traceback, not a silent wait
     dist.init_process_group("gloo", store=dist.FileStore(os.environ["SLOTH_CORE_TEST_STORE"], world),
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
     try:
         for name in runs:
             torch.save(_run(*name.split(":"), rank, world), os.path.join(out, f"{name.replace(':', '_')}_{rank}.pt"))
