@@ -4,6 +4,7 @@ global batch, the losses and every trainable parameter equal the single-process 
 the rounding of the dtype, and every rank made the same verification decisions (the same ``report``).
 
 Each run has a deadline; a rank still running at it fails the test with every rank's Python stacks."""
+import os
 import sys
 
 import pytest
@@ -22,9 +23,11 @@ TOLERANCE = {  # Adam's update divides by the gradient's magnitude: small gradie
     "lora_fp32": dict(rtol=1e-4, atol=1e-5), "lora_bf16": dict(rtol=2e-2, atol=2e-3),
     "qlora_nf4": dict(rtol=2e-2, atol=2e-3)}
 # world size -> the runs of one launch (CASE:ENGINE); 3 ranks split each batch of 6 rows unlike 2
+# (3 ranks shard the 64-wide parameters unevenly; DDP on 3 ranks only with SLOTH_CORE_SLOW_TESTS=1: CI time)
+SLOW = os.environ.get("SLOTH_CORE_SLOW_TESTS") == "1"
 LAUNCHES = {2: ("lora_fp32:ddp", "lora_fp32:fsdp2", "lora_bf16:fsdp2", "qlora_nf4:ddp", "lora_fp32:fsdp2_head",
                 "lora_fp32:fsdp2_late", "qlora_nf4:fsdp2"),
-            3: ("lora_fp32:ddp", "lora_fp32:fsdp2")}
+            3: ("lora_fp32:fsdp2",) + (("lora_fp32:ddp",) if SLOW else ())}
 
 
 @pytest.fixture(scope="module")
