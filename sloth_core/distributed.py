@@ -46,6 +46,7 @@ def sharded_4bit_reason(base: nn.Module) -> str | None:
     if w is None or "Linear4bit" not in [c.__name__ for c in type(base).__mro__] or type(w).__name__ == "Params4bit" \
             or getattr(w, "quant_state", None) is not None:
         return None
-    return (f"{type(base).__name__}'s 4-bit weight is a {type(w).__name__}, not bitsandbytes' Params4bit: FSDP2 "
-            f"fully_shard dropped its quantization state (bitsandbytes 4-bit layers do not support FSDP2). Train "
-            f"QLoRA with DDP (each rank holds the whole 4-bit model), or FSDP2 on a 16-bit base")
+    return (f"{type(base).__name__}'s 4-bit weight is a {type(w).__name__} without quantization state, not "
+            f"bitsandbytes' Params4bit: FSDP2 fully_shard (or another engine that re-creates parameters) dropped it; "
+            f"bitsandbytes 4-bit layers do not run under FSDP2. Train QLoRA with DDP (each rank holds the whole 4-bit "
+            f"model), or FSDP2 on a 16-bit base")
