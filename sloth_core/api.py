@@ -15,6 +15,7 @@ from .checkpointing_takeover import install as serve_hf_checkpointing
 from .checkpointing_takeover import serving_hf
 from .compiled import compiled_reason
 from .coverage import missing
+from .distributed import sharded_parameters
 from .registry.architecture import Architecture, generic_architecture, lookup
 from .registry.patterns import ALL_PATTERNS, OPT_IN_PATTERNS
 from .reporting import ReportRow, format_table, summary
@@ -101,6 +102,14 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                       SlothCoreWarning, stacklevel=2)
         return model
     base = unwrap(model)
+    sharded = sharded_parameters(base)
+    if sharded:  # each probe would fail on the shards, with a DTensor error per pattern
+        warnings.warn(f"sloth_core.optimize: nothing was bound: the model's parameters are DTensor shards "
+                      f"({sharded[0]} and {len(sharded) - 1} more: FSDP2 fully_shard or tensor parallelism). Call "
+                      f"sloth_core.optimize(model) before fully_shard / accelerator.prepare: FSDP2 gathers each "
+                      f"module's parameters whole inside its forward, where the kernels run", SlothCoreWarning,
+                      stacklevel=2)
+        return model
     state = base.__dict__.get(STATE_ATTR)
     mtype = model_type(model)
     arch = lookup(mtype) or generic_architecture()

@@ -12,7 +12,10 @@ class's own forward runs unchanged:
 * ``logits_to_keep`` other than 0, ``skip_logits=False`` (Liger-Kernel's ``lce_forward`` as the class forward), a
   ``loss_function`` other than transformers' ``ForCausalLMLoss``;
 * an ``lm_head`` that is not a plain ``nn.Linear`` (a LoRA layer on ``lm_head``, a quantized head) or that has
-  hooks. PEFT's ``modules_to_save`` copy of ``lm_head`` is served: its weight receives gradients.
+  hooks. PEFT's ``modules_to_save`` copy of ``lm_head`` is served: its weight receives gradients;
+* an ``lm_head`` whose weight is not whole at the loss: FSDP2 ``fully_shard(lm_head)`` on its own, a ``DTensor``
+  weight (:mod:`sloth_core.distributed`); a warning names it and the report says ``fallback``. Under FSDP2 on the
+  model's root (the usual wrapping) the root's pre-forward hook has gathered the weight and the fused loss serves.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from torch.nn import functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ...distributed import sharded_head_reason
+from ...fallback import fall_back
 from ...kernels.fused_linear_cross_entropy import (fused_linear_cross_entropy,
                                                     fused_linear_cross_entropy_reference)
 from ..pattern import Match, Pattern, Probe, Skip
@@ -142,6 +147,10 @@ def _forward_with(loss_fn):
             head_args, decoder_args = _split(m["_signature"], self, args, kwargs)
             labels, logits_to_keep = head_args["labels"], head_args["logits_to_keep"]
             head = head_linear(self.lm_head) if labels is not None else None
+            sharded = sharded_head_reason(self.lm_head) if labels is not None else None
+            if sharded is not None and torch.is_grad_enabled():
+                fall_back(self, "causal_lm_loss", f"Hugging Face's loss runs: {sharded}")
+                head = None
             if head is None or not torch.is_grad_enabled() or head_args.get("skip_logits") is False or \
                     not (isinstance(logits_to_keep, int) and logits_to_keep == 0) or not _loss_is_hf_causal(self):
                 return _class_forward(self)(self, *args, **kwargs)

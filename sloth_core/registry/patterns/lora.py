@@ -31,6 +31,7 @@ import threading
 from torch import nn
 
 from ... import binding
+from ...distributed import sharded_4bit_reason
 from ...fallback import fall_back
 from ...kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_qkv, lora_spec
 from ..pattern import Match, Pattern, Probe, Skip
@@ -96,6 +97,9 @@ def _linear_with(fn, grouped: bool = False):
                     return out
             spec = lora_spec(self)
             if isinstance(spec, str) or args or kwargs:
+                why = sharded_4bit_reason(self.get_base_layer())
+                if why is not None:  # PEFT's forward would fail deep inside bitsandbytes
+                    raise NotImplementedError(f"sloth_core: {why}")
                 return type(self).forward(self, x, *args, **kwargs)
             changed = _changed((spec,), m["_settings"])
             if changed is not None:
