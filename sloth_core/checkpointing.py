@@ -108,7 +108,7 @@ LORA_MLP_PATTERN = "lora_mlp"  # the registry pattern of the fused LoRA MLP (slo
 # The attention output kept (sloth_core.attention_offload; exact, tests) instead of recomputed (the recompute then
 # skips the output projection: LayerStash). H200, same machine: steps 1.5% (QLoRA) / 0.9% (LoRA) shorter than
 # without (train_llama-3-8b_20261129_s7a / s7b); with the q/k/v outputs kept in both, 0.9% / 1.5% (s7c against s7e).
-# The q/k/v outputs kept: the fused q/k/v LoRA projection (sloth_core.kernels.lora.lora_qkv) keeps its three outputs
+# The q/k/v outputs kept: the fused q/k/v LoRA projection (sloth_core.kernels.lora_qkv.lora_qkv) keeps its three outputs
 # in host memory, and the recompute takes them back instead of running the projections' GEMMs again (its saved x
 # and x A^T are recomputed as before). Exact: the recompute's input is bitwise the first forward's. Costs q + k + v
 # of host traffic a layer each way (96 MiB for Llama-3-8B at 4 x 2048 tokens). H200, same machine: steps 2.3%

@@ -510,7 +510,8 @@ class LoraCase(Case):
         return mlp
 
     def sloth_core(self, m, mlp):
-        from sloth_core.kernels.lora import lora_mlp, lora_spec
+        from sloth_core.kernels.lora_mlp import lora_mlp
+        from sloth_core.kernels.lora_peft import lora_spec
 
         specs = [lora_spec(getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")]
         for spec in specs:
