@@ -42,9 +42,9 @@ def _is_8bit(layer: nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_dequantizer():
-    """``sloth_core.kernels.dequant.dequantize_weight`` when that module is importable, else ``None``."""
+    """``sloth_core.kernels.dequant_plan.dequantize_weight`` when that module is importable, else ``None``."""
     try:
-        from sloth_core.kernels.dequant import dequantize_weight
+        from sloth_core.kernels.dequant_plan import dequantize_weight
     except ImportError:
         return None
     return dequantize_weight
@@ -62,7 +62,7 @@ def base_weight(base_layer: nn.Module, rows: tuple[int, int] | None = None) -> t
     else ``bitsandbytes.functional.dequantize_4bit``).
 
     A dequantized weight is a temporary: use it at once and drop it, so the next dequantization (or anything
-    else) reuses its memory (:func:`dequant.dequantize_weight`)."""
+    else) reuses its memory (:func:`dequant_plan.dequantize_weight`)."""
     if not _is_4bit(base_layer):
         return base_layer.weight if rows is None else base_layer.weight[rows[0]:rows[1]]
     dequantize = _triton_dequantizer()
