@@ -1,5 +1,6 @@
 """The GEMM pieces the fused LoRA functions are built of: ``x W^T + b + s xa B^T`` with the LoRA term written first
-and the base GEMM adding into it, the input gradient likewise, and mixed-dtype products with one rounding."""
+and the base GEMM adding into it, the input gradient likewise, and mixed-dtype products with one rounding; and what
+the functions share besides (autocast off inside, the placeholder of an output nothing reads)."""
 from __future__ import annotations
 
 import contextlib
