@@ -12,7 +12,7 @@ def optimized_model(quant: str, batch: int = 4, seq: int = 2048):
     from peft import LoraConfig, get_peft_model
 
     import sloth_core
-    from sloth_core.bench.train import TARGETS, build
+    from sloth_core.bench.train_models import TARGETS, build
 
     model = build("llama-3-8b", None, quant)
     model.train()

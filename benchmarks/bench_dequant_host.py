@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore")
 def main() -> None:
     import bitsandbytes as bnb
 
-    from sloth_core.kernels import dequant
+    from sloth_core.kernels import dequant, dequant_plan
 
     layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
                               quant_type="nf4")
@@ -30,11 +30,11 @@ def main() -> None:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    dequant._dequant_4bit_kernel = NoLaunch()
+    dequant._dequant_4bit_kernel = dequant_plan._dequant_4bit_kernel = NoLaunch()
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, python "
           f"{platform.python_version()}")
-    for label, call in (("whole weight", lambda: dequant.dequantize_weight(layer)),
-                        ("row range", lambda: dequant.dequantize_weight(layer, rows=(0, 64)))):
+    for label, call in (("whole weight", lambda: dequant_plan.dequantize_weight(layer)),
+                        ("row range", lambda: dequant_plan.dequantize_weight(layer, rows=(0, 64)))):
         for _ in range(50):
             call()
         best = float("inf")

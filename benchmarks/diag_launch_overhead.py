@@ -10,6 +10,7 @@ import time
 import torch
 
 from sloth_core.kernels import dequant as D
+from sloth_core.kernels import dequant_plan as P
 
 
 def _layer(rows: int, cols: int):
@@ -36,7 +37,7 @@ def host_us(fn, n: int = 300) -> float:
 
 def main() -> None:
     layer = _layer(4096, 4096)
-    param, state = D._param_and_state(layer)
+    param, state = P._param_and_state(layer)
     data = param.data
     out = torch.empty(4096, 4096, dtype=torch.bfloat16, device="cuda")
     n = out.numel()
@@ -50,8 +51,8 @@ def main() -> None:
         D._dequant_4bit_kernel[grid](*args, NESTED=nested, BLOCKSIZE2=bs2, enable_fp_fusion=False, **cfg)
 
     x = torch.randn(16, 4096, dtype=torch.bfloat16, device="cuda")
-    rows = [("dequantize_weight(layer)", lambda: D.dequantize_weight(layer)),
-            ("dequantize_weight(layer, rows)", lambda: D.dequantize_weight(layer, rows=(0, 2048))),
+    rows = [("dequantize_weight(layer)", lambda: P.dequantize_weight(layer)),
+            ("dequantize_weight(layer, rows)", lambda: P.dequantize_weight(layer, rows=(0, 2048))),
             ("bare Triton launch (JITFunction.run)", bare),
             ("torch.mm [16,4096]x[4096,4096]", lambda: torch.mm(x, out.t())),
             ("torch.empty 32 MiB", lambda: torch.empty(4096, 4096, dtype=torch.bfloat16, device="cuda")),

@@ -15,6 +15,7 @@ import torch
 from sloth_core import checkpointing as ck
 from sloth_core.memory import host
 from sloth_core.kernels import dequant as dq
+from sloth_core.kernels import dequant_plan as dqp
 from sloth_core.kernels._runtime import interpreting
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     lin = bnb.nn.Linear4bit(256, 256, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
                             compress_statistics=True).cuda()
     bench("interpreting()", interpreting)
-    bench("dequantize_weight (planned)", lambda: dq.dequantize_weight(lin, torch.bfloat16))
+    bench("dequantize_weight (planned)", lambda: dqp.dequantize_weight(lin, torch.bfloat16))
     bench("dequantize_4bit (checked path)", lambda: dq.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
     x = torch.randn(1024, 512, dtype=torch.bfloat16, device="cuda")
     bench("HostCopy(x 1MB) create+drop", lambda: host.HostCopy(x, pinned=True, kind="qkv"))

@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     from peft import LoraConfig, get_peft_model
 
     import sloth_core
-    from sloth_core.bench.train import TARGETS, build
+    from sloth_core.bench.train_models import TARGETS, build
     from sloth_core.bench.env import environment
 
     model = build(args.preset, args.layers, args.quant)

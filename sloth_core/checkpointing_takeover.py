@@ -30,8 +30,8 @@ from typing import Any, Callable
 from torch import nn
 
 from . import binding
-from .checkpointing import (HF_FLAG, checkpointed_layers, decoder_layers, disable_checkpointing,
-                            enable_checkpointing)
+from .checkpointing import checkpointed_layers, decoder_layers, disable_checkpointing, enable_checkpointing
+from .checkpointing_wrapper import HF_FLAG
 
 PATTERN = "checkpointing_takeover"
 KERNEL = "torch.utils.checkpoint"

@@ -40,7 +40,8 @@ def _dequantized(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight
     kind = type(weight).__name__
     if kind == "Params4bit":
-        from .kernels.dequant import dequantize_4bit, dequantize_weight
+        from .kernels.dequant import dequantize_4bit
+        from .kernels.dequant_plan import dequantize_weight
 
         state = weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):

@@ -6,7 +6,7 @@ thrown away, and it stops as soon as the last saved tensor is regenerated). A co
 tensor depends on is wasted there. The one such computation worth skipping is the MLP's down projection
 ``h = m W_d^T (+ LoRA)`` (a quarter of a Llama layer's FLOPs) in layers whose MLP output only feeds the residual add
 that ends the layer -- nothing saved depends on ``h`` then (the fused LoRA MLP then also moves the recompute of
-its gate/up projections into its backward, in chunks: :mod:`sloth_core.kernels.lora`). Which layers those are
+its gate/up projections into its backward, in chunks: :mod:`sloth_core.kernels.lora_mlp`). Which layers those are
 is declared per architecture (:class:`sloth_core.registry.LayerFacts`); the checkpointing wrapper opens
 :func:`checkpointed_layer_scope`
 around the first forward and around the recompute of each layer, and the fused LoRA MLP asks

@@ -188,13 +188,13 @@ def test_the_recompute_ends_at_the_attention(device, offload_on_cpu, monkeypatch
     host stash (the projection shares the attention output's copy; the MLP input is the norm recomputed from its
     copy): nothing after the attention saves through the checkpoint, so the recompute stops there. Without the
     checkpoint's early stop the recompute runs on and saves nothing there either; gradients as the "on" path's."""
-    from sloth_core.kernels import lora, rms_norm
+    from sloth_core.kernels import lora_linear, rms_norm
 
     ref = sdpa_lora_model("llama", device)
     ids, labels = token_batch(device)
     layers = ref.config.num_hidden_layers
     calls = {"lora": 0, "norm": 0}
-    for module, cls, key in ((lora, "_LoRALinearFunction", "lora"), (rms_norm, "_RMSNormFunction", "norm")):
+    for module, cls, key in ((lora_linear, "_LoRALinearFunction", "lora"), (rms_norm, "_RMSNormFunction", "norm")):
         original = getattr(module, cls).apply
 
         def counting(*args, _original=original, _key=key):

@@ -20,6 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import sloth_core
 from sloth_core import binding
 from sloth_core import checkpointing as ck
+from sloth_core import checkpointing_wrapper
 from sloth_core.memory import host
 from sloth_core.tiny import tiny_model
 from sloth_core.tolerances import assert_close
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:sloth_core checkpointing.*KV cac
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)
-    monkeypatch.setattr(ck, "_warned", set())
+    monkeypatch.setattr(checkpointing_wrapper, "_warned", set())
     ck.reset_checkpointing_stats()
     yield
     ck.clear_host_pool()

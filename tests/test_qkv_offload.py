@@ -9,7 +9,7 @@ import torch
 
 import sloth_core
 from sloth_core import checkpointing as ck
-from sloth_core.kernels import lora
+from sloth_core.kernels import lora_qkv
 from tests.batches import token_batch
 from tests.sdpa_lora import assert_same, offload_on_cpu, run_step, sdpa_lora_model  # noqa: F401 (a fixture)
 
@@ -22,7 +22,7 @@ def test_the_default_offload_mode_keeps_them():
 def projections_computed(monkeypatch):
     """How many projection outputs the fused q/k/v function computed (three a call that computes them)."""
     count, inside = {"n": 0}, [False]
-    original, forward = lora._base_plus_lora, lora._LoRAQKVFunction.forward
+    original, forward = lora_qkv._base_plus_lora, lora_qkv._LoRAQKVFunction.forward
 
     def within(ctx, *args):
         inside[0] = True
@@ -35,8 +35,8 @@ def projections_computed(monkeypatch):
         count["n"] += inside[0]
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lora._LoRAQKVFunction, "forward", staticmethod(within))
-    monkeypatch.setattr(lora, "_base_plus_lora", counting)
+    monkeypatch.setattr(lora_qkv._LoRAQKVFunction, "forward", staticmethod(within))
+    monkeypatch.setattr(lora_qkv, "_base_plus_lora", counting)
     return count
 
 

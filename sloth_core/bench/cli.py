@@ -31,25 +31,25 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_kernels(sub) -> None:
-    from . import kernels
+    from . import kernels_cli
 
     k = sub.add_parser("kernels", help="per-kernel times, throughput and memory vs other providers (CUDA GPU)",
                        description="Every kernel at the shapes of Llama-3-8B, Gemma-2-9B, Qwen3-8B and Mistral-7B, "
                                    "forward and forward+backward, bf16: median ms, GB/s or TFLOP/s and their share of "
                                    "the ceilings measured in the same run, peak extra memory, speedups; providers "
                                    "sloth_core, HF eager, torch.compile and Liger-Kernel (when installed).")
-    kernels.add_arguments(k)
+    kernels_cli.add_arguments(k)
 
 
 def _add_train(sub) -> None:
-    from . import sft, train
+    from . import sft_cli, train_cli
 
     t = sub.add_parser("train", help="end-to-end LoRA/QLoRA training steps, HF+PEFT vs sloth_core (CUDA GPU)",
                        description="End-to-end LoRA / QLoRA training steps on random-init models of real shapes: "
                                    "tokens/s, peak GiB and the loss of every step, HF + PEFT, sloth_core and "
                                    "Liger-Kernel (when installed) in the same run, from the same LoRA init.")
-    train.add_arguments(t)
-    sft.add_arguments(t)
+    train_cli.add_arguments(t)
+    sft_cli.add_arguments(t)
 
 
 def _fail(message: str) -> int:
@@ -77,16 +77,16 @@ def run_bench(args: argparse.Namespace) -> int:
         if why is not None:
             return _fail(why)
     if args.bench_command == "train" and getattr(args, "flow", "loop") == "sft":
-        from . import sft
+        from . import sft_cli
 
-        return sft.main(args)
+        return sft_cli.main(args)
     if args.bench_command == "train":
-        from . import train
+        from . import train_cli
 
-        return train.main(args)
-    from . import kernels
+        return train_cli.main(args)
+    from . import kernels_cli
 
-    return kernels.main(args)
+    return kernels_cli.main(args)
 
 
 def _run_compare(a: str, b: str) -> int:

@@ -18,7 +18,7 @@ implementation reads plus writes (GB/s rows) or the FLOP of the GEMMs (TFLOP/s r
 
 Correctness guard: before timing, every provider's outputs (forward outputs, then the gradients of every input
 and trainable parameter) are compared once with ``hf_eager``'s on the same inputs: ``max_rel_err`` is the largest
-``||a - b|| / ||b||``; above :data:`MISMATCH_REL_ERR` (bf16 level) the row gets ``mismatch: true``.
+``||a - b|| / ||b||``; above :data:`.kernels_correctness.MISMATCH_REL_ERR` (bf16 level) the row gets ``mismatch: true``.
 
 Per row: ``median_ms``, ``gbps`` or ``tflops`` (work / median time), ``pct_of_ceiling`` (of the run's
 ``hbm_gbps`` / ``bf16_tflops``), ``peak_extra_gib``, ``speedup_vs`` ``{other provider: their ms / this ms}``,
@@ -26,15 +26,11 @@ Per row: ``median_ms``, ``gbps`` or ``tflops`` (work / median time), ``pct_of_ce
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import importlib.util
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 import torch
@@ -42,17 +38,17 @@ import torch
 from sloth_core.autotune.presets import PRESETS, ModelShape
 
 from . import timing
-from .cases import CASES, BenchModel, Case, Unavailable, Work, bench_model, nf4_available
-from .args import KERNELS, MODELS, MODES, positive_int
-from .timing import InputSet, Timer, reset_grads
+from .cases import CASES, nf4_available
+from .cases_base import BenchModel, Case, Unavailable, bench_model
+from .cases_work import Work
+from .args import KERNELS, MODELS, MODES
+from .kernels_correctness import MISMATCH_REL_ERR, _clone, max_rel_err, outputs_and_grads
+from .timing import InputSet, Timer
 
 PROVIDERS = ("hf_eager", "sloth_core", "torch_compile", "liger")  # liger last: its losses overwrite their input
 DEFAULT_TOKENS = (4096, 8192, 16384)
-#: ||a - b|| / ||b|| above which a provider disagrees with hf_eager (bf16 has 8 mantissa bits: 2^-8 = 3.9e-3).
-MISMATCH_REL_ERR = 2e-2
 DEFAULT_REPS = 20
 DEFAULT_WARMUP = 2
-_REL_ERR_CHUNK = 1 << 24
 
 
 # ---------------------------------------------------------------------------------------------- providers
@@ -97,59 +93,6 @@ def build_provider(case: Case, provider: str, m: BenchModel, state: Any, device:
 def _reason(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first[:300]}"
-
-
-# ---------------------------------------------------------------------------------------------- correctness
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64, computed on the tensors' device in chunks (the
-    logits gradients are gigabytes); ``inf`` when the shapes differ."""
-    if actual.shape != expected.shape:
-        return math.inf
-    a, e = actual.detach().reshape(-1), expected.detach().reshape(-1).to(actual.device)
-    num = torch.zeros((), dtype=torch.float64, device=a.device)
-    den = torch.zeros((), dtype=torch.float64, device=a.device)
-    for start in range(0, a.numel(), _REL_ERR_CHUNK):
-        x, y = a[start:start + _REL_ERR_CHUNK].double(), e[start:start + _REL_ERR_CHUNK].double()
-        num += (x - y).square().sum()
-        den += y.square().sum()
-    num, den = num.sqrt().item(), den.sqrt().item()
-    return num / den if den > 0 else num
-
-
-def max_rel_err(outputs: Sequence[torch.Tensor | None], reference: Sequence[torch.Tensor | None]) -> float:
-    """The largest :func:`rel_err` over matching outputs (``inf`` when the outputs do not correspond)."""
-    if len(outputs) != len(reference):
-        return math.inf
-    worst = 0.0
-    for out, ref in zip(outputs, reference):
-        if out is None or ref is None:
-            if out is not ref:
-                return math.inf
-            continue
-        err = rel_err(out, ref)
-        if not err <= worst:  # NaN wins
-            worst = err
-    return worst
-
-
-def _clone(inputs: InputSet) -> InputSet:
-    """A copy of the set (fresh leaves) for the correctness check: some providers overwrite their inputs."""
-    args = tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                 for a in inputs.args)
-    return InputSet(args, inputs.grads)
-
-
-def outputs_and_grads(fn: Callable, inputs: InputSet, mode: str, params: Sequence[torch.Tensor]) -> list:
-    """Forward outputs, then (``fwd_bwd``) the gradients of the inputs that require grad and of ``params``."""
-    leaves = [*inputs.leaves(), *params]
-    reset_grads(leaves)
-    out = [o.detach() for o in timing.run_once(fn, inputs, mode)]
-    if mode == "fwd_bwd":
-        out += [leaf.grad for leaf in leaves]
-    reset_grads(leaves)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -421,54 +364,3 @@ def _progress(row: dict, settings: _Settings) -> None:
                        f"{row['reps']} reps{extra}{flag}")
     else:
         _log(settings, f"{what}: {'error' if 'error' in row else 'skipped'}: {row.get('error') or row.get('skipped')}")
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``sloth-core bench kernels``."""
-    parser.add_argument("--kernel", nargs="+", choices=KERNELS, default=None, metavar="KERNEL",
-                        help=f"only these ({', '.join(KERNELS)}; default: all; lora includes lora_nf4 when "
-                             "bitsandbytes is installed)")
-    parser.add_argument("--model", nargs="+", choices=MODELS, default=None, metavar="MODEL",
-                        help=f"model shapes ({', '.join(MODELS)}; default: all)")
-    parser.add_argument("--mode", nargs="+", choices=MODES, default=None, metavar="MODE",
-                        help="fwd and/or fwd_bwd (default: both; dequant is fwd only)")
-    parser.add_argument("--tokens", nargs="+", type=positive_int, default=None, metavar="N",
-                        help=f"tokens (batch x sequence) per call (default: {' '.join(map(str, DEFAULT_TOKENS))})")
-    parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=None, metavar="PROVIDER",
-                        help=f"only these ({', '.join(PROVIDERS)}; default: all; hf_eager always runs once "
-                             "as the correctness reference)")
-    parser.add_argument("--reps", type=positive_int, default=DEFAULT_REPS,
-                        help=f"at most this many timed repetitions a measurement (default: {DEFAULT_REPS}; "
-                             f"slow calls get fewer, at least {timing.MIN_REPS})")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
-                        help="where the JSON, Markdown and charts go (default: benchmarks/results)")
-    parser.add_argument("--name", default=None, metavar="STEM",
-                        help="file name stem (default: kernels_<gpu>_<YYYYMMDD>)")
-
-
-def gpu_slug(device: torch.device | str | None = None) -> str:
-    """``nvidia-h200`` for an "NVIDIA H200"; ``cpu`` without CUDA."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name(device)
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
-
-
-def default_stem(device: torch.device | str | None = None) -> str:
-    return f"kernels_{gpu_slug(device)}_{datetime.date.today():%Y%m%d}"
-
-
-def main(args: argparse.Namespace) -> int:
-    """``sloth-core bench kernels``: ceilings, the matrix, the terminal table, then JSON / Markdown / charts. The
-    CLI (:func:`sloth_core.bench.cli.run_bench`) has checked that a CUDA GPU is there."""
-    from .report import terminal_table, write_and_list
-
-    device = torch.device("cuda")
-    results = run(args.kernel, args.model, args.mode, args.tokens, args.provider, device=device,
-                  timer=timing.CudaTimer(device), reps=args.reps)
-    print(terminal_table(results))
-    write_and_list(results, args.out, args.name or default_stem(device))
-    return 0

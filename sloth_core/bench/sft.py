@@ -3,10 +3,10 @@ without the one ``sloth_core`` line.
 
 What runs, per (model preset, setup, workload, provider) -- a fresh model every time:
 
-* The model: :func:`sloth_core.bench.train.build` -- the preset's causal LM with random weights (seeded: every
+* The model: :func:`sloth_core.bench.train_models.build` -- the preset's causal LM with random weights (seeded: every
   provider starts from the same weights), bf16 on the GPU (fp32 on the CPU, for tests); ``--quant nf4`` (setup
   ``qlora_nf4``) swaps the decoder projections for bitsandbytes NF4 double-quant ``Linear4bit`` layers with bf16
-  compute (:func:`~sloth_core.bench.train.quantize_nf4`), as ``from_pretrained(quantization_config=...)`` would
+  compute (:func:`~sloth_core.bench.train_models.quantize_nf4`), as ``from_pretrained(quantization_config=...)`` would
   (on the CPU too where bitsandbytes has its CPU backend: a slow smoke test of the QLoRA path).
 * Providers -- the plain user script, twice:
 
@@ -73,74 +73,24 @@ every provider, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import gc
-import math
 import statistics
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from .args import positive_int
-from .train import LR, PRESETS, SETUPS, TARGETS, WARMUP, _known, _sloth_options, build, model_name
+from .args import _known, _sloth_options
+from .sft_data import VARLEN, WORKLOADS, make_dataset, mode_name, tokenizer, variants, varlen_lengths
+from .train import LR, WARMUP
+from .train_models import PRESETS, SETUPS, TARGETS, build, model_name
 
 KIND = "train_sft"
 PROVIDERS = ("hf_peft", "sloth_core")
-WORKLOADS = ("fixed", "varlen")
-VARLEN = dict(median=300, sigma=1.0, min=16, max=4096)
-PAD_ID, EOS_ID = 0, 1  # the tokenizer's; the data uses ids from 2 up
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def varlen_lengths(n: int, *, median: int = VARLEN["median"], sigma: float = VARLEN["sigma"],
-                   low: int = VARLEN["min"], high: int = VARLEN["max"], seed: int = 0) -> list[int]:
-    """``n`` sequence lengths from a log-normal distribution of ``median`` and ``sigma``, rounded, clipped to
-    [``low``, ``high``] (seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.exp(math.log(median) + sigma * torch.randn(n, generator=g, dtype=torch.float64))
-    return x.round().clamp(low, high).long().tolist()
-
-
-def make_dataset(vocab_size: int, lengths: Sequence[int], seed: int = 1):
-    """A pre-tokenized ``datasets.Dataset``: one row of random token ids (in [2, vocab)) per length."""
-    from datasets import Dataset
-
-    g = torch.Generator().manual_seed(seed)
-    return Dataset.from_dict({"input_ids": [torch.randint(2, vocab_size, (n,), generator=g).tolist()
-                                            for n in lengths]})
-
-
-def tokenizer():
-    """The ``processing_class`` TRL needs: a word-level tokenizer of two tokens (pad 0, eos 1); the data is
-    pre-tokenized, so it supplies only the pad token."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": PAD_ID, "<eos>": EOS_ID}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-                                   pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
-
-
-def variants(workloads: Iterable[str]) -> list[tuple[str, str]]:
-    """(workload, padding) runs: ``fixed`` is padded (there is no padding), ``varlen`` runs both ways."""
-    out = []
-    for w in workloads:
-        out += [(w, "padded")] if w == "fixed" else [(w, "padded"), (w, "padding_free")]
-    return out
-
-
-def mode_name(workload: str, padding: str) -> str:
-    """The row's ``mode``: ``fixed``, ``varlen_padded``, ``varlen_padding_free``."""
-    return workload if workload == "fixed" else f"{workload}_{padding}"
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -434,80 +384,3 @@ def _version(dist: str) -> str:
     from .env import library_version
 
     return library_version(dist, dist)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options only ``--flow sft`` reads (the shared ones are :func:`sloth_core.bench.train.add_arguments`)."""
-    g = parser.add_argument_group("--flow sft")
-    g.add_argument("--workload", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), metavar="WORKLOAD",
-                   help="fixed: every row --seq tokens; varlen: log-normal lengths, run padded and padding-free "
-                        "(default: %(default)s)")
-    g.add_argument("--varlen-steps", type=positive_int, default=None,
-                   help="steps of the varlen runs (default: --steps)")
-    g.add_argument("--varlen-median", type=positive_int, default=VARLEN["median"],
-                   help="median varlen row length (default: %(default)s)")
-    g.add_argument("--varlen-max", type=positive_int, default=VARLEN["max"],
-                   help=f"varlen lengths are clipped to [{VARLEN['min']}, this] (default: %(default)s)")
-    return parser
-
-
-def format_table(results: dict) -> str:
-    """The sft rows as a Markdown table: setup | workload | provider | tokens/s | peak GiB | vs HF (errors below)."""
-    from tabulate import tabulate
-
-    rows = [r for r in results.get("rows") or [] if r.get("kind") == KIND]
-
-    def fmt(value, spec):
-        return "" if value is None else format(value, spec)
-
-    body = [(r["setup"], r["mode"], r["provider"], fmt(r.get("tokens_per_s"), ".0f"), fmt(r.get("peak_gib"), ".2f"),
-             fmt((r.get("speedup_vs") or {}).get("hf_peft"), ".2f"))
-            for r in rows if "error" not in r]
-    headers = ("setup", "workload", "provider", "tokens/s", "peak GiB", "vs HF")
-    lines = [tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) if body else "(no results)"]
-    lines += [f"FAILED {r['setup']} {r['mode']} {r['provider']}: {r['error']}" for r in rows if "error" in r]
-    return "\n".join(lines)
-
-
-def main(args: argparse.Namespace) -> int:
-    """``sloth-core bench train --flow sft``: run, print the table, write the outputs (the JSON after every
-    provider)."""
-    from .report import write_and_list, write_json
-
-    unsupported = [flag for flag, used in (("--provider liger", "liger" in (args.provider or ())),
-                                           ("--no-checkpointing", args.no_checkpointing),
-                                           ("--sloth-checkpointing", args.sloth_checkpointing != "offload"))
-                   if used]
-    if unsupported:
-        print(f"sloth-core bench train: --flow sft runs TRL's default config with optimize(gradient_checkpointing="
-              f"\"offload\"); not with {', '.join(unsupported)}", file=sys.stderr)
-        return 2
-    try:
-        import datasets
-        import trl  # noqa: F401
-    except ImportError as exc:
-        print(f"sloth-core bench train: --flow sft needs trl and datasets ({exc})", file=sys.stderr)
-        return 2
-    datasets.disable_progress_bars()  # TRL's dataset preparation, once per run
-    stem = args.name or f"train_sft_{'_'.join(args.preset)}_{time.strftime('%Y%m%d_%H%M%S')}"
-    out = Path(args.out)
-    try:
-        results = run(args.preset, args.quant, args.workload, batch=args.batch, seq=args.seq, rank=args.rank,
-                      steps=args.steps, varlen_steps=args.varlen_steps, warmup=args.warmup,
-                      providers=args.provider, device=args.device, layers=args.layers,
-                      varlen_median=args.varlen_median, varlen_max=args.varlen_max, opt_in=args.opt_in,
-                      exclude=args.exclude, checkpoint=lambda r: write_json(r, out / f"{stem}.json"))
-    except ValueError as exc:
-        print(f"sloth-core bench train: {exc}", file=sys.stderr)
-        return 2
-    s = results["settings"]
-    print(f"\nTRL SFTTrainer (default config), batch {s['batch']}, fixed: {s['seq']} tokens a row, {s['steps']} "
-          f"steps; varlen: log-normal median {s['varlen']['median']} clipped to [{s['varlen']['min']}, "
-          f"{s['varlen']['max']}], {s['varlen_steps']} steps; median of the steps after {s['warmup']}; LoRA "
-          f"r={s['rank']}; trl {s['trl']}; {results['env'].get('gpu')}")
-    print(format_table(results))
-    write_and_list(results, out, stem)
-    return 0 if not any("error" in r for r in results["rows"]) else 1

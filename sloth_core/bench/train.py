@@ -52,127 +52,23 @@ Gemma-2; eager is what a stock transformers Gemma-2 fine-tune runs (without flas
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ..presets import MODEL_CONFIGS
-from .args import positive_int
+from .args import _known, _sloth_options
+from .train_models import (ATTN_IMPLEMENTATION, PRESETS, SETUPS, TARGETS, add_lora, build, make_batches,
+                           model_name)
 
 LR = 1e-4
 WARMUP = 3
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SETUPS = {"none": "lora_bf16", "nf4": "qlora_nf4"}  # --quant value -> setup name in the rows
 PROVIDERS = ("hf_peft", "sloth_core", "liger")  # the order they run in
 # sloth_core's checkpointing modes (optimize's gradient_checkpointing), and "hf": HF's, as hf_peft
 SLOTH_CHECKPOINTING = ("offload", "on", "hf", "offload-attention", "offload-qkv", "offload-inputs")
-DEFAULT_OUT = "benchmarks/results"
-
-PRESETS = MODEL_CONFIGS  # the models the benchmark builds (sloth_core.presets)
-ATTN_IMPLEMENTATION = {"gemma-2-9b": "eager"}  # see the module docstring; every other preset: "sdpa"
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-
-def _sloth_options(opt_in: Sequence[str], exclude: Sequence[str]) -> dict:
-    """``optimize``'s ``opt_in`` / ``exclude`` options, the names checked before anything is built."""
-    from ..registry.patterns import ALL_PATTERNS, OPT_IN_PATTERNS
-
-    options = {}
-    if opt_in:
-        options["opt_in"] = tuple(_known(opt_in, [p.name for p in OPT_IN_PATTERNS], "opt-in pattern"))
-    if exclude:
-        options["exclude"] = tuple(_known(exclude, [p.name for p in ALL_PATTERNS], "pattern"))
-    return options
-
-
-def _known(values: Iterable[str] | str, known: Iterable[str], what: str) -> list[str]:
-    values = [values] if isinstance(values, str) else list(values)
-    known = list(known)
-    unknown = [v for v in values if v not in known]
-    if unknown:
-        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(known) or '(none)'}")
-    if not values:
-        raise ValueError(f"no {what} given; known: {', '.join(known)}")
-    return list(dict.fromkeys(values))
-
-
-def preset_config(preset: str, layers: int | None = None):
-    """The transformers config of ``preset`` (``layers`` overrides the number of decoder layers); nothing is
-    allocated."""
-    from transformers import AutoConfig
-
-    _known(preset, PRESETS, "preset")
-    kw = dict(PRESETS[preset])
-    if layers:
-        kw["num_hidden_layers"] = layers
-    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
-    cfg.use_cache = False
-    return cfg
-
-
-def build(preset: str, layers: int | None = None, quant: str = "none", *, device="cuda",
-          dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """``preset``'s causal LM with random weights (seeded), on ``device`` in ``dtype``, in training mode; ``quant``
-    ``"nf4"`` quantizes the decoder projections (:func:`quantize_nf4`)."""
-    from transformers import AutoModelForCausalLM
-
-    _known(quant, SETUPS, "quant")
-    cfg = preset_config(preset, layers)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                 attn_implementation=ATTN_IMPLEMENTATION.get(preset, "sdpa"))
-    if quant == "nf4":
-        quantize_nf4(model, device)
-    return model.train()
-
-
-def quantize_nf4(model, device="cuda") -> None:
-    """Replace the decoder's projections by bitsandbytes NF4 double-quant ``Linear4bit`` layers (bf16 compute), as
-    ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-    bnb_4bit_use_double_quant=True))`` would, without a save/load round trip of a random checkpoint."""
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in TARGETS:
-                lin = getattr(parent, name, None)
-                if not isinstance(lin, torch.nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4")._quantize(device)
-                if lin.bias is not None:
-                    q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
-                setattr(parent, name, q)
-                del lin
-    model.is_loaded_in_4bit = True  # as from_pretrained sets it: PEFT then wraps the layers with its bnb LoRA class
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def add_lora(model, rank: int = 16, seed: int = 0):
-    """``get_peft_model`` with LoRA ``r = lora_alpha = rank``, dropout 0, on :data:`TARGETS` (seeded init)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
-                                            task_type="CAUSAL_LM"))
-
-
-def make_batches(vocab_size: int, steps: int, batch: int, seq: int, device="cuda", seed: int = 1) -> list:
-    """``steps`` batches of random token ids ``[batch, seq]`` (the same for every provider)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab_size, (batch, seq), generator=g).to(device) for _ in range(steps)]
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -355,11 +251,6 @@ def _rel_diffs(losses: Sequence[float], reference: Sequence[float]) -> list[floa
     return [abs(a - b) / (abs(b) or 1.0) for a, b in zip(losses, reference)]
 
 
-def model_name(preset: str, layers: int | None = None) -> str:
-    """The ``model`` of a row: the preset, marked when its number of layers was overridden."""
-    return preset if not layers else f"{preset}-{layers}l"
-
-
 def _rows(model: str, quant: str, batch: int, seq: int, rank: int, measured: dict[str, dict]) -> list[dict]:
     tokens = batch * seq
     base = measured.get("hf_peft")
@@ -455,92 +346,3 @@ def _run_case(preset: str, quant: str, providers: list[str], *, batch, seq, rank
         del model
         _free(device)
     return _rows(name, quant, batch, seq, rank, measured)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``sloth-core bench train`` (``--flow sft``'s own: :func:`sloth_core.bench.sft.add_arguments`,
-    which :mod:`sloth_core.bench.cli` adds too)."""
-    parser.add_argument("--flow", choices=("loop", "sft"), default="loop",
-                        help="loop: this module's training loop; sft: TRL's SFTTrainer with its default config "
-                             "(sloth_core.bench.sft; needs trl and datasets); default: %(default)s")
-    parser.add_argument("--preset", nargs="+", choices=list(PRESETS), default=["llama-3-8b"], metavar="PRESET",
-                        help=f"models ({', '.join(PRESETS)}; default: %(default)s)")
-    parser.add_argument("--quant", nargs="+", choices=list(SETUPS), default=list(SETUPS), metavar="QUANT",
-                        help="none: bf16 LoRA (lora_bf16); nf4: QLoRA on a bitsandbytes NF4 base (qlora_nf4); "
-                             "default: %(default)s")
-    parser.add_argument("--batch", type=positive_int, default=4, help="sequences a step (default: %(default)s)")
-    parser.add_argument("--seq", type=positive_int, default=2048, help="sequence length (default: %(default)s)")
-    parser.add_argument("--rank", type=positive_int, default=16, help="LoRA rank, alpha = rank (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=10, help="steps per provider (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=WARMUP,
-                        help="first steps left out of the median (default: %(default)s)")
-    parser.add_argument("--provider", nargs="+", choices=list(PROVIDERS), default=None, metavar="PROVIDER",
-                        help=f"{', '.join(PROVIDERS)} (default: %(default)s; None: all available, liger needs "
-                             f"liger_kernel)")
-    parser.add_argument("--layers", type=positive_int, default=None, help="override the number of decoder layers")
-    parser.add_argument("--no-checkpointing", action="store_true",
-                        help="no HF gradient checkpointing for hf_peft / liger")
-    parser.add_argument("--sloth-checkpointing", choices=SLOTH_CHECKPOINTING, default="offload",
-                        help="sloth_core's checkpointing (optimize's gradient_checkpointing): offload (inputs, "
-                             "attention and q/k/v outputs to host memory), offload-attention, offload-qkv, "
-                             "offload-inputs, on; or hf (HF's, as hf_peft); default: %(default)s")
-    parser.add_argument("--opt-in", nargs="+", default=[], metavar="PATTERN",
-                        help="sloth_core patterns in no default list to apply too (optimize(opt_in=...))")
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
-                        help="sloth_core patterns to leave out (optimize(exclude=...)), e.g. lora_qkv")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda, or cpu for a quick check with tiny-llama (fp32); default: %(default)s")
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help="folder for the JSON, Markdown and charts (default: %(default)s)")
-    parser.add_argument("--name", default=None, metavar="STEM",
-                        help="file name stem (default: train_<presets>_<date>_<time>)")
-    return parser
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
-def format_table(results: dict) -> str:
-    """The training rows as a compact plain-text table (errors listed below it)."""
-    from tabulate import tabulate
-
-    rows = [r for r in results.get("rows") or [] if r.get("kind") == "train"]
-    body = [(r["setup"], r["model"], r["provider"], _fmt(r.get("tokens_per_s"), ".0f"),
-             _fmt((r.get("speedup_vs") or {}).get("hf_peft"), ".2f"), _fmt(r.get("peak_gib"), ".2f"),
-             _fmt(r.get("memory_vs_hf"), ".2f"), _fmt(r.get("max_rel_loss_diff"), ".1e"),
-             " ".join(f"{x:.4f}" for x in (r.get("losses") or [])[:3]))
-            for r in rows if "error" not in r]
-    headers = ("setup", "model", "provider", "tokens/s", "speedup", "peak GiB", "memory", "max rel dloss",
-               "first losses")
-    lines = [tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True) if body else "(no results)"]
-    lines += [f"FAILED {r['setup']} {r['model']} {r['provider']}: {r['error']}" for r in rows if "error" in r]
-    return "\n".join(lines)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed :func:`add_arguments` options, print the table, write the outputs. The CLI
-    (:func:`sloth_core.bench.cli.run_bench`) has checked that a CUDA GPU is there when ``--device cuda``."""
-    from .report import write_and_list
-
-    try:
-        results = run(args.preset, args.quant, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
-                      providers=args.provider, device=args.device, warmup=args.warmup, layers=args.layers,
-                      checkpointing=not args.no_checkpointing, sloth_checkpointing=args.sloth_checkpointing,
-                      opt_in=args.opt_in, exclude=args.exclude)
-    except ValueError as exc:
-        print(f"sloth-core bench train: {exc}", file=sys.stderr)
-        return 2
-    s = results["settings"]
-    print(f"\nbatch {s['batch']} x {s['seq']}, LoRA r={s['rank']} on {','.join(TARGETS)}, {s['steps']} steps "
-          f"(median of the last {s['steps'] - min(s['warmup'], s['steps'] - 1)}), HF checkpointing "
-          f"{'on' if s['checkpointing'] else 'off'}, sloth_core checkpointing {s['sloth_checkpointing']}"
-          f"{''.join(' +' + n for n in s['opt_in'])}{''.join(' -' + n for n in s['exclude'])}; "
-          f"{results['env'].get('gpu')}")
-    print(format_table(results))
-    stem = args.name or f"train_{'_'.join(args.preset)}_{time.strftime('%Y%m%d_%H%M%S')}"
-    write_and_list(results, args.out, stem)
-    return 0 if not any("error" in r for r in results["rows"]) else 1

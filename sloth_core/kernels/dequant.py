@@ -30,27 +30,25 @@ Results are BIT-IDENTICAL to ``bitsandbytes.functional.dequantize_4bit`` (0.50).
 float32 to bf16/fp16 itself (``cvt.rn``). Under Triton's interpreter a float32 -> bf16 cast truncates instead of
 rounding, so there (only) a bf16 result is produced in float32 by the kernel and rounded by torch.
 
-Output buffers: :func:`dequantize_weight` returns a tensor of PyTorch's caching allocator, which the caller
-drops as soon as its GEMM is queued (the LoRA autograd uses a dequantized weight once, never keeps it). The
+Output buffers: :func:`dequant_plan.dequantize_weight` returns a tensor of PyTorch's caching allocator, which the
+caller drops as soon as its GEMM is queued (the LoRA autograd uses a dequantized weight once, never keeps it). The
 allocator hands the same blocks back for the next weight of that size, so dequantizing every layer of a model
 reuses the same device memory step after step -- and between two uses that memory is free for everything else
 (persistent per-size buffers -- q/o, k/v, gate/up/down and row ranges of a Llama layer -- stayed allocated
-through the attention backward, where a QLoRA step's memory peaks). Callers that want a buffer of their own pass ``out=`` to :func:`dequantize_4bit`.
+through the attention backward, where a QLoRA step's memory peaks). Callers that want a buffer of their own pass
+``out=`` to :func:`dequantize_4bit`. The input checks are in :mod:`sloth_core.kernels.dequant_checks`; a module's
+weight, with its cached launch plans: :mod:`sloth_core.kernels.dequant_plan`.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
-from sloth_core.kernels._runtime import (cdiv, compiled_launcher, interpreting, new_empty, next_power_of_2,
-                                        triton_ok, unsupported_reason)
+from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels.dequant_checks import _check_inputs, _check_quant_type, _num_elements, _resolve_out
 
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -60,9 +58,6 @@ _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)  # codes 0b000..0b111, sign in bit 0b1000
 
 _INT32_LIMIT = 2 ** 31 - 1
-
-
-# --------------------------------------------------------------------------------------------- code tables
 
 
 def _build_table(quant_type: str) -> torch.Tensor:
@@ -82,93 +77,6 @@ def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Ten
     if key not in _TABLES:
         _TABLES[key] = _build_table(quant_type).to(key[1])
     return _TABLES[key]
-
-
-# --------------------------------------------------------------------------------------------- validation
-
-
-def _check_quant_type(quant_type) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"dequantize_4bit: quant_state.quant_type is {quant_type!r}; expected one of {QUANT_TYPES}")
-
-
-def _check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"dequantize_4bit: {name} must be a tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"dequantize_4bit: {name} is on {t.device} but weight_data is on {device}")
-
-
-def _num_elements(quant_state) -> int:
-    if getattr(quant_state, "shape", None) is None:
-        raise ValueError("dequantize_4bit: quant_state.shape is missing")
-    return math.prod(quant_state.shape)
-
-
-def _check_inputs(weight_data, quant_state) -> None:
-    if not isinstance(weight_data, torch.Tensor):
-        raise ValueError(f"dequantize_4bit: weight_data must be a tensor, got {type(weight_data).__name__}")
-    if quant_state is None:
-        raise ValueError("dequantize_4bit: quant_state is missing (None); pass the weight's "
-                         "bitsandbytes QuantState (Params4bit.quant_state)")
-    if weight_data.dtype != torch.uint8:
-        raise ValueError(f"dequantize_4bit: weight_data must be uint8 (packed 4-bit codes), got {weight_data.dtype}"
-                         " (a Params4bit with another quant_storage: pass data.view(torch.uint8))")
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        raise ValueError("dequantize_4bit: weight_data is in bitsandbytes' CPU inference packing "
-                         "(packing_format_for_cpu); undo it with "
-                         "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse first")
-    _check_quant_type(getattr(quant_state, "quant_type", None))
-    if quant_state.blocksize not in BLOCKSIZES:
-        raise ValueError(f"dequantize_4bit: quant_state.blocksize is {quant_state.blocksize}; "
-                         f"expected one of {BLOCKSIZES}")
-    n = _num_elements(quant_state)
-    if weight_data.numel() != (n + 1) // 2:
-        raise ValueError(f"dequantize_4bit: weight_data has {weight_data.numel()} bytes but quant_state.shape "
-                         f"{tuple(quant_state.shape)} needs {(n + 1) // 2} (two 4-bit codes a byte)")
-    blocks = cdiv(n, quant_state.blocksize)
-    device = weight_data.device
-    _check_same_device("quant_state.absmax", quant_state.absmax, device)
-    if quant_state.absmax.numel() < blocks:
-        raise ValueError(f"dequantize_4bit: quant_state.absmax has {quant_state.absmax.numel()} entries, "
-                         f"{blocks} blocks need one each")
-    if quant_state.nested:
-        _check_nested(quant_state, blocks, device)
-
-
-def _check_nested(quant_state, blocks: int, device: torch.device) -> None:
-    s2 = quant_state.state2
-    if s2 is None or quant_state.offset is None:
-        raise ValueError("dequantize_4bit: nested quant_state without state2/offset")
-    if quant_state.absmax.dtype != torch.uint8:
-        raise ValueError(f"dequantize_4bit: nested quant_state.absmax must be uint8 codes, "
-                         f"got {quant_state.absmax.dtype}")
-    _check_same_device("quant_state.state2.absmax", s2.absmax, device)
-    _check_same_device("quant_state.state2.code", s2.code, device)
-    if isinstance(quant_state.offset, torch.Tensor):
-        _check_same_device("quant_state.offset", quant_state.offset, device)
-    if s2.absmax.numel() < cdiv(blocks, s2.blocksize) or s2.code.numel() < 256:
-        raise ValueError("dequantize_4bit: quant_state.state2 is too small for quant_state.absmax")
-
-
-def _resolve_out(quant_state, out: torch.Tensor | None, dtype: torch.dtype | None, device,
-                 shape: tuple[int, ...] | None = None) -> torch.dtype:
-    """The output dtype; checks ``out`` (dtype, device, ``shape``: default ``quant_state.shape``)."""
-    dtype = dtype or (out.dtype if out is not None else quant_state.dtype)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dequantize_4bit: output dtype must be a floating dtype, got {dtype}")
-    if out is not None:
-        if out.dtype != dtype:
-            raise ValueError(f"dequantize_4bit: out has dtype {out.dtype} but dtype={dtype} was asked for")
-        expected = tuple(quant_state.shape) if shape is None else shape
-        if tuple(out.shape) != expected:
-            raise ValueError(f"dequantize_4bit: out has shape {tuple(out.shape)}, expected {expected}")
-        if out.device != device:
-            raise ValueError(f"dequantize_4bit: out is on {out.device} but weight_data is on {device}")
-    return dtype
-
-
-# --------------------------------------------------------------------------------------------- reference
 
 
 def _offset_tensor(quant_state, device: torch.device) -> torch.Tensor:
@@ -206,9 +114,6 @@ def dequantize_4bit_reference(weight_data: torch.Tensor, quant_state, dtype: tor
     values = torch.nn.functional.pad(values, (0, blocks * bs - n)).view(blocks, bs)
     scaled = (values * effective_absmax(quant_state)[:blocks, None]).reshape(-1)[:n]
     return scaled.to(dtype).reshape(quant_state.shape)
-
-
-# --------------------------------------------------------------------------------------------- kernel
 
 
 @triton.jit
@@ -398,172 +303,3 @@ def dequantize_4bit_rows(weight_data: torch.Tensor, quant_state, start: int, sto
         target.copy_(dequantize_4bit(weight_data, quant_state, dtype=dtype)[start:stop])
         return target
     return _kernel_into_target(weight_data, quant_state, target, first_block=start * cols // quant_state.blocksize)
-
-
-# --------------------------------------------------------------------------------------------- modules
-
-
-def _param_and_state(module_or_param):
-    if isinstance(module_or_param, torch.nn.Module):
-        param = getattr(module_or_param, "weight", None)
-        state = getattr(param, "quant_state", None) or getattr(module_or_param, "quant_state", None)
-    else:
-        param, state = module_or_param, getattr(module_or_param, "quant_state", None)
-    if not isinstance(param, torch.Tensor) or state is None:
-        raise ValueError(f"dequantize_weight: {type(module_or_param).__name__} is not a bitsandbytes 4-bit weight "
-                         "(expected a Linear4bit module or a quantized Params4bit with a quant_state)")
-    return param, state
-
-
-def dequantize_weight(module_or_param, dtype: torch.dtype | None = None,
-                      rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """The dequantized weight of a ``bitsandbytes.nn.Linear4bit`` (or of its ``Params4bit``), shape
-    ``quant_state.shape``, in ``dtype`` (default ``quant_state.dtype``); ``rows=(start, stop)``: only those rows
-    of the 2-D weight (:func:`dequantize_4bit_rows`).
-
-    A fresh tensor (from the caching allocator: dropping it right after use lets the next dequantization, or
-    anything else, reuse its memory). The first call for a weight, row range and dtype checks the inputs and
-    leaves a :class:`_LaunchPlan` on the ``Params4bit``; later calls that find the same storage and quantization
-    state launch that plan (the QLoRA step dequantizes ~600 times)."""
-    param, state = _param_and_state(module_or_param)
-    dtype = dtype or state.dtype
-    if rows is not None and type(rows) is not tuple:
-        rows = tuple(rows)  # the plans' key (a list works as well)
-    plans = param.__dict__.get(_PLANS_ATTR)
-    plan = plans.get((rows, dtype)) if plans is not None else None
-    if plan is not None and plan.serves(param, state):
-        return plan.run(param)
-    plan = _LaunchPlan.make(param, state, dtype, rows)  # checks the inputs
-    if plan is None:  # the full path (which raises on bad input)
-        data = _packed_codes(param)
-        if rows is None:
-            return dequantize_4bit(data, state, dtype=dtype)
-        return dequantize_4bit_rows(data, state, *rows, dtype=dtype)
-    if plans is None:
-        plans = param.__dict__.setdefault(_PLANS_ATTR, _Plans())
-    plans[(rows, dtype)] = plan
-    return plan.run(param)
-
-
-_PLANS_ATTR = "_sloth_core_dequant_plans"  # on a Params4bit: {(rows, dtype): _LaunchPlan}
-
-
-class _Plans(dict):
-    """A ``Params4bit``'s launch plans. They hold a compiled kernel's launcher and the weight's address: a copy of
-    the weight (``copy``, ``deepcopy``, pickling -- ``Params4bit`` carries its ``__dict__`` through all three) starts
-    without plans and makes its own."""
-
-    def __reduce__(self):
-        return (_Plans, ())
-
-    def __copy__(self):
-        return _Plans()
-
-    def __deepcopy__(self, memo):
-        return _Plans()
-
-
-def _plan_parts(param, state) -> tuple:
-    """What a plan's launch depends on besides the packed codes' address: compared by identity."""
-    s2 = state.state2 if state.nested else None
-    second = (s2.absmax, s2.code, s2.dtype, s2.blocksize) if s2 is not None else (None,) * 4
-    return (state, param.dtype, state.absmax, state.offset, s2, *second, state.quant_type, state.blocksize,
-            state.shape, state.nested, getattr(state, "packing_format_for_cpu", False))
-
-
-def _packed_codes(param) -> torch.Tensor:
-    data = param.data
-    if data.dtype != torch.uint8 and data.dtype == getattr(param, "quant_storage", None):
-        data = data.view(torch.uint8)  # bitsandbytes' quant_storage (e.g. bf16 for FSDP) holds the same bytes
-    return data
-
-
-class _LaunchPlan:
-    """One checked dequantization of a ``Params4bit`` (a row range, an output dtype), ready to launch again.
-
-    Made after the inputs passed :func:`_check_inputs`, it holds the launch configuration, the scale operands
-    and -- on a GPU, after its first launch -- the compiled kernel's launcher (:func:`compiled_launcher`): a call
-    then costs an allocation and a launch (H200 host: ~30 us against ~85-100 us through the checked path).
-    It serves a call only while the weight's packed codes are at the same address with the same size and dtype
-    and its ``QuantState`` is the same object holding the same objects (absmax, offset, the nested state and its
-    tensors, type, blocksize, shape) -- compared by identity, never with ``==`` (a ``QuantState``'s ``==``
-    compares tensors, a device synchronization); anything else makes a new plan. The codes are read through their
-    address, which the plan does not keep alive: the caller's ``Params4bit`` does. Only the direct kernel path is
-    planned: the paths that compute the scales or copy rows out in torch (a second level that is not float32, a
-    row range that does not start a block) run in full every time."""
-
-    __slots__ = ("parts", "ptr", "numel", "shape", "kernel_dtype", "dtype", "device", "interp", "grid", "args",
-                 "kwargs", "launcher", "replay_tail")
-
-    @classmethod
-    def make(cls, param, state, dtype: torch.dtype, rows) -> "_LaunchPlan | None":
-        """The plan of ``param`` (its ``state``) for ``dtype`` and ``rows``, or ``None`` where the full path must
-        run (which then raises on bad input)."""
-        data = _packed_codes(param)
-        _check_inputs(data, state)
-        shape = tuple(int(d) for d in state.shape)
-        first_block = 0
-        if rows is not None:
-            if len(shape) != 2 or not 0 <= rows[0] <= rows[1] <= shape[0] or (rows[0] * shape[1]) % state.blocksize:
-                return None
-            shape, first_block = (rows[1] - rows[0], shape[1]), rows[0] * shape[1] // state.blocksize
-        dtype = _resolve_out(state, None, dtype, data.device, shape)
-        n = math.prod(shape)
-        if not (n and dtype in OUT_DTYPES and data.is_contiguous() and unsupported_reason(data.device, dtype) is None):
-            return None
-        kernel_dtype = _kernel_dtype(dtype)
-        grid, args, kwargs = _kernel_args(data, state, n, kernel_dtype, data.device, first_block)
-        if not _reads_the_state(state, *args[1:5], nested=kwargs["NESTED"]):
-            return None
-        plan = cls()
-        plan.parts = _plan_parts(param, state)
-        plan.ptr, plan.numel = param.data_ptr(), param.numel()
-        plan.shape, plan.dtype, plan.kernel_dtype, plan.device = shape, dtype, kernel_dtype, data.device
-        plan.interp = interpreting()
-        plan.grid, plan.args, plan.kwargs = grid, args, kwargs
-        plan.args[_PACKED] = None  # read from the Params4bit at each JIT launch: not kept alive here
-        plan.launcher = plan.replay_tail = None
-        return plan
-
-    def serves(self, param, state) -> bool:
-        if param.data_ptr() != self.ptr or param.numel() != self.numel or self.interp != interpreting():
-            return False
-        return all(a is b for a, b in zip(self.parts, _plan_parts(param, state)))
-
-    def run(self, param) -> torch.Tensor:
-        out = new_empty(self.shape, self.kernel_dtype, self.device)
-        if self.launcher is not None and out.data_ptr() % 16 == 0:  # aligned as the compiled launch's output
-            self.launcher(self.ptr, *self.args[1:_OUT], out, *self.replay_tail)
-        else:
-            args = list(self.args)
-            args[_PACKED], args[_OUT] = _packed_codes(param).reshape(-1), out
-            compiled = _dequant_4bit_kernel[self.grid](*args, **self.kwargs)
-            if self.launcher is None and out.data_ptr() % 16 == 0:
-                self._keep_launcher(compiled)
-        if self.kernel_dtype != self.dtype:
-            out = new_empty(self.shape, self.dtype, self.device).copy_(out)
-        return out
-
-    def _keep_launcher(self, compiled) -> None:
-        launcher = compiled_launcher(compiled, self.grid)
-        names = getattr(_dequant_4bit_kernel, "arg_names", None)
-        if launcher is None or names is None or tuple(names[:len(self.args)]) != _ARG_NAMES \
-                or any(name not in self.kwargs for name in names[len(self.args):]):
-            return
-        self.replay_tail = tuple(self.args[_OUT + 1:]) + tuple(self.kwargs[name] for name in names[len(self.args):])
-        self.launcher = launcher
-
-
-def _reads_the_state(state, absmax, absmax2, code2, offset, nested: bool) -> bool:
-    """Whether the scale operands :func:`_scale_operands` gave are the state's own tensors (or views of them), which
-    a plan may keep: a copy (made contiguous or float32, or scales computed in torch) would go stale when the
-    state's values change in place."""
-    if not nested:
-        return absmax is state.absmax
-    s2 = state.state2
-    own_offset = not torch.is_tensor(state.offset) or offset.data_ptr() == state.offset.data_ptr()
-    return absmax is state.absmax and absmax2 is s2.absmax and code2 is s2.code and own_offset
-
-
-_ARG_NAMES = ("packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "table_ptr", "out_ptr",
-              "n_elements", "n_bytes", "n_blocks", "first_block")

@@ -43,14 +43,13 @@ from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket
 from sloth_core.kernels._runtime import new_empty, triton_ok
 from sloth_core.kernels.cross_entropy import (
-    LossOptions,
-    ce_forward,
     cross_entropy_reference,
     loss_divisor,
     reduce_loss,
     row_weights,
     validate_loss_args,
 )
+from sloth_core.kernels.cross_entropy_kernels import LossOptions, ce_forward
 
 CHUNK_BYTES_BUDGET = 512 * 1024 * 1024
 

@@ -36,8 +36,8 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for
 from sloth_core.kernels._runtime import new_empty, triton_ok
-from sloth_core.kernels.cross_entropy import (LossOptions, launch_params, logit_transform,
-                                              transform_logits_reference, write_row_grad)
+from sloth_core.kernels.cross_entropy import transform_logits_reference
+from sloth_core.kernels.cross_entropy_kernels import LossOptions, launch_params, logit_transform, write_row_grad
 from sloth_core.kernels.fused_linear_cross_entropy import autocast_inputs, chunked_pass, project, validate_inputs
 
 

@@ -1,7 +1,8 @@
 """Host memory for offloaded activations: where a tensor goes (:func:`offload_target`), the pool of host buffers
 (:class:`HostPool`), the side CUDA stream and its cheap switching, the copies themselves (:class:`HostCopy`) and
 the prefetch groups (:class:`Group`). The rules these follow -- one side stream per device, a buffer reused only
-after the copies that read it, prefetch one layer ahead -- are :mod:`sloth_core.checkpointing`'s module docstring.
+after the copies that read it, prefetch one layer ahead -- are :mod:`sloth_core.checkpointing_wrapper`'s module
+docstring.
 """
 from __future__ import annotations
 

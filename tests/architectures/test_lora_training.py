@@ -91,10 +91,10 @@ def test_checkpointed_recompute_skips_the_mlp_output_only_where_nothing_reads_it
     saves it), and its backward recomputes g, u in column chunks (several here); the loss and every LoRA
     gradient still equal PEFT's."""
     from sloth_core import recompute
-    from sloth_core.kernels import lora
+    from sloth_core.kernels import lora_mlp_chunked
     from sloth_core.tolerances import assert_close
 
-    monkeypatch.setattr(lora, "CHUNK_MULTIPLE", 8)
+    monkeypatch.setattr(lora_mlp_chunked, "CHUNK_MULTIPLE", 8)
 
     ref = _lora(tiny_model(model_type, device=device))
     model = sloth_core.optimize(copy.deepcopy(ref), gradient_checkpointing="on")
@@ -126,19 +126,19 @@ def test_offloading_layers_run_the_mlp_backward_before_the_recompute(model_type,
     "on" the MLP's saved input triggers the recompute first."""
     from sloth_core import checkpointing as ck
     from sloth_core.memory import host
-    from sloth_core.kernels import lora
+    from sloth_core.kernels import lora_mlp, lora_mlp_chunked
     from sloth_core.tolerances import assert_close
 
     monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)  # CPU tensors take the offload path too
-    monkeypatch.setattr(lora, "CHUNK_MULTIPLE", 8)
+    monkeypatch.setattr(lora_mlp_chunked, "CHUNK_MULTIPLE", 8)
     seen = []
-    chunked = lora._chunked_recompute_backward
+    chunked = lora_mlp._chunked_recompute_backward
 
     def recording(*args, **kwargs):
         seen.append(ck.STATS.recomputes)
         return chunked(*args, **kwargs)
 
-    monkeypatch.setattr(lora, "_chunked_recompute_backward", recording)
+    monkeypatch.setattr(lora_mlp, "_chunked_recompute_backward", recording)
     ref = _lora(tiny_model(model_type, device=device))
     ids, labels = token_batch(device)
     ref_loss = ref(input_ids=ids, labels=labels).loss
@@ -171,13 +171,13 @@ def test_attention_computes_q_k_v_in_one_function(model_type, device, monkeypatc
     kernels (rope); the loss and every LoRA gradient equal PEFT's."""
     assert "lora_qkv" not in {r.pattern for r in sloth_core.report(
         sloth_core.optimize(_lora(tiny_model(model_type, device=device)), exclude="lora_qkv"))}
-    from sloth_core.kernels import lora
+    from sloth_core.kernels import lora_linear, lora_qkv
     from sloth_core.tolerances import assert_close
 
     from sloth_core.kernels import rope
 
     calls = {"qkv": 0, "linear": 0, "rope": 0}
-    for module, name, key in ((lora, "_LoRAQKVFunction", "qkv"), (lora, "_LoRALinearFunction", "linear"),
+    for module, name, key in ((lora_qkv, "_LoRAQKVFunction", "qkv"), (lora_linear, "_LoRALinearFunction", "linear"),
                               (rope, "_RopeFunction", "rope")):
         cls = getattr(module, name)
         original = cls.apply
@@ -236,7 +236,8 @@ def test_rope_after_a_wrapping_pattern_is_reported_skipped_not_replaced(device):
 def test_qkv_group_answers_only_for_the_same_unchanged_input(device):
     """Inside an attention call the group hands k and v the outputs computed with q only when they are called with
     the same tensor, unmodified since; otherwise they compute on what they are given."""
-    from sloth_core.kernels import lora
+    from sloth_core.kernels.lora_linear import lora_linear
+    from sloth_core.kernels.lora_peft import lora_spec
     from sloth_core.registry.patterns.lora import _grouping
 
     model = sloth_core.optimize(_lora(tiny_model("llama", device=device)))
@@ -246,7 +247,7 @@ def test_qkv_group_answers_only_for_the_same_unchanged_input(device):
     x, y = (torch.randn(2, 3, q.in_features, generator=gen).to(device) for _ in range(2))
 
     def alone(module, t):
-        return lora.lora_linear(t, *lora.lora_spec(module))
+        return lora_linear(t, *lora_spec(module))
 
     with torch.no_grad(), _grouping(attn):
         q(x)

@@ -48,14 +48,14 @@ def test_gpu_commands_without_cuda_print_one_line_and_exit_2(argv, monkeypatch, 
 
 @pytest.mark.parametrize("command", ["kernels", "train"])
 def test_gpu_commands_with_cuda_run_their_runner(command, monkeypatch):
-    from sloth_core.bench import kernels, train
+    from sloth_core.bench import kernels_cli, train_cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     called = []
-    for module in (kernels, train):
+    for module in (kernels_cli, train_cli):
         monkeypatch.setattr(module, "main", lambda args, m=module.__name__: called.append((m, args)) or 0)
     assert cli.run_bench(cli_args(["bench", command])) == 0
-    assert [m for m, _ in called] == [f"sloth_core.bench.{command}"]
+    assert [m for m, _ in called] == [f"sloth_core.bench.{command}_cli"]
     assert called[0][1].bench_command == command
 
 

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from sloth_core.bench import cases as C
+from sloth_core.bench import cases_base as CB
 from sloth_core.bench import args as cli_args
 from sloth_core.bench import report, timing
 from sloth_core.bench import kernels as K
+from sloth_core.bench import kernels_cli as KC
+from sloth_core.bench import kernels_correctness as KR
 from tests.bench.test_bench_cases import GEMMA, TINY
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +68,7 @@ def test_timed_rows_follow_the_schema(full):
         assert row["median_ms"] > 0 and row["reps"] == 1 and "peak_extra_gib" in row
         unit = "tflops" if row["kernel"] in ("fused_linear_cross_entropy", "lora", "lora_nf4") else "gbps"
         assert row[unit] > 0 and ({"gbps", "tflops"} - {unit}).isdisjoint(row)
-        work = C.CASES[row["kernel"]].work(C.bench_model(TINY), row["tokens"], row["mode"])
+        work = C.CASES[row["kernel"]].work(CB.bench_model(TINY), row["tokens"], row["mode"])
         assert row[unit] == pytest.approx(work.rate(row["median_ms"]), rel=2e-3)
         ceiling = CEILINGS["hbm_gbps" if unit == "gbps" else "bf16_tflops"]
         assert row["pct_of_ceiling"] == pytest.approx(100 * row[unit] / ceiling, rel=2e-3)
@@ -76,7 +79,7 @@ def test_timed_rows_follow_the_schema(full):
 def test_sloth_core_agrees_with_hf_eager(full):
     for row in rows_of(full, provider="sloth_core"):
         assert row.get("median_ms") is not None, row
-        assert row["mismatch"] is False and row["max_rel_err"] <= K.MISMATCH_REL_ERR, row
+        assert row["mismatch"] is False and row["max_rel_err"] <= KR.MISMATCH_REL_ERR, row
     assert all("max_rel_err" not in r for r in rows_of(full, provider="hf_eager"))
 
 
@@ -143,19 +146,19 @@ def test_a_wrong_provider_is_flagged(wrong, mismatched_modes, monkeypatch):
     rows = {r["mode"]: r for r in rows_of(results, provider="sloth_core")}
     assert {mode for mode, r in rows.items() if r["mismatch"]} == mismatched_modes
     for mode in mismatched_modes:
-        assert rows[mode]["max_rel_err"] > K.MISMATCH_REL_ERR and rows[mode]["median_ms"] > 0
+        assert rows[mode]["max_rel_err"] > KR.MISMATCH_REL_ERR and rows[mode]["median_ms"] > 0
     assert "MISMATCH (rel err" in report.terminal_table(results)
 
 
 def test_rel_err_helpers():
     a = torch.tensor([1.0, 2.0, 2.0])
-    assert K.rel_err(a, a) == 0.0
-    assert K.rel_err(a * 1.5, a) == pytest.approx(0.5)
-    assert K.rel_err(a[:2], a) == math.inf
-    assert K.rel_err(torch.tensor([3.0, 4.0]), torch.zeros(2)) == pytest.approx(5.0)  # zero reference: absolute
-    assert math.isnan(K.max_rel_err([a, torch.tensor([float("nan")])], [a, torch.tensor([1.0])]))
-    assert K.max_rel_err([a], [a, a]) == math.inf
-    assert K.max_rel_err([None, a], [None, a]) == 0.0 and K.max_rel_err([None], [a]) == math.inf
+    assert KR.rel_err(a, a) == 0.0
+    assert KR.rel_err(a * 1.5, a) == pytest.approx(0.5)
+    assert KR.rel_err(a[:2], a) == math.inf
+    assert KR.rel_err(torch.tensor([3.0, 4.0]), torch.zeros(2)) == pytest.approx(5.0)  # zero reference: absolute
+    assert math.isnan(KR.max_rel_err([a, torch.tensor([float("nan")])], [a, torch.tensor([1.0])]))
+    assert KR.max_rel_err([a], [a, a]) == math.inf
+    assert KR.max_rel_err([None, a], [None, a]) == 0.0 and KR.max_rel_err([None], [a]) == math.inf
 
 
 # ---------------------------------------------------------------------------------------------- failures
@@ -177,7 +180,7 @@ def test_compile_failure_is_a_skipped_row(monkeypatch):
 
 
 def test_compile_skip_reason_for_dequant():
-    assert "opaque" in K.build_provider(C.CASES["dequant"], "torch_compile", C.bench_model(TINY), None, DEVICE)
+    assert "opaque" in K.build_provider(C.CASES["dequant"], "torch_compile", CB.bench_model(TINY), None, DEVICE)
 
 
 def test_unknown_names_raise():
@@ -246,7 +249,7 @@ def test_cuda_timer_and_peak_memory():
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    K.add_arguments(parser)
+    KC.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -267,9 +270,9 @@ def test_main_writes_every_output(monkeypatch, tmp_path, capsys):
                         "provider": "sloth_core", "median_ms": 0.1, "gbps": 2000.0}]}
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(K, "run", lambda *a, **kw: calls.append((a, kw)) or canned)
+    monkeypatch.setattr(KC, "run", lambda *a, **kw: calls.append((a, kw)) or canned)
     args = parse(["--kernel", "rope", "--out", str(tmp_path), "--name", "stem", "--reps", "7"])
-    assert K.main(args) == 0
+    assert KC.main(args) == 0
     (a, kw), = calls
     assert a[0] == ["rope"] and kw["reps"] == 7 and kw["device"].type == "cuda"
     out = capsys.readouterr().out
@@ -280,8 +283,8 @@ def test_main_writes_every_output(monkeypatch, tmp_path, capsys):
 def test_default_stem_names_the_gpu_and_date(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 (SXM)")
-    assert K.gpu_slug() == "nvidia-h200-sxm"
-    assert K.default_stem().startswith("kernels_nvidia-h200-sxm_20") and len(K.default_stem()) == 32
+    assert KC.gpu_slug() == "nvidia-h200-sxm"
+    assert KC.default_stem().startswith("kernels_nvidia-h200-sxm_20") and len(KC.default_stem()) == 32
 
 
 # ---------------------------------------------------------------------------------------------- charts

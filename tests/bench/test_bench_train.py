@@ -17,7 +17,7 @@ import torch
 import sloth_core
 from sloth_core import binding
 from sloth_core.autotune.presets import PRESETS as SHAPES
-from sloth_core.bench import report, train
+from sloth_core.bench import report, train, train_cli, train_models
 from sloth_core.checkpointing import checkpointed_layers, checkpointing_stats, reset_checkpointing_stats
 
 BIG = ("llama-3-8b", "gemma-2-9b", "qwen3-8b", "mistral-7b")
@@ -27,7 +27,7 @@ ROW_FIELDS = ("kind", "setup", "model", "tokens", "mode", "provider", "median_ms
 
 
 def _parse(argv):
-    return train.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return train_cli.add_arguments(argparse.ArgumentParser()).parse_args(argv)
 
 
 def _capture_models(monkeypatch):
@@ -53,7 +53,7 @@ def cpu_run(tmp_path_factory):
     reset_checkpointing_stats()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         built = _capture_models(mp)
-        status = train.main(args)
+        status = train_cli.main(args)
     return {"status": status, "stdout": stdout.getvalue(), "out": out, "models": built,
             "results": report.read_json(out / "tiny.json"), "checkpointed": checkpointing_stats().checkpointed_calls}
 
@@ -90,7 +90,7 @@ def test_sloth_core_losses_match_hf_peft_every_step(cpu_run):
 
 
 def test_sloth_core_ran_with_its_own_checkpointing(cpu_run):
-    layers = train.PRESETS["tiny-llama"]["num_hidden_layers"]
+    layers = train_models.PRESETS["tiny-llama"]["num_hidden_layers"]
     assert cpu_run["checkpointed"] == layers * STEPS  # optimize(gradient_checkpointing="offload"), every layer
 
 
@@ -114,7 +114,7 @@ def test_main_prints_the_table_and_writes_the_reports(cpu_run):
 
 @pytest.mark.parametrize("preset", BIG)
 def test_preset_configs_have_the_real_shapes(preset):
-    cfg = train.preset_config(preset)
+    cfg = train_models.preset_config(preset)
     shape = SHAPES[preset]
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
             cfg.vocab_size) == (shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim,
@@ -132,18 +132,18 @@ def test_preset_models_on_the_meta_device_have_the_real_parameter_counts(preset)
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # no memory: shapes only
-        model = AutoModelForCausalLM.from_config(train.preset_config(preset))
+        model = AutoModelForCausalLM.from_config(train_models.preset_config(preset))
     assert sum(p.numel() for p in model.parameters()) == PARAMS[preset]
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == (preset == "gemma-2-9b")
 
 
 def test_gemma2_preset_keeps_softcapping_and_uses_eager_attention():
-    cfg = train.preset_config("gemma-2-9b")
+    cfg = train_models.preset_config("gemma-2-9b")
     assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)
     assert (cfg.query_pre_attn_scalar, cfg.sliding_window, cfg.num_hidden_layers) == (256, 4096, 42)
     assert cfg.hidden_activation == "gelu_pytorch_tanh" and cfg.tie_word_embeddings
-    assert train.ATTN_IMPLEMENTATION["gemma-2-9b"] == "eager"
-    assert train.preset_config("gemma-2-9b", layers=2).num_hidden_layers == 2
+    assert train_models.ATTN_IMPLEMENTATION["gemma-2-9b"] == "eager"
+    assert train_models.preset_config("gemma-2-9b", layers=2).num_hidden_layers == 2
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -261,7 +261,7 @@ def test_a_failing_provider_gets_an_error_row_and_the_others_still_run(monkeypat
     rows = _rows(results)
     assert rows["sloth_core"]["error"] == "setup: RuntimeError: boom" and "median_ms" not in rows["sloth_core"]
     assert "error" not in rows["hf_peft"] and len(rows["hf_peft"]["losses"]) == 1
-    assert "FAILED lora_bf16 tiny-llama-1l sloth_core: setup: RuntimeError: boom" in train.format_table(results)
+    assert "FAILED lora_bf16 tiny-llama-1l sloth_core: setup: RuntimeError: boom" in train_cli.format_table(results)
 
 
 def test_a_model_that_cannot_be_built_gets_error_rows(monkeypatch):

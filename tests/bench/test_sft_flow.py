@@ -13,14 +13,14 @@ import pytest
 import torch
 from packaging.version import Version
 
-from sloth_core.bench import cli, report, sft, train
+from sloth_core.bench import cli, report, sft, sft_cli, sft_data, train_cli, train_models
 
 trl = pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 STEPS, WARMUP, BATCH, SEQ = 3, 1, 2, 64
 VARLEN_MEDIAN, VARLEN_MAX = 32, 96  # short rows: the kernels run in the interpreter
-LAYERS = train.PRESETS["tiny-llama"]["num_hidden_layers"]
+LAYERS = train_models.PRESETS["tiny-llama"]["num_hidden_layers"]
 MODES = ("fixed", "varlen_padded", "varlen_padding_free")
 ROW_FIELDS = ("kind", "flow", "setup", "model", "mode", "workload", "padding", "provider", "batch", "seq", "median_ms",
               "tokens_per_s", "peak_gib", "losses", "step_ms", "real_tokens", "padded_tokens", "speedup_vs",
@@ -36,7 +36,7 @@ needs_trl_116_on_cpu = pytest.mark.skipif(
 
 def _parse(argv):
     """``sloth-core bench train ...`` as the CLI parses it (the loop's options and the sft flow's)."""
-    args = sft.add_arguments(train.add_arguments(argparse.ArgumentParser())).parse_args(argv)
+    args = sft_cli.add_arguments(train_cli.add_arguments(argparse.ArgumentParser())).parse_args(argv)
     args.bench_command = "train"
     return args
 
@@ -104,7 +104,7 @@ def test_padding_free_trains_on_the_same_sequences_as_padded(cpu_run, provider):
     """The same rows in the same batches: the same real tokens, and -- the sequences kept apart in the flattened
     row under SDPA -- the same losses."""
     padded, free = (cpu_run["rows"][mode, provider] for mode in MODES[1:])
-    lengths = sft.varlen_lengths(BATCH * STEPS, median=VARLEN_MEDIAN, high=VARLEN_MAX, seed=0)
+    lengths = sft_data.varlen_lengths(BATCH * STEPS, median=VARLEN_MEDIAN, high=VARLEN_MAX, seed=0)
     assert padded["real_tokens"] == free["real_tokens"]
     assert sum(padded["real_tokens"]) == sum(lengths)  # one epoch: every row once
     assert free["padded_tokens"] == free["real_tokens"]  # nothing padded
@@ -156,20 +156,21 @@ def test_main_prints_the_markdown_table_and_writes_the_reports(cpu_run):
 
 
 def test_varlen_lengths_are_seeded_log_normal_and_clipped():
-    lengths = sft.varlen_lengths(4000, seed=5)
-    assert lengths == sft.varlen_lengths(4000, seed=5) and lengths != sft.varlen_lengths(4000, seed=6)
+    lengths = sft_data.varlen_lengths(4000, seed=5)
+    assert lengths == sft_data.varlen_lengths(4000, seed=5) and lengths != sft_data.varlen_lengths(4000, seed=6)
     assert min(lengths) == 16 and max(lengths) == 4096  # both ends clipped at this many draws
     assert 280 <= sorted(lengths)[2000] <= 320  # median 300
-    assert sft.variants(["fixed", "varlen"]) == [("fixed", "padded"), ("varlen", "padded"), ("varlen", "padding_free")]
+    assert sft_data.variants(["fixed", "varlen"]) == [("fixed", "padded"), ("varlen", "padded"),
+                                                      ("varlen", "padding_free")]
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_counting_collator_counts_the_real_tokens(padding_free):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    counter = sft.CountingCollator(DataCollatorForLanguageModeling(pad_token_id=sft.PAD_ID,
+    counter = sft.CountingCollator(DataCollatorForLanguageModeling(pad_token_id=sft_data.PAD_ID,
                                                                    padding_free=padding_free))
-    data = sft.make_dataset(100, [5, 3, 7])
+    data = sft_data.make_dataset(100, [5, 3, 7])
     batch = counter(list(data))
     assert counter.real == [15]
     assert counter.padded == [15 if padding_free else 21] and batch["input_ids"].numel() == counter.padded[0]

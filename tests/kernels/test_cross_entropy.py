@@ -218,7 +218,7 @@ import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sloth_core.kernels import cross_entropy as ce
+from sloth_core.kernels import cross_entropy_kernels as ce
 
 sig = dict(logits_ptr="*bf16", stride_logits="i64", labels_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32",
            grad_ptr="*bf16", stride_grad="i64", w_ptr="*fp32", stride_w="i32", n_rows="i32", n_cols="i32",

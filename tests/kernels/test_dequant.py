@@ -26,14 +26,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sloth_core.autotune import override
-from sloth_core.kernels import dequant
+from sloth_core.kernels import dequant, dequant_plan
 from sloth_core.kernels.dequant import (
     code_table,
     dequantize_4bit,
     dequantize_4bit_reference,
     dequantize_4bit_rows,
-    dequantize_weight,
 )
+from sloth_core.kernels.dequant_plan import dequantize_weight
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -307,7 +307,8 @@ def test_dequantize_weight_outputs_are_poisoned_in_tests(device, monkeypatch):
         poisoned[out.data_ptr()] = bool(out.isnan().all())
         return out
 
-    monkeypatch.setattr(dequant, "new_empty", recording)
+    for module in (dequant, dequant_plan):
+        monkeypatch.setattr(module, "new_empty", recording)
     for result in (dequantize_weight(layer), dequantize_weight(layer, rows=(0, 16))):
         assert poisoned.get(result.data_ptr()) is True
         assert not result.isnan().any()
@@ -352,7 +353,7 @@ def test_dequantize_weight_quant_storage(device):
 
 
 def _plans(layer):
-    return layer.weight.__dict__.get(dequant._PLANS_ATTR, {})
+    return layer.weight.__dict__.get(dequant_plan._PLANS_ATTR, {})
 
 
 def test_dequantize_weight_plans_repeat_calls(device, monkeypatch):
@@ -363,7 +364,8 @@ def test_dequantize_weight_plans_repeat_calls(device, monkeypatch):
     firsts = [dequantize_weight(layer, **kw) for kw in calls]
     assert set(_plans(layer)) == {(None, torch.bfloat16), (None, torch.float32), ((8, 24), torch.bfloat16)}
     checks = []
-    monkeypatch.setattr(dequant, "_check_inputs", lambda *a: checks.append(a))
+    for module in (dequant, dequant_plan):
+        monkeypatch.setattr(module, "_check_inputs", lambda *a: checks.append(a))
     for kw, first in zip(calls, firsts):
         again = dequantize_weight(layer, **kw)
         assert again.data_ptr() != first.data_ptr()

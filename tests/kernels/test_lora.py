@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sloth_core.autotune import override
-from sloth_core.kernels import lora as L
+from sloth_core.kernels import lora_base as LB
+from sloth_core.kernels import lora_gemm as LG
+from sloth_core.kernels import lora_linear as LL
+from sloth_core.kernels import lora_mlp as LM
+from sloth_core.kernels import lora_mlp_chunked as LC
+from sloth_core.kernels import lora_peft as LP
+from sloth_core.kernels import lora_qkv as LQ
 from sloth_core.tiny import tiny_config
 from sloth_core.tolerances import assert_close, tolerance
 
@@ -116,22 +122,22 @@ def peft_mlp(hidden, inter, activation, dtype, device, gen, quant=None, **lora_k
     return net.mlp
 
 
-def spec_of(layer) -> L.LoRASpec:
-    spec = L.lora_spec(layer)
-    assert isinstance(spec, L.LoRASpec), spec
+def spec_of(layer) -> LB.LoRASpec:
+    spec = LP.lora_spec(layer)
+    assert isinstance(spec, LB.LoRASpec), spec
     return spec
 
 
-def float64_spec(spec: L.LoRASpec) -> L.LoRASpec:
+def float64_spec(spec: LB.LoRASpec) -> LB.LoRASpec:
     """The same LoRA linear in float64 (the base weight dequantized when 4-bit)."""
     layer = spec.base_layer
     lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=torch.float64,
                     device=spec.A.device)
     with torch.no_grad():
-        lin.weight.copy_(L.base_weight(layer))
+        lin.weight.copy_(LB.base_weight(layer))
         if layer.bias is not None:
             lin.bias.copy_(layer.bias)
-    return L.LoRASpec(lin.requires_grad_(False), spec.A.detach().double().requires_grad_(),
+    return LB.LoRASpec(lin.requires_grad_(False), spec.A.detach().double().requires_grad_(),
                       spec.B.detach().double().requires_grad_(), spec.scale)
 
 
@@ -178,7 +184,7 @@ def check_against_peft(ours, theirs, expected, dtype, names, scale=1.0, magnitud
         check(f"fused vs PEFT {label}", a, p, dtype, 2 * scale, m)
 
 
-def term_magnitudes(spec64: L.LoRASpec, x64, dy64):
+def term_magnitudes(spec64: LB.LoRASpec, x64, dy64):
     """Root-sum-square of the terms summed into each element of the output and of the gradients of x, A, B: the
     bilinear reference evaluated on the squared inputs (s^2, W^2, b^2, A^2, B^2, x^2, dy^2), square-rooted."""
     layer = spec64.base_layer
@@ -190,7 +196,7 @@ def term_magnitudes(spec64: L.LoRASpec, x64, dy64):
             sq.bias.copy_(layer.bias.square())
     A2, B2 = (t.detach().square().requires_grad_() for t in (spec64.A, spec64.B))
     x2 = x64.detach().square().requires_grad_(x64.requires_grad)
-    y2, grads2 = forward_and_grads(lambda t: L.lora_linear_reference(t, sq, A2, B2, spec64.scale ** 2), x2,
+    y2, grads2 = forward_and_grads(lambda t: LL.lora_linear_reference(t, sq, A2, B2, spec64.scale ** 2), x2,
                                    (A2, B2), dy64.square())
     return y2.sqrt(), [g.sqrt() for g in grads2]
 
@@ -211,8 +217,8 @@ def mlp_term_magnitudes(s64, x64, dh64, activation: str):
 
     gate, up, down = s64
     x = x64.detach()
-    g = L.lora_linear_reference(x, *gate).detach()
-    u = L.lora_linear_reference(x, *up).detach()
+    g = LL.lora_linear_reference(x, *gate).detach()
+    u = LL.lora_linear_reference(x, *up).detach()
     zeros = torch.zeros_like(g)
     g_mag = term_magnitudes(gate, x, zeros)[0].detach()
     u_mag = term_magnitudes(up, x, zeros)[0].detach()
@@ -224,7 +230,7 @@ def mlp_term_magnitudes(s64, x64, dh64, activation: str):
     m_mag = (act.abs() * u_mag + (d1 * u).abs() * g_mag).requires_grad_()
     h_mag, (dm_mag, dA_d, dB_d) = term_magnitudes(down, m_mag, dh64)
     m = (act * u).requires_grad_()
-    (dm,) = torch.autograd.grad(L.lora_linear_reference(m, *down), m, dh64)
+    (dm,) = torch.autograd.grad(LL.lora_linear_reference(m, *down), m, dh64)
     dg_mag = dm_mag * (d1 * u).abs() + (dm * d1).abs() * u_mag + (dm * u * d2).abs() * g_mag
     du_mag = dm_mag * act.abs() + (dm * d1).abs() * g_mag
     grads_g = term_magnitudes(gate, x64, dg_mag.detach())[1]
@@ -259,14 +265,14 @@ def check_lora_linear(layer, x, dtype, gen, scale=1.0):
     n_tokens = max(1, x.numel() // x.shape[-1])
     dy = _randn((*x.shape[:-1], layer.out_features), gen, n_tokens ** -0.5).to(x.device)
     names = (["x"] if x.requires_grad else []) + ["A", "B"]
-    ours = forward_and_grads(lambda t: L.lora_linear(t, *spec), x, (spec.A, spec.B), dy)
+    ours = forward_and_grads(lambda t: LL.lora_linear(t, *spec), x, (spec.A, spec.B), dy)
     assert fused_path_taken(ours[0], "_LoRALinearFunctionBackward"), "the fused path was not taken"
     theirs = forward_and_grads(layer, x, (spec.A, spec.B), dy)
     assert ours[0].dtype == theirs[0].dtype and ours[0].shape == theirs[0].shape
     assert all(a.dtype == b.dtype for a, b in zip(ours[1], theirs[1]))
     s64 = float64_spec(spec)
     x64 = x.detach().double().requires_grad_(x.requires_grad)
-    expected = forward_and_grads(lambda t: L.lora_linear_reference(t, *s64), x64, (s64.A, s64.B), dy.double())
+    expected = forward_and_grads(lambda t: LL.lora_linear_reference(t, *s64), x64, (s64.A, s64.B), dy.double())
     check_against_peft(ours, theirs, expected, dtype, names, scale, term_magnitudes(s64, x64, dy.double()))
 
 
@@ -309,12 +315,12 @@ def test_base_weight(triton_dequantizer, device, monkeypatch):
     when it is importable, else bitsandbytes.functional.dequantize_4bit)."""
     gen = torch.Generator().manual_seed(14)
     lin = _linear(64, 24, False, gen).float().to(device)
-    assert L.base_weight(lin) is lin.weight
+    assert LB.base_weight(lin) is lin.weight
     if not triton_dequantizer:
-        monkeypatch.setattr(L, "_triton_dequantizer", lambda: None)
+        monkeypatch.setattr(LB, "_triton_dequantizer", lambda: None)
     q = _quantized(_linear(64, 24, False, gen), torch.bfloat16, device)
     expected = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)
-    assert torch.equal(L.base_weight(q), expected)
+    assert torch.equal(LB.base_weight(q), expected)
 
 
 def test_rslora_scaling_is_used(device):
@@ -323,8 +329,8 @@ def test_rslora_scaling_is_used(device):
     rs = spec_of(peft_linear(12, 10, torch.float32, device, gen, r=4, lora_alpha=8, use_rslora=True))
     assert plain.scale == pytest.approx(2.0) and rs.scale == pytest.approx(4.0)
     x = _randn((5, 12), gen).float().to(device)
-    y_rs = L.lora_linear(x, *rs)
-    assert_close("rsLoRA output", y_rs, L.lora_linear_reference(x, *rs))
+    y_rs = LL.lora_linear(x, *rs)
+    assert_close("rsLoRA output", y_rs, LL.lora_linear_reference(x, *rs))
     delta = y_rs - rs.base_layer(x)
     assert_close("LoRA delta", delta, 4.0 * (x @ rs.A.t() @ rs.B.t()))
 
@@ -345,10 +351,10 @@ def test_only_requested_gradients(device):
     spec = spec_of(peft_linear(20, 12, torch.float32, device, gen, bias=True))
     spec.A.requires_grad_(False)
     x = _randn((3, 20), gen).float().to(device)
-    y = L.lora_linear(x, *spec)
+    y = LL.lora_linear(x, *spec)
     (dB,) = torch.autograd.grad(y.sum(), (spec.B,))
     x64, s64 = x.double(), float64_spec(spec)
-    (dB64,) = torch.autograd.grad(L.lora_linear_reference(x64, *s64).sum(), (s64.B,))
+    (dB64,) = torch.autograd.grad(LL.lora_linear_reference(x64, *s64).sum(), (s64.B,))
     check("dB", dB, dB64, torch.float32)
     assert spec.base_layer.weight.grad is None and spec.base_layer.bias.grad is None
 
@@ -357,10 +363,10 @@ def test_trainable_base_takes_the_reference_path(device):
     gen = torch.Generator().manual_seed(3)
     layer = peft_linear(20, 12, torch.float32, device, gen)
     layer.base_layer.weight.requires_grad_(True)
-    assert "trainable" in L.lora_spec(layer)
+    assert "trainable" in LP.lora_spec(layer)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = _randn((3, 20), gen).float().to(device)
-    y = L.lora_linear(x, layer.base_layer, A, B, 2.0)
+    y = LL.lora_linear(x, layer.base_layer, A, B, 2.0)
     assert not fused_path_taken(y, "_LoRALinearFunctionBackward")
     y.sum().backward()
     assert layer.base_layer.weight.grad is not None
@@ -370,13 +376,13 @@ def test_float64_takes_the_reference_path(device):
     gen = torch.Generator().manual_seed(4)
     spec = float64_spec(spec_of(peft_linear(20, 12, torch.float32, device, gen, bias=True)))
     x = _randn((4, 20), gen).to(device)
-    y = L.lora_linear(x, *spec)
+    y = LL.lora_linear(x, *spec)
     assert not fused_path_taken(y, "_LoRALinearFunctionBackward")
-    assert torch.equal(y, L.lora_linear_reference(x, *spec))
+    assert torch.equal(y, LL.lora_linear_reference(x, *spec))
     mlp_specs = [spec, spec, float64_spec(spec_of(peft_linear(12, 20, torch.float32, device, gen)))]
-    h = L.lora_mlp(x, *mlp_specs, "silu")
+    h = LM.lora_mlp(x, *mlp_specs, "silu")
     assert not fused_path_taken(h, "_LoRAMLPFunctionBackward")
-    assert torch.equal(h, L.lora_mlp_reference(x, *mlp_specs, "silu"))
+    assert torch.equal(h, LM.lora_mlp_reference(x, *mlp_specs, "silu"))
 
 
 def test_wrong_shapes_raise(device):
@@ -384,20 +390,20 @@ def test_wrong_shapes_raise(device):
     spec = spec_of(peft_linear(20, 12, torch.float32, device, gen))
     x = torch.randn(3, 20, device=device)
     with pytest.raises(ValueError, match="input has 19 features"):
-        L.lora_linear(x[:, :19], *spec)
+        LL.lora_linear(x[:, :19], *spec)
     with pytest.raises(ValueError, match=r"lora\.A"):
-        L.lora_linear(x, spec.base_layer, spec.A[:, :5], spec.B, 1.0)
+        LL.lora_linear(x, spec.base_layer, spec.A[:, :5], spec.B, 1.0)
     with pytest.raises(ValueError, match=r"lora\.B"):
-        L.lora_linear(x, spec.base_layer, spec.A, spec.B[:5], 1.0)
+        LL.lora_linear(x, spec.base_layer, spec.A, spec.B[:5], 1.0)
     with pytest.raises(ValueError, match=r"lora\.B"):
-        L.lora_linear(x, spec.base_layer, spec.A, spec.B[:, :2], 1.0)
+        LL.lora_linear(x, spec.base_layer, spec.A, spec.B[:, :2], 1.0)
     down = spec_of(peft_linear(12, 20, torch.float32, device, gen))
     with pytest.raises(ValueError, match="down"):
-        L.lora_mlp(x, spec, spec, spec, "silu")
+        LM.lora_mlp(x, spec, spec, spec, "silu")
     with pytest.raises(ValueError, match="up: out_features"):
-        L.lora_mlp(x, spec, spec_of(peft_linear(20, 11, torch.float32, device, gen)), down, "silu")
+        LM.lora_mlp(x, spec, spec_of(peft_linear(20, 11, torch.float32, device, gen)), down, "silu")
     with pytest.raises(ValueError, match="activation"):
-        L.lora_mlp(x, spec, spec, down, "relu")
+        LM.lora_mlp(x, spec, spec, down, "relu")
 
 
 # --------------------------------------------------------------------------------------------- lora_qkv
@@ -428,12 +434,12 @@ def test_lora_qkv_matches_peft(tokens, in_f, outs, ranks, used, dtype, quant, x_
     specs = [spec_of(layer) for layer in layers]
     x = inputs((tokens, in_f), dtype, device, gen, x_grad)
     dys = [_randn((tokens, o), gen, tokens ** -0.5).to(device) if u else None for o, u in zip(outs, used)]
-    ours = _qkv_run(lambda t: L.lora_qkv(t, *specs), x, specs, dys)
+    ours = _qkv_run(lambda t: LQ.lora_qkv(t, *specs), x, specs, dys)
     assert fused_path_taken(next(y for y, dy in zip(ours[0], dys) if dy is not None), "_LoRAQKVFunctionBackward")
     theirs = _qkv_run(lambda t: tuple(layer(t) for layer in layers), x, specs, dys)
     s64 = [float64_spec(sp) for sp in specs]
     x64 = x.detach().double().requires_grad_(x.requires_grad)
-    expected = _qkv_run(lambda t: L.lora_qkv_reference(t, *s64), x64, s64, [None if d is None else d.double()
+    expected = _qkv_run(lambda t: LQ.lora_qkv_reference(t, *s64), x64, s64, [None if d is None else d.double()
                                                                            for d in dys])
     mags = [term_magnitudes(sp, x64, (d if d is not None else torch.zeros(tokens, o)).double().to(device))
             for sp, d, o in zip(s64, dys, outs)]
@@ -460,15 +466,15 @@ def test_lora_qkv_mixed_paths_fall_back_per_projection(device):
     layers = [peft_linear(16, n, torch.float32, device, gen) for n in (8, 4, 4)]
     specs = [spec_of(layer) for layer in layers]
     x = inputs((3, 16), torch.float32, device, gen)
-    assert fused_path_taken(L.lora_qkv(x, *specs)[0], "_LoRAQKVFunctionBackward")
+    assert fused_path_taken(LQ.lora_qkv(x, *specs)[0], "_LoRAQKVFunctionBackward")
     layers[2].base_layer.weight.requires_grad_(True)
-    mixed = L.lora_qkv(x, *specs)
+    mixed = LQ.lora_qkv(x, *specs)
     assert not any(fused_path_taken(y, "_LoRAQKVFunctionBackward") for y in mixed)
     assert fused_path_taken(mixed[0], "_LoRALinearFunctionBackward")
     for y, spec in zip(mixed, specs):
-        assert torch.equal(y, L.lora_linear(x, *spec))
+        assert torch.equal(y, LL.lora_linear(x, *spec))
     with pytest.raises(ValueError, match=r"^k"):
-        L.lora_qkv(x, specs[0], spec_of(peft_linear(12, 8, torch.float32, device, gen)), specs[1])
+        LQ.lora_qkv(x, specs[0], spec_of(peft_linear(12, 8, torch.float32, device, gen)), specs[1])
 
 
 # --------------------------------------------------------------------------------------------- lora_mlp
@@ -497,7 +503,7 @@ def check_lora_mlp(mlp, activation, x, dtype, gen, chunked=None):
     names = (["x"] if x.requires_grad else []) + [f"{m}_{p}" for m in ("gate", "up", "down") for p in ("A", "B")]
     n_tokens = max(1, x.numel() // x.shape[-1])
     dy = _randn(x.shape, gen, n_tokens ** -0.5).to(x.device)
-    fused = lambda t: L.lora_mlp(t, *specs, activation)  # noqa: E731
+    fused = lambda t: LM.lora_mlp(t, *specs, activation)  # noqa: E731
     first = chunked == "first forward"
     ours = forward_and_grads((lambda t: as_chunked_recompute(fused, t, first)) if chunked else fused, x, params, dy)
     assert fused_path_taken(ours[0], "_LoRAMLPFunctionBackward"), "the fused path was not taken"
@@ -508,7 +514,7 @@ def check_lora_mlp(mlp, activation, x, dtype, gen, chunked=None):
         ours = (theirs[0], ours[1])  # the output check below then covers PEFT's alone
     s64 = [float64_spec(s) for s in specs]
     x64 = x.detach().double().requires_grad_(x.requires_grad)
-    expected = forward_and_grads(lambda t: L.lora_mlp_reference(t, *s64, activation), x64,
+    expected = forward_and_grads(lambda t: LM.lora_mlp_reference(t, *s64, activation), x64,
                                  [t for s in s64 for t in (s.A, s.B)], dy.double())
     check_against_peft(ours, theirs, expected, dtype, names, 2.0,
                        mlp_term_magnitudes(s64, x64, dy.double(), activation))
@@ -551,24 +557,24 @@ def test_lora_mlp_4bit_matches_peft(dtype, device):
 def chunk_multiple(multiple: int, chunks: int = 4):
     """Up to ``chunks`` chunks of a multiple of ``multiple`` columns in the chunked MLP backward, small enough
     that the test shapes take several chunks and a ragged last one."""
-    saved = L.CHUNK_MULTIPLE, L.RECOMPUTE_CHUNKS
-    L.CHUNK_MULTIPLE, L.RECOMPUTE_CHUNKS = multiple, chunks
+    saved = LC.CHUNK_MULTIPLE, LC.RECOMPUTE_CHUNKS
+    LC.CHUNK_MULTIPLE, LC.RECOMPUTE_CHUNKS = multiple, chunks
     try:
         yield
     finally:
-        L.CHUNK_MULTIPLE, L.RECOMPUTE_CHUNKS = saved
+        LC.CHUNK_MULTIPLE, LC.RECOMPUTE_CHUNKS = saved
 
 
 def test_chunk_bounds():
     """At most RECOMPUTE_CHUNKS ranges of a multiple of CHUNK_MULTIPLE columns covering [0, I) in order."""
-    assert L.chunk_bounds(14336) == [(0, 7168), (7168, 14336)]  # the default: two chunks
-    assert L.chunk_bounds(11008) == [(0, 5504), (5504, 11008)]
-    assert L.chunk_bounds(200) == [(0, 128), (128, 200)]
-    assert L.chunk_bounds(96) == [(0, 96)]
+    assert LC.chunk_bounds(14336) == [(0, 7168), (7168, 14336)]  # the default: two chunks
+    assert LC.chunk_bounds(11008) == [(0, 5504), (5504, 11008)]
+    assert LC.chunk_bounds(200) == [(0, 128), (128, 200)]
+    assert LC.chunk_bounds(96) == [(0, 96)]
     with chunk_multiple(128, chunks=4):
-        assert L.chunk_bounds(14336) == [(0, 3584), (3584, 7168), (7168, 10752), (10752, 14336)]
+        assert LC.chunk_bounds(14336) == [(0, 3584), (3584, 7168), (7168, 10752), (10752, 14336)]
     with chunk_multiple(4):
-        assert L.chunk_bounds(17) == [(0, 8), (8, 16), (16, 17)]
+        assert LC.chunk_bounds(17) == [(0, 8), (8, 16), (16, 17)]
 
 
 @profile
@@ -595,7 +601,7 @@ def test_lora_mlp_4bit_chunked_recompute_matches_peft(hidden, dtype, device):
     mlp = peft_mlp(hidden, 200, "silu", dtype, device, gen, quant="nf4", r=8, lora_alpha=16)
     x = inputs((2, 5, hidden), dtype, device, gen)
     with chunk_multiple(4):  # chunks of 52, 52, 52, 44 rows: with hidden 40, rows 52 and 156 start mid-block
-        assert L.chunk_bounds(200) == [(0, 52), (52, 104), (104, 156), (156, 200)]
+        assert LC.chunk_bounds(200) == [(0, 52), (52, 104), (104, 156), (156, 200)]
         check_lora_mlp(mlp, "silu", x, dtype, gen, chunked="recompute")
 
 
@@ -608,7 +614,7 @@ def test_lora_mlp_frozen_adapter_parts(device):
     specs[0].B.requires_grad_(False)
     params = [specs[0].A, specs[1].A, specs[1].B, specs[2].B]
     x = _randn((6, 24), gen).float().to(device).requires_grad_()
-    grads = torch.autograd.grad(L.lora_mlp(x, *specs, "silu").sum(), [x, *params])
+    grads = torch.autograd.grad(LM.lora_mlp(x, *specs, "silu").sum(), [x, *params])
     expected = torch.autograd.grad(mlp(x).sum(), [x, *params])
     for name, g, e in zip(["x", "A_gate", "A_up", "B_up", "B_down"], grads, expected):
         check(name, g, e, torch.float32)
@@ -621,7 +627,7 @@ def test_lora_mlp_under_activation_checkpointing(device):
     specs = [spec_of(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
     params = [t for s in specs for t in (s.A, s.B)]
     x = inputs((7, 64), torch.bfloat16, device, gen)
-    fn = lambda t: L.lora_mlp(t, *specs, "silu")  # noqa: E731
+    fn = lambda t: LM.lora_mlp(t, *specs, "silu")  # noqa: E731
     plain = torch.autograd.grad(fn(x).float().square().sum(), [x, *params])
     out = torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
     checkpointed = torch.autograd.grad(out.float().square().sum(), [x, *params])
@@ -647,13 +653,14 @@ def recording_saved_tensors():
 @pytest.fixture
 def counted_dequantizations(monkeypatch):
     calls = []
-    original = L.base_weight
+    original = LB.base_weight
 
     def counting(layer, rows=None):
         calls.append(layer if rows is None else (layer, rows))
         return original(layer, rows)
 
-    monkeypatch.setattr(L, "base_weight", counting)
+    for module in (LG, LC):  # the modules that dequantize a base weight
+        monkeypatch.setattr(module, "base_weight", counting)
     return calls
 
 
@@ -664,7 +671,7 @@ def test_dequantized_weight_is_not_saved(device, counted_dequantizations):
     spec = spec_of(layer)
     x = inputs((5, 64), torch.bfloat16, device, gen)
     with recording_saved_tensors() as saved:
-        y = L.lora_linear(x, *spec)
+        y = LL.lora_linear(x, *spec)
     assert len(counted_dequantizations) == 1
     shapes = sorted(tuple(t.shape) for t in saved)
     assert shapes == sorted([(5, 64), (5, 4), (4, 64), (45, 4)]), shapes
@@ -680,7 +687,7 @@ def test_lora_mlp_saves_no_weight_and_no_product(device, counted_dequantizations
     specs = [spec_of(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
     x = inputs((5, 64), torch.bfloat16, device, gen)
     with recording_saved_tensors() as saved:
-        h = L.lora_mlp(x, *specs, "silu")
+        h = LM.lora_mlp(x, *specs, "silu")
     assert len(counted_dequantizations) == 3
     activations = sorted(tuple(t.shape) for t in saved if t.shape[0] == 5)
     assert activations == sorted([(5, 64), (5, 128), (5, 128), (5, 4), (5, 4), (5, 4)]), activations
@@ -698,7 +705,7 @@ def test_lora_mlp_chunked_recompute_saves_only_x(device, counted_dequantizations
     specs = [spec_of(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
     x = inputs((5, 64), torch.bfloat16, device, gen)
     with recording_saved_tensors() as saved, chunk_multiple(32):
-        h = as_chunked_recompute(lambda t: L.lora_mlp(t, *specs, "silu"), x)
+        h = as_chunked_recompute(lambda t: LM.lora_mlp(t, *specs, "silu"), x)
         assert not counted_dequantizations
         assert [tuple(t.shape) for t in saved if t.shape[0] == 5] == [(5, 64)] and len(saved) == 7
         h.backward(torch.ones_like(h))
@@ -713,14 +720,14 @@ def test_lora_mlp_chunked_recompute_saves_only_x(device, counted_dequantizations
 def test_lora_spec_reads_the_layer(device):
     gen = torch.Generator().manual_seed(10)
     layer = peft_linear(12, 10, torch.bfloat16, device, gen, bias=True, r=3, lora_alpha=6)
-    spec = L.lora_spec(layer)
+    spec = LP.lora_spec(layer)
     assert spec.base_layer is layer.base_layer and spec.scale == pytest.approx(2.0)
     assert spec.A is layer.lora_A["default"].weight and spec.B is layer.lora_B["default"].weight
     assert spec.A.dtype == torch.float32  # PEFT's fp32 adapter on a bf16 base
 
 
 def _reason(layer) -> str:
-    why = L.lora_spec(layer)
+    why = LP.lora_spec(layer)
     assert isinstance(why, str), f"expected a reason, got a spec for {type(layer).__name__}"
     return why
 
@@ -746,7 +753,7 @@ def test_lora_spec_reasons(device):
     model.base_model.set_adapter(["default", "second"])
     assert "2 active LoRA adapters" in _reason(net.proj)
     model.base_model.set_adapter("second")
-    assert isinstance(L.lora_spec(net.proj), L.LoRASpec)
+    assert isinstance(LP.lora_spec(net.proj), LB.LoRASpec)
 
     emb = _Net(emb=nn.Embedding(10, 8))
     _peftify(emb, ["emb"], gen)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sloth_core.autotune import override
 from sloth_core.kernels import rms_norm as rms_norm_module
+from sloth_core.kernels._runtime import interpreting, next_power_of_2
 from sloth_core.kernels.rms_norm import rms_norm, rms_norm_reference
 from sloth_core.tolerances import assert_close, tolerance
 
@@ -28,7 +29,7 @@ def forced_config(block_n: int | None, block_m: int, rows_per_program: int):
     """Launch every rms_norm kernel with this config (``block_n=None``: one block as wide as the row)."""
 
     def heuristic(*, n_cols, **_):
-        bn = block_n or rms_norm_module.next_power_of_2(n_cols)
+        bn = block_n or next_power_of_2(n_cols)
         return dict(BLOCK_N=bn, BLOCK_M=block_m, ROWS_PER_PROGRAM=rows_per_program, num_warps=1)
 
     return override("rms_norm", heuristic)
@@ -163,7 +164,7 @@ def test_small_blocks_many_programs(device, block_n, rows, n_cols, dtype, cast, 
 def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` as the kernel's float32 -> ``dtype`` casts do it: round to nearest even, except that
     Triton's interpreter truncates float32 -> bfloat16."""
-    if dtype == torch.bfloat16 and rms_norm_module.interpreting():
+    if dtype == torch.bfloat16 and interpreting():
         return (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
     return t.to(dtype)
 

@@ -2,7 +2,8 @@
 
 * ``lora_linear``: a PEFT ``lora.Linear`` / ``lora.Linear4bit`` (base ``nn.Linear`` or bitsandbytes NF4/FP4
   ``Linear4bit``) computes ``base(x) + s * (x A^T) B^T`` in one function: one dequantization of a 4-bit base per use,
-  only ``x`` and ``x A^T`` saved, hand-derived gradients for ``x``, ``A``, ``B`` (:mod:`sloth_core.kernels.lora`).
+  only ``x`` and ``x A^T`` saved, hand-derived gradients for ``x``, ``A``, ``B``
+  (:mod:`sloth_core.kernels.lora_linear`).
 * ``lora_mlp``: a gated MLP whose three projections are all such LoRA layers runs as one function with the fused
   activation kernel; the backward recomputes ``act(g) * u``. It supersedes ``gated_mlp`` on the module.
 * ``lora_qkv``: an attention module whose ``q_proj``, ``k_proj``, ``v_proj`` are such LoRA layers on the same
@@ -33,7 +34,10 @@ from torch import nn
 from ... import binding
 from ...distributed import sharded_4bit_reason
 from ...fallback import fall_back
-from ...kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_qkv, lora_spec
+from ...kernels.lora_linear import lora_linear, lora_linear_reference
+from ...kernels.lora_mlp import lora_mlp, lora_mlp_reference
+from ...kernels.lora_peft import lora_spec
+from ...kernels.lora_qkv import lora_qkv
 from ..pattern import Match, Pattern, Probe, Skip
 from . import gated_mlp
 from ._probe import module_dtype_device, randn
