@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests.liger_patches
 
 import sloth_core  # noqa: E402
-from sloth_core.bench.train import add_lora, build, make_batches  # noqa: E402
+from sloth_core.bench.train_models import add_lora, build, make_batches  # noqa: E402
 from sloth_core.warning import SlothCoreWarning  # noqa: E402
 
 GiB = 2 ** 30

@@ -33,7 +33,7 @@ def main() -> int:
     args = p.parse_args()
 
     import sloth_core
-    from sloth_core.bench.train import add_lora, build
+    from sloth_core.bench.train_models import add_lora, build
 
     model = add_lora(build(args.preset, quant=args.quant))
     sloth_core.optimize(model, gradient_checkpointing="offload")

@@ -214,11 +214,19 @@ def _tuning_candidates(bucket: dict):
 
 def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
     n_rows, n_cols = bucket["n_rows"], bucket["n_cols"]
-    logits = (2.0 * torch.randn(n_rows, n_cols, device=device, generator=gen)).to(dtype_from_name(bucket["dtype"]))
+    dtype = dtype_from_name(bucket["dtype"])
+    logits = torch.randn(n_rows, n_cols, device=device, dtype=dtype, generator=gen).mul_(2.0)
     labels = torch.randint(0, n_cols, (n_rows,), device=device, generator=gen)
     labels[torch.rand(n_rows, device=device, generator=gen) < 0.1] = -100
     row_weight = torch.full((1,), 1.0 / n_rows, dtype=torch.float32, device=device)
     return dict(logits=logits, labels=labels, row_weight=row_weight)
+
+
+def _tuning_workspace(bucket: dict) -> int:
+    """Bytes a tuning of ``bucket`` allocates: the logits and labels; 3 sets of outputs (the expected ones, a
+    candidate's, the one before it) of both passes: per-row loss and statistics, the logits' gradient."""
+    n_rows, n_cols = bucket["n_rows"], bucket["n_cols"]
+    return 4 * n_rows * n_cols * dtype_from_name(bucket["dtype"]).itemsize + 100 * n_rows
 
 
 def _tuning_run(inputs: dict):
@@ -239,6 +247,6 @@ register_space(
     params=dict(BLOCK_V=tuple(1 << i for i in range(17)), ROWS_PER_PROGRAM=range(1, 1 << 20),
                 num_warps=(1, 2, 4, 8, 16, 32)),
     key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
-    make_inputs=_tuning_inputs, run=_tuning_run,
+    make_inputs=_tuning_inputs, run=_tuning_run, workspace=_tuning_workspace,
     worth_tuning=lambda bucket: bucket["n_rows"] * bucket["n_cols"] >= 1 << 22,
 )

@@ -170,11 +170,20 @@ def _tuning_candidates(bucket: dict):
 
 def _tuning_inputs(bucket: dict, device: torch.device, gen: torch.Generator) -> dict:
     n_rows, n_cols, dtype = bucket["n_rows"], bucket["n_cols"], dtype_from_name(bucket["dtype"])
-    x = torch.randn(n_rows, n_cols, device=device, generator=gen).to(dtype)
+    x = torch.randn(n_rows, n_cols, device=device, dtype=dtype, generator=gen)
     weight = (1.0 + 0.1 * torch.randn(n_cols, device=device, generator=gen)).to(dtype)
-    dy = torch.randn(n_rows, n_cols, device=device, generator=gen).to(dtype)
-    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+    dy = torch.randn(n_rows, n_cols, device=device, dtype=dtype, generator=gen)
+    # mean of squares in float32 without a float32 copy of x (the reduction upcasts as it reads)
+    rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square() / n_cols + 1e-6)
     return dict(x=x, weight=weight, dy=dy, rstd=rstd, dw=bool(bucket["dw"]))
+
+
+def _tuning_workspace(bucket: dict) -> int:
+    """Bytes a tuning of ``bucket`` allocates: x, dy, the weight and rstd; 3 sets of outputs (the expected ones, a
+    candidate's, the one before it: out, rstd and dx; dx and the float32 dw partial sums for a dw bucket)."""
+    n_rows, n_cols = bucket["n_rows"], bucket["n_cols"]
+    elem = dtype_from_name(bucket["dtype"]).itemsize
+    return n_rows * n_cols * (8 * elem + (12 if bucket["dw"] else 0)) + 24 * n_rows + 16 * n_cols
 
 
 def _tuning_run(inputs: dict):
@@ -193,6 +202,6 @@ register_space(
     params=dict(BLOCK_N=tuple(1 << i for i in range(17)), BLOCK_M=(1, 2, 4, 8, 16, 32, 64),
                 ROWS_PER_PROGRAM=range(1, 1 << 31), num_warps=(1, 2, 4, 8, 16, 32)),
     key=_tuning_key, example=_tuning_example, candidates=_tuning_candidates,
-    make_inputs=_tuning_inputs, run=_tuning_run,
+    make_inputs=_tuning_inputs, run=_tuning_run, workspace=_tuning_workspace,
     worth_tuning=lambda bucket: bucket["n_rows"] * bucket["n_cols"] >= 1 << 20,
 )
