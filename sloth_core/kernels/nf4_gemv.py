@@ -128,9 +128,10 @@ def nf4_gemv_heuristic(m: int, n: int, k: int, blocksize: int) -> dict:
 
     GPU: 4,096 weights a tile for one or two rows of ``x`` (fewer for more rows: the ``[M, BLOCK_N, BLOCK_K]``
     products live in registers), and ``K`` split until there are ~2 programs an SM (132 SMs on an H100).
-    Interpreter: few, large programs."""
+    Interpreter: one program for the small test weights (its cost is per program and loop step, ~50 ms)."""
     if interpreting():
-        return {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 1}
+        return {"BLOCK_N": min(next_power_of_2(n), 256), "BLOCK_K": min(next_power_of_2(k), 256), "SPLIT_K": 1,
+                "num_warps": 1}
     m_pad = next_power_of_2(m)
     block_k = 256 if m_pad <= 2 else 128
     block_n = 16 if m_pad <= 4 else 8
