@@ -2,7 +2,7 @@
 
 No ``autograd.Function``, nothing saved, no checkpointing stash: callers run them with gradients off
 (:mod:`sloth_core.inference`). A 4-bit base on a few rows (decoding: ``M <= nf4_gemv.MAX_ROWS`` tokens) goes through
-the fused dequantize-GEMV (:func:`nf4_gemv.nf4_gemv`: the weight is never dequantized into memory); more rows
+the fused dequantize-GEMV (:func:`nf4_gemv.nf4_gemv_weight`: the weight is never dequantized into memory); more rows
 (prefill) and 16-bit bases take the training path's forward GEMMs (:func:`lora._project`: a 4-bit weight
 dequantized once into a temporary, then one GEMM). The LoRA term ``s (x A^T) B^T`` is added in torch::
 
@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 
 from sloth_core.kernels import gated_activation as _ga
-from sloth_core.kernels.dequant import _packed_codes
 from sloth_core.kernels.lora import (LoRASpec, _fused_dtypes, _input_xa, _is_4bit, _mlp_dtypes, _no_autocast,
                                      _project, _quant_state, lora_linear_reference, lora_mlp_reference)
-from sloth_core.kernels.nf4_gemv import MAX_ROWS, nf4_gemv
+from sloth_core.kernels.nf4_gemv import MAX_ROWS, nf4_gemv_weight
 
 
 def decodes(x2: torch.Tensor, spec: LoRASpec) -> bool:
@@ -33,7 +32,7 @@ def _linear2d(x2: torch.Tensor, spec: LoRASpec) -> torch.Tensor:
     if not decodes(x2, spec):
         return _project(x2, spec)[0]
     bias = getattr(layer, "bias", None)
-    y = nf4_gemv(x2, _packed_codes(layer.weight), _quant_state(layer), bias=bias)
+    y = nf4_gemv_weight(x2, layer.weight, _quant_state(layer), bias=bias)
     return y.addmm_(_input_xa(x2, A), B.to(x2.dtype).t(), alpha=scale)
 
 

@@ -30,9 +30,10 @@ import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
-from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, compiled_launcher, interpreting, new_empty, next_power_of_2, triton_ok
 from sloth_core.kernels.dequant import (_INT32_LIMIT, OUT_DTYPES, _block_scales, _check_inputs, _kernel_dtype,
-                                        _scale_operands, code_table, dequantize_4bit_reference)
+                                        _packed_codes, _plan_parts, _Plans, _reads_the_state, _scale_operands,
+                                        code_table, dequantize_4bit_reference)
 
 MAX_ROWS = 8  # the most rows of x the GEMV takes (more: dequantize + GEMM, which a GEMM's reuse of W pays for)
 
@@ -156,6 +157,40 @@ def gemv_reason(x: torch.Tensor, weight_data: torch.Tensor, quant_state) -> str 
     return None
 
 
+def _launch_setup(x: torch.Tensor, weight_data: torch.Tensor, quant_state, with_bias: bool):
+    """``(grid, args, kwargs, split, out_dtype)`` of a launch on checked inputs; ``args[_X]`` and ``args[_OUT]``
+    are ``None``, for the caller to fill."""
+    m, k = x.shape
+    n = int(quant_state.shape[0])
+    bs = quant_state.blocksize
+    cfg = dict(config_for("nf4_gemv", m=m, n=n, k=k, blocksize=bs))
+    block_n, block_k, split = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
+    aligned = k % bs == 0
+    if aligned:
+        block_k = max(block_k, bs)  # whole quantization blocks a tile (BLOCK_K, bs: powers of two)
+    k_per_split = cdiv(cdiv(k, split), block_k) * block_k
+    split = cdiv(k, k_per_split)
+    # partial sums and a bias are added up in float32 and rounded once, by torch
+    out_dtype = _kernel_dtype(x.dtype) if split == 1 and not with_bias else torch.float32
+    absmax, absmax2, code2, offset, nested, bs2 = _scale_operands(quant_state, x.device)
+    args = [None, weight_data.reshape(-1), absmax, absmax2, code2, offset, code_table(quant_state.quant_type, x.device),
+            None, m, n, k, x.stride(0), k_per_split]
+    kwargs = dict(M_PAD=next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=bs, NESTED=nested,
+                  BLOCKSIZE2=bs2, ALIGNED=aligned, ROUND=_ROUND[x.dtype],
+                  INT64=n * k + block_n * k > _INT32_LIMIT, enable_fp_fusion=False, **cfg)
+    return (cdiv(n, block_n), split), args, kwargs, split, out_dtype
+
+
+_X, _PACKED, _OUT = 0, 1, 7  # positions of x, the packed codes and the output among the kernel's arguments
+
+
+def _finish(out: torch.Tensor, split: int, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    y = out[0] if split == 1 else out.sum(0)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(dtype)
+
+
 def nf4_gemv(x: torch.Tensor, weight_data: torch.Tensor, quant_state,
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequantize_4bit(W, dtype=x.dtype).T (+ bias)`` without the dequantized ``W``; ``x`` [M, K] with
@@ -167,26 +202,91 @@ def nf4_gemv(x: torch.Tensor, weight_data: torch.Tensor, quant_state,
         return nf4_gemv_reference(x, weight_data, quant_state, bias)
     if x.stride(1) != 1:
         x = x.contiguous()
-    m, k = x.shape
-    n = int(quant_state.shape[0])
-    bs = quant_state.blocksize
-    cfg = dict(config_for("nf4_gemv", m=m, n=n, k=k, blocksize=bs))
-    block_n, block_k, split = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
-    aligned = k % bs == 0
-    if aligned:
-        block_k = max(block_k, bs)  # whole quantization blocks a tile (BLOCK_K, bs: powers of two)
-    k_per_split = cdiv(cdiv(k, split), block_k) * block_k
-    split = cdiv(k, k_per_split)
-    dtype = _kernel_dtype(x.dtype) if split == 1 and bias is None else torch.float32  # sums / bias: rounded once, by torch
-    out = new_empty((split, m, n), dtype, x.device)
-    absmax, absmax2, code2, offset, nested, bs2 = _scale_operands(quant_state, x.device)
-    grid = (cdiv(n, block_n), split)
-    _nf4_gemv_kernel[grid](x, weight_data.reshape(-1), absmax, absmax2, code2, offset,
-                           code_table(quant_state.quant_type, x.device), out, m, n, k, x.stride(0), k_per_split,
-                           M_PAD=next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=bs,
-                           NESTED=nested, BLOCKSIZE2=bs2, ALIGNED=aligned, ROUND=_ROUND[x.dtype],
-                           INT64=n * k + block_n * k > _INT32_LIMIT, enable_fp_fusion=False, **cfg)
-    y = out[0] if split == 1 else out.sum(0)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(x.dtype)
+    grid, args, kwargs, split, out_dtype = _launch_setup(x, weight_data, quant_state, bias is not None)
+    out = new_empty((split, x.shape[0], int(quant_state.shape[0])), out_dtype, x.device)
+    args[_X], args[_OUT] = x, out
+    _nf4_gemv_kernel[grid](*args, **kwargs)
+    return _finish(out, split, bias, x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- planned launches
+
+
+_PLANS_ATTR = "_sloth_core_gemv_plans"  # on a Params4bit: {(rows, dtype, x strides, bias?): _GemvPlan}
+
+
+def nf4_gemv_weight(x: torch.Tensor, param, quant_state, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`nf4_gemv` of a ``Params4bit`` (a ``Linear4bit``'s weight) and its ``QuantState``, with the checks and
+    launch setup of each (rows, dtype, layout) kept on the parameter as a plan (a decoding step launches ~220
+    GEMVs of an 8B model: the checked path's host time would show). A plan serves while the weight and its state are
+    the same objects at the same address (:func:`dequant._plan_parts`, as the dequantizer's plans); on a GPU it
+    replays the compiled kernel's launcher (:func:`compiled_launcher`)."""
+    plans = param.__dict__.get(_PLANS_ATTR)
+    key = (x.shape, x.dtype, x.stride(), bias is None)
+    plan = plans.get(key) if plans is not None else None
+    if plan is None or not plan.serves(param, quant_state):
+        plan = _GemvPlan.make(x, param, quant_state, bias is not None)
+        if plan is None:
+            return nf4_gemv(x, _packed_codes(param), quant_state, bias)
+        if plans is None:
+            plans = param.__dict__.setdefault(_PLANS_ATTR, _Plans())
+        plans[key] = plan
+    return plan.run(x, param, bias)
+
+
+class _GemvPlan:
+    """One checked GEMV setting of a ``Params4bit``; see :func:`nf4_gemv_weight` (and :class:`dequant._LaunchPlan`,
+    whose rules it follows: the packed codes are read through their address, which the caller's parameter keeps
+    alive; only the state's own scale tensors are kept, never copies that could go stale)."""
+
+    __slots__ = ("parts", "ptr", "numel", "interp", "grid", "args", "kwargs", "split", "out_shape", "out_dtype",
+                 "launcher", "replay_tail")
+
+    @classmethod
+    def make(cls, x, param, state, with_bias: bool) -> "_GemvPlan | None":
+        data = _packed_codes(param)
+        _check_inputs(data, state)
+        if gemv_reason(x, data, state) is not None or x.stride(1) != 1 or not data.is_contiguous():
+            return None
+        grid, args, kwargs, split, out_dtype = _launch_setup(x, data, state, with_bias)
+        if not _reads_the_state(state, *args[2:6], nested=kwargs["NESTED"]):
+            return None
+        plan = cls()
+        plan.parts, plan.ptr, plan.numel, plan.interp = _plan_parts(param, state), param.data_ptr(), param.numel(), \
+            interpreting()
+        plan.grid, plan.args, plan.kwargs, plan.split = grid, args, kwargs, split
+        plan.args[_PACKED] = None  # read from the parameter at each JIT launch: not kept alive here
+        plan.out_shape, plan.out_dtype = (split, x.shape[0], int(state.shape[0])), out_dtype
+        plan.launcher = plan.replay_tail = None
+        return plan
+
+    def serves(self, param, state) -> bool:
+        if param.data_ptr() != self.ptr or param.numel() != self.numel or self.interp != interpreting():
+            return False
+        return all(a is b for a, b in zip(self.parts, _plan_parts(param, state)))
+
+    def run(self, x, param, bias) -> torch.Tensor:
+        out = new_empty(self.out_shape, self.out_dtype, x.device)
+        aligned = x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0  # as the compiled launch's pointers
+        if self.launcher is not None and aligned:
+            self.launcher(x, self.ptr, *self.args[_PACKED + 1:_OUT], out, *self.replay_tail)
+        else:
+            args = list(self.args)
+            args[_X], args[_PACKED], args[_OUT] = x, _packed_codes(param).reshape(-1), out
+            compiled = _nf4_gemv_kernel[self.grid](*args, **self.kwargs)
+            if self.launcher is None and aligned:
+                self._keep_launcher(compiled)
+        return _finish(out, self.split, bias, x.dtype)
+
+    def _keep_launcher(self, compiled) -> None:
+        launcher = compiled_launcher(compiled, self.grid)
+        names = getattr(_nf4_gemv_kernel, "arg_names", None)
+        if launcher is None or names is None or tuple(names[:len(self.args)]) != _ARG_NAMES \
+                or any(name not in self.kwargs for name in names[len(self.args):]):
+            return
+        self.replay_tail = tuple(self.args[_OUT + 1:]) + tuple(self.kwargs[name] for name in names[len(self.args):])
+        self.launcher = launcher
+
+
+_ARG_NAMES = ("x_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "table_ptr", "out_ptr",
+              "M", "N", "K", "stride_xm", "k_per_split")

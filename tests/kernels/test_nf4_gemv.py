@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from sloth_core.autotune import override
 from sloth_core.kernels.dequant import dequantize_4bit, dequantize_4bit_reference
-from sloth_core.kernels.nf4_gemv import MAX_ROWS, gemv_reason, nf4_gemv, nf4_gemv_reference
+from sloth_core.kernels.nf4_gemv import MAX_ROWS, gemv_reason, nf4_gemv, nf4_gemv_reference, nf4_gemv_weight
 from sloth_core.tolerances import assert_close
 
 F = pytest.importorskip("bitsandbytes.functional")
@@ -91,3 +91,22 @@ def test_reference_path_for_inputs_the_kernel_does_not_take(device):
     assert torch.allclose(y, _float64(x64, q, state))
     with pytest.raises(ValueError, match="quant_state is missing"):
         nf4_gemv(x64, q, None)
+
+
+def test_planned_launches_follow_the_weight(device):
+    """nf4_gemv_weight keeps a plan per setting on the Params4bit; it serves the same weight, and a new quantization
+    state (re-quantized weight) makes a new plan instead of reading the old scales."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(128, 24, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(24, 128) * 0.05, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)._quantize(device)
+    x = _x(3, 128, torch.bfloat16, device, seed=3)
+    for _ in range(2):
+        y = nf4_gemv_weight(x, layer.weight, layer.weight.quant_state)
+        assert_close("planned", y, _float64(x, layer.weight.data, layer.weight.quant_state), torch.bfloat16)
+    assert len(layer.weight.__dict__["_sloth_core_gemv_plans"]) == 1
+    fresh = bnb.nn.Params4bit(torch.randn(24, 128) * 0.05, requires_grad=False, quant_type="nf4",
+                              compress_statistics=True)._quantize(device)
+    layer.weight.data, layer.weight.quant_state = fresh.data, fresh.quant_state
+    y = nf4_gemv_weight(x, layer.weight, layer.weight.quant_state)
+    assert_close("re-quantized", y, _float64(x, fresh.data, fresh.quant_state), torch.bfloat16)
