@@ -39,6 +39,19 @@ class InferenceMode:
         self.was_training = was_training  # the model's train() flag before for_inference, for for_training
         self.verified: dict[tuple, str | None] = {}
         self.warned_grad = False
+        self.casts: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``t.to(dtype)``, kept while ``t`` is unchanged (same object, same in-place version): the adapters' copies
+        in the compute dtype, made once instead of at every decoding step."""
+        if t.dtype == dtype:
+            return t
+        entry = self.casts.get((id(t), dtype))
+        if entry is not None and entry[0] is t and entry[1] == t._version:
+            return entry[2]
+        copy = t.to(dtype)
+        self.casts[(id(t), dtype)] = (t, t._version, copy)
+        return copy
 
     def run(self, module: nn.Module, pattern: str, key: tuple, infer: Callable[[], torch.Tensor],
             train: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,8 @@ the references (PEFT's computation).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from sloth_core.kernels import gated_activation as _ga
@@ -21,23 +23,28 @@ from sloth_core.kernels.lora import (LoRASpec, _fused_dtypes, _input_xa, _is_4bi
                                      _project, _quant_state, lora_linear_reference, lora_mlp_reference)
 from sloth_core.kernels.nf4_gemv import MAX_ROWS, nf4_gemv_weight
 
+Cast = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
+
 
 def decodes(x2: torch.Tensor, spec: LoRASpec) -> bool:
     """Whether ``x2`` [M, in] (compute dtype) on this layer takes the fused dequantize-GEMV."""
     return x2.shape[0] <= MAX_ROWS and _is_4bit(spec.base_layer)
 
 
-def _linear2d(x2: torch.Tensor, spec: LoRASpec) -> torch.Tensor:
+def _linear2d(x2: torch.Tensor, spec: LoRASpec, cast: Cast | None = None) -> torch.Tensor:
     layer, A, B, scale = spec
     if not decodes(x2, spec):
         return _project(x2, spec)[0]
-    bias = getattr(layer, "bias", None)
-    y = nf4_gemv_weight(x2, layer.weight, _quant_state(layer), bias=bias)
-    return y.addmm_(_input_xa(x2, A), B.to(x2.dtype).t(), alpha=scale)
+    A, B = (t.to(x2.dtype) if cast is None else cast(t, x2.dtype) for t in (A, B))
+    y = nf4_gemv_weight(x2, layer.weight, _quant_state(layer), bias=getattr(layer, "bias", None))
+    return y.addmm_(_input_xa(x2, A), B.t(), alpha=scale)
 
 
-def lora_linear_infer(x: torch.Tensor, base_layer, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """``base_layer(x) + scale * (x A^T) B^T`` without autograd (see the module docstring)."""
+def lora_linear_infer(x: torch.Tensor, base_layer, A: torch.Tensor, B: torch.Tensor, scale: float,
+                      cast: Cast | None = None) -> torch.Tensor:
+    """``base_layer(x) + scale * (x A^T) B^T`` without autograd (see the module docstring). ``cast(t, dtype)``:
+    ``t.to(dtype)`` for the adapters, e.g. from a cache (PEFT keeps them in float32 under a bf16 base: two casts a
+    decoding step and layer otherwise)."""
     spec = LoRASpec(base_layer, A, B, float(scale))
     dtypes = _fused_dtypes(x, spec)
     if dtypes is None or x.numel() == 0:
@@ -45,11 +52,12 @@ def lora_linear_infer(x: torch.Tensor, base_layer, A: torch.Tensor, B: torch.Ten
     compute, out = dtypes
     x2 = x.reshape(-1, x.shape[-1]).to(compute)
     with _no_autocast(x.device.type):
-        y = _linear2d(x2, spec)
+        y = _linear2d(x2, spec, cast)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(out)
 
 
-def lora_mlp_infer(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activation: str) -> torch.Tensor:
+def lora_mlp_infer(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activation: str,
+                   cast: Cast | None = None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with LoRA projections, without autograd: the three projections as
     :func:`lora_linear_infer`, the gated activation kernel between them."""
     dtypes = _mlp_dtypes(x, gate, up, down)
@@ -58,6 +66,6 @@ def lora_mlp_infer(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec
     compute, out = dtypes
     x2 = x.reshape(-1, x.shape[-1]).to(compute)
     with _no_autocast(x.device.type):
-        m = _ga.gated_activation(_linear2d(x2, gate), _linear2d(x2, up), activation)
-        h = _linear2d(m, down)
+        m = _ga.gated_activation(_linear2d(x2, gate, cast), _linear2d(x2, up, cast), activation)
+        h = _linear2d(m, down, cast)
     return h.reshape(*x.shape[:-1], h.shape[-1]).to(out)

@@ -128,7 +128,8 @@ def nf4_gemv_heuristic(m: int, n: int, k: int, blocksize: int) -> dict:
     """``BLOCK_N`` rows and ``BLOCK_K`` columns a tile, ``SPLIT_K``, ``num_warps``.
 
     GPU: 4,096 weights a tile for one or two rows of ``x`` (fewer for more rows: the ``[M, BLOCK_N, BLOCK_K]``
-    products live in registers), and ``K`` split until there are ~2 programs an SM (132 SMs on an H100).
+    products live in registers); ``K`` split only when the rows give fewer than 64 programs (an H100 has 132 SMs),
+    since a split costs two more launches (the sum, the rounding), and decoding one token is bound by launches.
     Interpreter: one program for the small test weights (its cost is per program and loop step, ~50 ms)."""
     if interpreting():
         return {"BLOCK_N": min(next_power_of_2(n), 256), "BLOCK_K": min(next_power_of_2(k), 256), "SPLIT_K": 1,
@@ -137,7 +138,7 @@ def nf4_gemv_heuristic(m: int, n: int, k: int, blocksize: int) -> dict:
     block_k = 256 if m_pad <= 2 else 128
     block_n = 16 if m_pad <= 4 else 8
     programs = cdiv(n, block_n)
-    split = max(1, min(cdiv(264, programs), cdiv(k, 4 * block_k)))
+    split = 1 if programs >= 64 else max(1, min(cdiv(132, programs), cdiv(k, 4 * block_k)))
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
 
 

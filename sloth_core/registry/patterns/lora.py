@@ -116,7 +116,8 @@ def _linear_with(fn, grouped: bool = False):
                 return type(self).forward(self, x)
             if mode is not None:
                 return mode.run(self, "lora_linear", ("lora_linear",) + _inference_key(x, (spec,)),
-                                lambda: lora_linear_infer(x, *spec), lambda: fn(x, *spec))
+                                lambda: lora_linear_infer(x, *spec, cast=mode.cast),
+                                lambda: fn(x, *spec))
             out = group.project(self, x, spec) if group is not None else None
             return fn(x, *spec) if out is None else out
 
@@ -182,7 +183,8 @@ def _mlp_with(fn, infer: bool = False):
             mode = decoding_mode(self) if infer else None
             if mode is not None:
                 return mode.run(self, "lora_mlp", ("lora_mlp",) + _inference_key(x, specs) + (activation,),
-                                lambda: lora_mlp_infer(x, *specs, activation), lambda: fn(x, *specs, activation))
+                                lambda: lora_mlp_infer(x, *specs, activation, mode.cast),
+                                lambda: fn(x, *specs, activation))
             return fn(x, *specs, activation)
 
         return forward
