@@ -73,9 +73,9 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offs
                      M, N, K, stride_xm, k_per_split,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                      NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr,
-                     INT64: tl.constexpr):
+                     INT64: tl.constexpr, STEPS: tl.constexpr):
     """Program ``(n, s)``: rows ``n * BLOCK_N ..`` of ``out[s]`` = the ``x`` rows times those rows of ``W`` over
-    columns ``s * k_per_split .. + k_per_split``. ``ALIGNED`` (``K`` and ``BLOCK_K`` multiples of ``BLOCKSIZE``,
+    columns ``s * k_per_split .. + k_per_split`` (``STEPS`` tiles of ``BLOCK_K``). ``ALIGNED`` (``K`` and ``BLOCK_K`` multiples of ``BLOCKSIZE``,
     ``BLOCK_K`` dividing ``k_per_split``): a tile's bytes are loaded contiguously and its scales once per
     quantization block; otherwise each element finds its byte, nibble and block from its flat index."""
     pid_n = tl.program_id(0)
@@ -89,7 +89,8 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offs
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
+    for step in range(STEPS):  # a constexpr count: triton 3.6's interpreter takes no argument as a loop bound
+        k0 = k_start + step * BLOCK_K
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < k_stop
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
@@ -178,7 +179,8 @@ def _launch_setup(x: torch.Tensor, weight_data: torch.Tensor, quant_state, with_
             None, m, n, k, x.stride(0), k_per_split]
     kwargs = dict(M_PAD=next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=bs, NESTED=nested,
                   BLOCKSIZE2=bs2, ALIGNED=aligned, ROUND=_ROUND[x.dtype],
-                  INT64=n * k + block_n * k > _INT32_LIMIT, enable_fp_fusion=False, **cfg)
+                  INT64=n * k + block_n * k > _INT32_LIMIT, STEPS=k_per_split // block_k, enable_fp_fusion=False,
+                  **cfg)
     return (cdiv(n, block_n), split), args, kwargs, split, out_dtype
 
 
