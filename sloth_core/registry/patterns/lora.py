@@ -89,9 +89,10 @@ def find_linear(module: nn.Module, params) -> Match | Skip | None:
 
 def _inference_key(x, specs) -> tuple:
     """What an inference-path verification covers (:mod:`sloth_core.inference_mode`): the layers' settings and
-    shapes, the input dtype, and decoding (few rows: the fused 4-bit GEMV) or prefill rows."""
+    shapes, the input dtype, and the number of rows when decoding (a few: the fused 4-bit GEMV, one kernel variant
+    a count) or ``"prefill"``."""
     rows = x.numel() // max(1, x.shape[-1])
-    return (x.dtype, x.device, rows <= MAX_ROWS) + tuple(
+    return (x.dtype, x.device, rows if rows <= MAX_ROWS else "prefill") + tuple(
         (type(s.base_layer), s.base_layer.in_features, s.base_layer.out_features, tuple(s.A.shape)) + _setting(s)
         for s in specs)
 
