@@ -167,7 +167,7 @@ def _launch_setup(x: torch.Tensor, weight_data: torch.Tensor, quant_state, with_
     bs = quant_state.blocksize
     cfg = dict(config_for("nf4_gemv", m=m, n=n, k=k, blocksize=bs))
     block_n, block_k, split = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
-    aligned = k % bs == 0
+    aligned = k % bs == 0 and bs <= 256  # (a larger blocksize would make a whole-block tile too large)
     if aligned:
         block_k = max(block_k, bs)  # whole quantization blocks a tile (BLOCK_K, bs: powers of two)
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k

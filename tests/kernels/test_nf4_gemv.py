@@ -70,10 +70,12 @@ def test_aligned_and_unaligned_paths_with_splits(k, dtype, device):
         assert_close(f"tiles {tiles}", y, _float64(x, q, state, bias), dtype)
 
 
-def test_close_to_the_dequantize_then_gemm_path(device):
-    """The decoding path and the prefill path (dequantize, then matmul) differ by the order of float32 sums."""
-    q, state = _weight(48, 256, "nf4", 64, True, device, seed=5)
-    x = _x(2, 256, torch.bfloat16, device, seed=5)
+@pytest.mark.parametrize("blocksize", [64, 512])
+def test_close_to_the_dequantize_then_gemm_path(blocksize, device):
+    """The decoding path and the prefill path (dequantize, then matmul) differ by the order of float32 sums (a
+    blocksize of 512: the per-element path though K is a multiple of it)."""
+    q, state = _weight(48, 1024, "nf4", blocksize, True, device, seed=5)
+    x = _x(2, 1024, torch.bfloat16, device, seed=5)
     w = dequantize_4bit(q, state, dtype=torch.bfloat16)
     assert_close("gemv vs gemm", nf4_gemv(x, q, state), (x.float() @ w.float().t()).to(torch.bfloat16),
                  torch.bfloat16)
