@@ -6,6 +6,8 @@
     sloth_core.missing_patterns(model)  # what the architecture expects that the model did not get
     sloth_core.restore(model)         # back to the original forwards
     sloth_core.save_merged(model, "out")  # LoRA merged into a 16-bit checkpoint from_pretrained loads
+    sloth_core.for_inference(model)   # generate without autograd bookkeeping (fused 4-bit GEMV when decoding)
+    sloth_core.for_training(model)    # back to the training path
 
 The package imports its kernels lazily (on first use of the API), so that ``TRITON_INTERPRET`` may still be set
 after ``import sloth_core`` and before the first call (Triton reads it when a kernel is defined).
@@ -17,6 +19,7 @@ from .version import __version__
 # public name -> the module that defines it (imported on first use)
 _API = {**{name: "api" for name in ("optimize", "restore", "report", "format_report", "is_optimized",
                                     "missing_patterns")},
+        **{name: "inference" for name in ("for_inference", "for_training", "in_inference_mode")},
         "SlothCoreWarning": "warning", "save_merged": "export"}
 
 __all__ = [*_API, "__version__"]

@@ -34,10 +34,13 @@ from torch import nn
 from ... import binding
 from ...distributed import sharded_4bit_reason
 from ...fallback import fall_back
+from ...inference_mode import decoding_mode
+from ...kernels.lora_infer import lora_linear_infer, lora_mlp_infer
 from ...kernels.lora_linear import lora_linear, lora_linear_reference
 from ...kernels.lora_mlp import lora_mlp, lora_mlp_reference
 from ...kernels.lora_peft import lora_spec
 from ...kernels.lora_qkv import lora_qkv
+from ...kernels.nf4_gemv import MAX_ROWS
 from ..pattern import Match, Pattern, Probe, Skip
 from . import gated_mlp
 from ._probe import module_dtype_device, randn
@@ -89,12 +92,23 @@ def find_linear(module: nn.Module, params) -> Match | Skip | None:
                   "_settings": (_setting(spec),)}, sig + _setting(spec))
 
 
+def _inference_key(x, specs) -> tuple:
+    """What an inference-path verification covers (:mod:`sloth_core.inference_mode`): the layers' settings and
+    shapes, the input dtype, and the number of rows when decoding (a few: the fused 4-bit GEMV, one kernel variant
+    a count) or ``"prefill"``."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (x.dtype, x.device, rows if rows <= MAX_ROWS else "prefill") + tuple(
+        (type(s.base_layer), s.base_layer.in_features, s.base_layer.out_features, tuple(s.A.shape)) + _setting(s)
+        for s in specs)
+
+
 def _linear_with(fn, grouped: bool = False):
-    """The forward of a LoRA linear through ``fn``; ``grouped``: inside a ``lora_qkv`` attention call the q/k/v
-    group answers first."""
+    """The forward of a LoRA linear through ``fn``; ``grouped`` (the replacement): inside a ``lora_qkv`` attention
+    call the q/k/v group answers first, and in inference mode (``for_inference``) :func:`lora_linear_infer` runs."""
     def make(m: Match):
         def forward(self, x, *args, **kwargs):
-            group = getattr(_QKV_GROUP, "active", None) if grouped else None
+            mode = decoding_mode(self) if grouped else None
+            group = getattr(_QKV_GROUP, "active", None) if grouped and mode is None else None
             if group is not None and not (args or kwargs):
                 out = group.pending_output(self, x)  # computed with q/k/v's specs read moments ago, this call
                 if out is not None:
@@ -109,6 +123,10 @@ def _linear_with(fn, grouped: bool = False):
             if changed is not None:
                 fall_back(self, "lora_linear", changed)
                 return type(self).forward(self, x)
+            if mode is not None:
+                return mode.run(self, "lora_linear", ("lora_linear",) + _inference_key(x, (spec,)),
+                                lambda: lora_linear_infer(x, *spec, cast=mode.cast),
+                                lambda: fn(x, *spec))
             out = group.project(self, x, spec) if group is not None else None
             return fn(x, *spec) if out is None else out
 
@@ -157,7 +175,9 @@ def find_mlp(module: nn.Module, params) -> Match | Skip | None:
     return Match({**found.params, "r": specs[0].A.shape[0], "_settings": settings}, sig)
 
 
-def _mlp_with(fn):
+def _mlp_with(fn, infer: bool = False):
+    """The forward of a LoRA MLP through ``fn``; ``infer`` (the replacement): in inference mode
+    (``for_inference``) :func:`lora_mlp_infer` runs."""
     def make(m: Match):
         activation = m["activation"]
 
@@ -169,6 +189,11 @@ def _mlp_with(fn):
             if changed is not None:
                 fall_back(self, "lora_mlp", changed)
                 return binding.previous_forward(self, "lora_mlp")(x)
+            mode = decoding_mode(self) if infer else None
+            if mode is not None:
+                return mode.run(self, "lora_mlp", ("lora_mlp",) + _inference_key(x, specs) + (activation,),
+                                lambda: lora_mlp_infer(x, *specs, activation, mode.cast),
+                                lambda: fn(x, *specs, activation))
             return fn(x, *specs, activation)
 
         return forward
@@ -186,7 +211,7 @@ LORA_MLP = Pattern(
     kernel="cublas+triton:lora_mlp",  # torch GEMMs (cuBLAS), the Triton gated activation
     find=find_mlp,
     reference=_mlp_with(lora_mlp_reference),
-    replacement=_mlp_with(lora_mlp),
+    replacement=_mlp_with(lora_mlp, infer=True),
     original=lambda module, m: module.forward,
     probe=_probe_mlp,
     defaults={"activation": "auto"},
