@@ -43,8 +43,8 @@ def build(args, quant: str, device):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from sloth_core.bench.train import build as build_preset
-    from sloth_core.bench.train import quantize_nf4
+    from sloth_core.bench.train_models import build as build_preset
+    from sloth_core.bench.train_models import quantize_nf4
     from sloth_core.tiny import tiny_model
 
     if args.tiny:

@@ -28,7 +28,7 @@ def build(model_type, dtype, quant, device):
     double-quant ``Linear4bit`` bases with bf16 compute (intermediate 128: whole 64-element blocks a row)."""
     from peft import LoraConfig, get_peft_model
 
-    from sloth_core.bench.train import quantize_nf4
+    from sloth_core.bench.train_models import quantize_nf4
 
     model = tiny_model(model_type, dtype=dtype, device=device, intermediate_size=128, num_hidden_layers=1)
     if quant == "nf4":
