@@ -20,10 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rank_env(**extra: str) -> dict:
+    """A rank's environment: CPU ranks with kernels under Triton's interpreter and no GPU visible (on a GPU machine
+    too: a rank that saw one would put its model there, or NCCL would find two ranks on one GPU), unless ``extra``
+    turns the interpreter off (the GPU tests)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "SLOTH_CORE_AUTOTUNE": "0", "USE_HUB_KERNELS": "NO",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                                 os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1", **extra}
+    if env["TRITON_INTERPRET"] == "1":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     for name in ("PYTEST_CURRENT_TEST", "PYTEST_VERSION"):
         env.pop(name, None)
     return env

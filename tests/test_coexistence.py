@@ -111,7 +111,7 @@ def _lora_model(device, state=None):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+                p.normal_(0, 0.05, generator=torch.Generator(p.device).manual_seed(len(n)))
     return model
 
 

@@ -17,6 +17,9 @@ from tests.distributed_launch import rank_env, run
 pytest.importorskip("peft")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+if torch.cuda.is_available():  # the single-process reference runs here, where Triton's interpreter is off
+    pytest.skip("CPU ranks under Triton's interpreter: a CPU machine's test (CI); several GPUs are issue 23's",
+                allow_module_level=True)
 
 TIMEOUT = 180  # per launch, which runs several cases one after the other
 TOLERANCE = {  # Adam's update divides by the gradient's magnitude: small gradient differences move parameters

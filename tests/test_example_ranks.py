@@ -47,6 +47,7 @@ def _launcher(*args: str) -> list[str]:
 
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=[pytest.mark.slow, pytest.mark.skipif(
     os.environ.get("SLOTH_CORE_SLOW_TESTS") != "1", reason="CI time: SLOTH_CORE_SLOW_TESTS=1 runs it (~30 s)")])])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU ranks against the in-process run: a CPU machine's test (CI)")
 def test_two_ranks_train_as_one_process(launcher, one_process, tmp_path):
     if launcher == "torchrun":
         cmd = _launcher("torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE), "--steps", "2")

@@ -74,12 +74,12 @@ def test_mapping_names_what_transformers_declares():
 
 @pytest.mark.parametrize("model_type,dtype", [("llama", torch.float32), ("qwen3", torch.float32),
                                               ("llama", torch.bfloat16)])
-def test_kernelized_model_computes_what_the_plain_one_does(model_type, dtype, counted):
-    plain, model = tiny_model(model_type, dtype), tiny_model(model_type, dtype)
-    hub.kernelize(model, mode=Mode.TRAINING, device="cpu")
+def test_kernelized_model_computes_what_the_plain_one_does(model_type, dtype, counted, device):
+    plain, model = tiny_model(model_type, dtype, device=device), tiny_model(model_type, dtype, device=device)
+    hub.kernelize(model, mode=Mode.TRAINING, device=device.type)
     assert all(_bound(m) is layers.RMSNorm.forward for m in _norms(model))
     assert all(_bound(s) is layers.RotaryPosEmb.forward for s in _slots(model))
-    ids, labels = token_batch("cpu")
+    ids, labels = token_batch(device)
     outs = [m(input_ids=ids, labels=labels) for m in (plain, model)]
     for out in outs:
         out.loss.backward()
@@ -94,20 +94,20 @@ def test_kernelized_model_computes_what_the_plain_one_does(model_type, dtype, co
 
 @pytest.mark.parametrize("mode,ours", [(Mode.INFERENCE, True), (Mode.TRAINING | Mode.TORCH_COMPILE, False),
                                        (Mode.INFERENCE | Mode.TORCH_COMPILE, False)])
-def test_modes(mode, ours):
+def test_modes(mode, ours, device):
     """Inference gets the layers too; a ``torch.compile`` mode keeps the modules' own forwards (the layers do not
     claim ``can_torch_compile``)."""
-    model = tiny_model("llama").eval()
-    hub.kernelize(model, mode=mode, device="cpu")
+    model = tiny_model("llama", device=device).eval()
+    hub.kernelize(model, mode=mode, device=device.type)
     assert all((_bound(m) is not None) == ours for m in _norms(model) + _slots(model))
     if ours:
         with torch.no_grad():
-            ids, _ = token_batch("cpu")
-            assert_close("logits", model(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits,
+            ids, _ = token_batch(device)
+            assert_close("logits", model(input_ids=ids).logits, tiny_model("llama", device=device)(input_ids=ids).logits,
                          torch.float32, scale=4)
 
 
-def test_a_class_under_the_name_with_other_code_runs_its_own_forward(counted):
+def test_a_class_under_the_name_with_other_code_runs_its_own_forward(counted, device):
     """Gemma's ``(1 + w)`` norm wearing the ``RMSNorm`` name: the layer refuses it by name, computes it right."""
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 
@@ -115,17 +115,17 @@ def test_a_class_under_the_name_with_other_code_runs_its_own_forward(counted):
     class OtherRMSNorm(GemmaRMSNorm):
         pass
 
-    norm = OtherRMSNorm(8)
+    norm = OtherRMSNorm(8).to(device)
     torch.nn.init.normal_(norm.weight)
-    x = torch.randn(2, 3, 8)
-    hub.kernelize(norm, device="cpu")
+    x = torch.randn(2, 3, 8, device=device)
+    hub.kernelize(norm, device=device.type)
     assert _bound(norm) is layers.RMSNorm.forward
     with pytest.warns(SlothCoreWarning, match="OtherRMSNorm.forward is not the code"):
         y = norm(x)
     assert torch.equal(y, GemmaRMSNorm.forward(norm, x)) and counted["rms_norm"] == 0
 
 
-def test_a_rotary_slot_with_other_code_runs_its_own_function(counted):
+def test_a_rotary_slot_with_other_code_runs_its_own_function(counted, device):
     def rotate_half(x):  # interleaved pairs: not Llama's halves
         return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
 
@@ -140,17 +140,17 @@ def test_a_rotary_slot_with_other_code_runs_its_own_function(counted):
             return apply_rotary_pos_emb(q, k, cos, sin)
 
     attn = Attention()
-    hub.kernelize(attn, device="cpu")
-    q, k, cos, sin = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    hub.kernelize(attn, device=device.type)
+    q, k, cos, sin = (torch.randn(*shape, device=device) for shape in ((1, 2, 3, 4), (1, 1, 3, 4), (1, 3, 4), (1, 3, 4)))
     with pytest.warns(SlothCoreWarning, match="is not the code"):
         got = attn(q, k, cos, sin)
     want = layers.slot_function(type(apply_rotary_pos_emb))(q, k, cos, sin)
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and counted["apply_rope"] == 0
 
 
-def test_optimize_serves_over_sloth_cores_hub_layers_and_restore_gives_them_back():
-    plain, model = tiny_model("llama"), tiny_model("llama")
-    hub.kernelize(model, mode=Mode.TRAINING, device="cpu")
+def test_optimize_serves_over_sloth_cores_hub_layers_and_restore_gives_them_back(device):
+    plain, model = tiny_model("llama", device=device), tiny_model("llama", device=device)
+    hub.kernelize(model, mode=Mode.TRAINING, device=device.type)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SlothCoreWarning)  # nothing missing
         sloth_core.optimize(model)
@@ -159,7 +159,7 @@ def test_optimize_serves_over_sloth_cores_hub_layers_and_restore_gives_them_back
     rows = [r for r in sloth_core.report(model) if r.pattern == "rope"]
     assert rows and all(r.status == "replaced" and "hub kernel" in r.detail for r in rows)
     assert not sloth_core.missing_patterns(model)
-    ids, labels = token_batch("cpu")
+    ids, labels = token_batch(device)
     assert_close("loss", model(input_ids=ids, labels=labels).loss, plain(input_ids=ids, labels=labels).loss,
                  torch.float32, scale=4)
     sloth_core.restore(model)
@@ -193,14 +193,14 @@ def _dummy_repo(path):
     return path
 
 
-def test_optimize_refuses_a_hub_kernel_that_computes_something_else(tmp_path):
+def test_optimize_refuses_a_hub_kernel_that_computes_something_else(tmp_path, device):
     repo = _dummy_repo(tmp_path / "dummy")
-    mapping = {name: {"cpu": kernels.LocalLayerRepository(repo_path=repo, layer_name=layer)}
+    mapping = {name: {device.type: kernels.LocalLayerRepository(repo_path=repo, layer_name=layer)}
                for name, layer in hub.LAYERS.items()}
-    model = tiny_model("llama")
+    model = tiny_model("llama", device=device)
     with kernels.use_kernel_mapping(mapping, inherit_mapping=False):
-        kernels.kernelize(model, mode=Mode.TRAINING, device="cpu")
-    ids, _ = token_batch("cpu")
+        kernels.kernelize(model, mode=Mode.TRAINING, device=device.type)
+    ids, _ = token_batch(device)
     before = model(input_ids=ids).logits
     with pytest.warns(SlothCoreWarning, match="rms_norm"):
         sloth_core.optimize(model, exclude="causal_lm_loss")
