@@ -8,7 +8,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from . import architectures  # noqa: F401  (declares the built-in architectures)
-from . import binding, fallback
+from . import binding, bound_by_others, fallback
 from .checkpointing import MODES as CHECKPOINTING_MODES
 from .checkpointing import checkpointed_layers, checkpointed_modes, disable_checkpointing, enable_checkpointing
 from .checkpointing_takeover import install as serve_hf_checkpointing
@@ -250,7 +250,7 @@ def _as_running(row: ReportRow, module: nn.Module | None) -> ReportRow:
     why = fallback.fallback_reason(module, row.pattern)
     if why is not None:
         return dataclasses.replace(row, status="fallback", detail=why)
-    other = binding.replaced_since(module, row.pattern)
+    other = bound_by_others.replaced_since(module, row.pattern)
     if other is not None:
         return dataclasses.replace(row, status="overridden", detail=f"replaced after optimize by {other}: this "
                                                                    f"kernel does not run where that answers")

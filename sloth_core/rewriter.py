@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import binding, fallback, foreign, guard
+from . import binding, bound_by_others, fallback, foreign, guard
 from .kernels._runtime import unsupported_reason
 from .registry.architecture import Architecture
 from .registry.pattern import Match, Pattern, PatternUse, Skip
@@ -61,7 +61,7 @@ def _whose(pattern: Pattern, module: nn.Module, match: Match) -> str | None:
     or ``None``: a forward target's forward as the instance had it before us (or its class's), a global's function
     as the instance's forward calls it."""
     if pattern.target == "forward":
-        return foreign.origin(binding.foreign_forward_function(module) or type(module).forward)
+        return foreign.origin(bound_by_others.foreign_forward_function(module) or type(module).forward)
     return foreign.origin(pattern.original(module, match))
 
 
@@ -86,12 +86,12 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             found = use.find(module)
             if found is None:
                 continue
-            hub = None if isinstance(found, Skip) else binding.hub_kernel_at(module, pattern.target)
-            other = binding.foreign_forward(module) if pattern.target == "forward" else None
+            hub = None if isinstance(found, Skip) else bound_by_others.hub_kernel_at(module, pattern.target)
+            other = bound_by_others.foreign_forward(module) if pattern.target == "forward" else None
             # a hub kernel's forward is verified like the class's; so is another library's where the pattern serves it
             if not isinstance(found, Skip) and other is not None and hub is None and not (
-                    pattern.serves_foreign and foreign.servable(binding.foreign_forward_function(module))):
-                whose = foreign.origin(binding.foreign_forward_function(module)) or other
+                    pattern.serves_foreign and foreign.servable(bound_by_others.foreign_forward_function(module))):
+                whose = foreign.origin(bound_by_others.foreign_forward_function(module)) or other
                 found = Skip(f"its forward was replaced on this instance by {whose} (TRL's fused LM head, "
                              f"Liger-Kernel's fused loss, for two): left to it")
             if not isinstance(found, Skip):

@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import nn
 
-from ... import binding
+from ... import bound_by_others
 from ...kernels.gated_activation import gated_activation, gated_activation_reference
 from ... import foreign
 from ..pattern import Match, Pattern, Probe, Skip
@@ -78,7 +78,7 @@ def find(module: nn.Module, params) -> Match | Skip | None:
         return Skip("gate_proj has no in_features")
     dtype, device = module_dtype_device(module)
     sig = (type(module), type(module.gate_proj), dtype, device, hidden, _in_features(module.down_proj), activation,
-           binding.hub_kernel(act) if isinstance(act, nn.Module) else None)
+           bound_by_others.hub_kernel(act) if isinstance(act, nn.Module) else None)
     return Match({"activation": activation, "hidden": hidden}, sig)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ... import binding
+from ... import bound_by_others
 from ...kernels.rms_norm import rms_norm, rms_norm_reference
 from ..pattern import Match, Pattern, Probe, Skip
 from ._probe import autocast_state, input_dtype, module_dtype_device, randn, row_scales
@@ -49,7 +49,7 @@ def find(module: nn.Module, params) -> list[Match] | Skip | None:
     for cast in casts:
         offset = _CASTS[cast] if params["offset"] is None else float(params["offset"])
         sig = (type(module), weight.dtype, weight.device, tuple(weight.shape), eps, cast, offset,
-               weight.requires_grad, binding.hub_kernel(module))
+               weight.requires_grad, bound_by_others.hub_kernel(module))
         matches.append(Match({"cast": cast, "offset": offset, "eps": eps}, sig))
     return matches
 
