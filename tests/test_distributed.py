@@ -80,7 +80,8 @@ def _results(launched, world: int, name: str) -> list[dict]:
 def test_ranks_train_as_one_process_with_the_global_batch(world, name, launched, single_process):
     case = name.split(":")[0]
     ranks = _results(launched, world, name)
-    assert "error" not in ranks[0], ranks[0]["error"]
+    for rank, got in enumerate(ranks):
+        assert "error" not in got, f"rank {rank}: {got['error']}"
     assert not ranks[0]["warnings"]
     one = single_process(case)
     tol = TOLERANCE[case]
