@@ -43,7 +43,7 @@ def interpreting() -> bool:
 _INTERPRETER_LOCK = threading.Lock()
 
 
-def launch(kernel, grid, *args, **kwargs):
+def launch_kernel(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``: every sloth_core kernel launch goes through here. Under the interpreter
     (``TRITON_INTERPRET=1``) launches from several threads run one after the other (see ``_INTERPRETER_LOCK``);
     on a GPU this is the plain launch."""
