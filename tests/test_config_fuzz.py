@@ -154,3 +154,27 @@ def test_optimized_models_compute_the_unoptimized_numbers(cfg, lora, bf16, batch
         hf_err, our_err = rel_err(want[name], exact[name]), rel_err(got[name], exact[name])
         bound = max(BF16_SLACK * hf_err, tolerance(torch.bfloat16).rel_norm)
         assert our_err <= bound, f"{name}: bf16 error {our_err:.3g} vs float64 > {bound:.3g} (HF's: {hf_err:.3g})"
+
+
+def test_olmo_bf16_keeps_q_dtype_with_float32_rope_tables():
+    """Found by the fuzzing above: OLMo's ``apply_rotary_pos_emb`` takes float32 cos/sin with bfloat16 q and casts
+    its outputs back to q's dtype, where the kernel returns the promoted float32 (as Llama's function does). That
+    setting was never verified; it now runs OLMo's function, with a warning naming it."""
+    import transformers
+
+    cfg = _undeclared_config("olmo", vocab_size=97, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=None, _head_dim=8, intermediate_size=20,
+                             max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(DEVICE)
+    model = copy.deepcopy(ref)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sloth_core.optimize(model)
+        ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        got = _step(model, ids, ids)
+    assert any("rope" in str(w.message) and "torch.float32" in str(w.message) for w in seen), \
+        [str(w.message) for w in seen]
+    want = _step(ref, ids, ids)
+    for name in want:
+        assert_close(name, got[name], want[name], torch.bfloat16, scale=4)

@@ -4,7 +4,6 @@ use the heuristic after a timeout. The child processes load ``cache.py`` alone (
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
