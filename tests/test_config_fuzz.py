@@ -62,7 +62,8 @@ def configs(draw):
               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
               max_position_embeddings=draw(st.sampled_from((6, 64))),
               tie_word_embeddings=draw(st.booleans()))
-    if family != "gemma3_text":  # Gemma3 keeps one RoPE setting per layer type
+    # Gemma3 keeps one RoPE setting per layer type; Phi3 reads any scaling as its own "longrope"
+    if family not in ("gemma3_text", "phi3"):
         rope = draw(st.sampled_from(("default", "linear", "dynamic", "llama3", "yarn")))
         params = {"rope_type": rope, "rope_theta": draw(st.sampled_from((100.0, 10000.0)))}
         if rope != "default":
