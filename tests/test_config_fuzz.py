@@ -8,7 +8,10 @@ What ``optimize`` cannot prove equal is left to Hugging Face's forward (a skippe
 number fails. float32: the model-level parity tolerances (tests/architectures/test_parity.py). bfloat16: the
 optimized model's error against a float64 copy of the same weights may be at most tests/test_bf16_accuracy.py's
 slack times Hugging Face's own bfloat16 error (1.5x on a GPU, 4x under the interpreter, whose fp32 -> bf16 casts
-truncate), or one bfloat16 norm tolerance, whichever is larger.
+truncate), or ``BF16_FLOOR``, whichever is larger. The floor is one bfloat16 norm tolerance on a GPU and four under
+the interpreter: there a Qwen3 LoRA draw's k/v ``lora_A`` gradients came 0.037-0.042 from float64 against HF's
+0.009 (4-4.7x) while the same draw in float32 matched HF to 6e-7 -- truncation compounding through the q/k norms,
+RoPE and LoRA casts, not a different function. The GPU run of this file judges bfloat16 accuracy.
 
 ``HYPOTHESIS_PROFILE=thorough`` draws 200 configs instead of the CI profile's few.
 """
@@ -30,6 +33,7 @@ DECLARED = ("llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text")
 UNDECLARED = ("qwen2", "phi3", "olmo", "granite")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_SLACK = SLACK[DEVICE]
+BF16_FLOOR = tolerance(torch.bfloat16).rel_norm * (1 if DEVICE == "cuda" else 4)
 
 
 def _undeclared_config(family: str, **kw):
@@ -153,7 +157,7 @@ def test_optimized_models_compute_the_unoptimized_numbers(cfg, lora, bf16, batch
             assert_close(name, got[name], want[name], torch.float32, scale=8 if "grad" in name else 4)
             continue
         hf_err, our_err = rel_err(want[name], exact[name]), rel_err(got[name], exact[name])
-        bound = max(BF16_SLACK * hf_err, tolerance(torch.bfloat16).rel_norm)
+        bound = max(BF16_SLACK * hf_err, BF16_FLOOR)
         assert our_err <= bound, f"{name}: bf16 error {our_err:.3g} vs float64 > {bound:.3g} (HF's: {hf_err:.3g})"
 
 
