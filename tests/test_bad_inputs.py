@@ -169,14 +169,15 @@ def test_kernels_offsets_are_64_bit():
 
 def test_device_map_split_across_cpu_and_disk(tmp_path):
     """A model dispatched by a ``device_map`` (accelerate's hooks on its modules): one decoder layer offloaded to
-    disk (its weights on the meta device until its hook loads them), the rest on the CPU. The offloaded layer's
+    disk (its weights on the meta device until its hook loads them), the rest on the CPU (on the GPU machine: GPU 0). The offloaded layer's
     modules are skipped (their weights are not there to verify), the others replaced; the numbers are HF's. A split
     across several GPUs needs the GPU machine (the same call with ``device_map="auto"``)."""
     from transformers import AutoModelForCausalLM
 
     tiny_model("llama").save_pretrained(tmp_path / "ckpt")
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    on = 0 if DEVICE == "cuda" else "cpu"
+    device_map = {"model.embed_tokens": on, "model.layers.0": on, "model.layers.1": "disk", "model.norm": on,
+                  "model.rotary_emb": on, "lm_head": on}
 
     def load():
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map, dtype=torch.float32,
@@ -192,7 +193,7 @@ def test_device_map_split_across_cpu_and_disk(tmp_path):
     rows = sloth_core.report(model)
     assert {r.status for r in rows} == {"replaced", "skipped"}
     assert all(r.status == "skipped" for r in rows if r.module.startswith("model.layers.1."))
-    ids = _ids().cpu()
+    ids = _ids()
     _assert_same(_outcome(model, input_ids=ids, labels=ids), _outcome(ref, input_ids=ids, labels=ids))
 
 
