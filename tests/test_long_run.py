@@ -2,6 +2,11 @@
 steps follows Hugging Face's loss curve, and the process's memory stays flat across the steps and across many
 optimize / restore cycles.
 
+Training amplifies any rounding difference: HF's own run with its trainable weights moved by one float32 ulp
+(x (1 + 2**-23)) drifts 2.3e-3 (relative loss) from HF's over 1,000 steps of this setup (6e-5 by step 100, 1e-3 by
+step 200). The bound is therefore that baseline, measured in the same test, times ``CHAOS_SLACK`` (or ``LOSS_RTOL``
+when the run is too short to drift).
+
 CI runs ``STEPS`` steps and ``CYCLES`` cycles; ``SLOTH_CORE_LONG=1`` runs 1,000 steps and 100 cycles (a few
 minutes under the interpreter): ``SLOTH_CORE_LONG=1 python -m pytest -q tests/test_long_run.py -s``.
 """
@@ -21,7 +26,8 @@ from sloth_core.tiny import tiny_model
 LONG = os.environ.get("SLOTH_CORE_LONG") == "1"
 STEPS = 1000 if LONG else 40  # a step of the optimized model takes ~0.1-0.3 s under the interpreter
 CYCLES = 100 if LONG else 5
-LOSS_RTOL = 1e-3  # float32: the largest relative loss difference to HF's along the whole run
+LOSS_RTOL = 1e-5  # float32: the largest relative loss difference to HF's along a run too short to drift
+CHAOS_SLACK = 2.0  # ... or this many times the drift of HF's own run from a one-ulp perturbation of its weights
 RSS_SLACK_MB = 24  # allocator noise; a leak of one tiny model's activations per step would pass this in ~50 steps
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -60,6 +66,10 @@ def _train(model, steps, record_rss=False):
     return losses, rss
 
 
+def _max_deviation(losses, reference):
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the RSS from /proc")
 def test_a_long_lora_run_follows_hf_and_keeps_memory_flat():
     ref = _lora_model()
@@ -67,14 +77,23 @@ def test_a_long_lora_run_follows_hf_and_keeps_memory_flat():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sloth_core.SlothCoreWarning)
         sloth_core.optimize(model)
+    perturbed = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            if p.requires_grad:
+                p.mul_(1 + 2**-23)
     want, _ = _train(ref, STEPS)
+    chaos = _max_deviation(_train(perturbed, STEPS)[0], want)
     got, rss = _train(model, STEPS, record_rss=True)
-    deviation = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+    deviation = _max_deviation(got, want)
     growth = max(rss[len(rss) // 4:]) - rss[len(rss) // 4]  # after a warm-up quarter
-    print(f"\nlong run: {STEPS} steps, loss {want[0]:.4f} -> {want[-1]:.4f} (HF), max relative loss deviation "
-          f"{deviation:.2e}, RSS {rss[len(rss) // 4]:.1f} -> {rss[-1]:.1f} MB (max growth {growth:.1f} MB)")
+    checkpoints = ", ".join(f"{k}: {_max_deviation(got[:k], want[:k]):.1e}" for k in (10, 100, 200, 500, 1000)
+                            if k <= STEPS)
+    print(f"\nlong run: {STEPS} steps, loss {want[0]:.4f} -> {want[-1]:.4f} (HF) / {got[-1]:.4f} (sloth_core); max "
+          f"relative loss deviation {deviation:.2e} (by step {checkpoints}); HF against its one-ulp perturbation "
+          f"{chaos:.2e}; RSS {rss[len(rss) // 4]:.1f} -> {rss[-1]:.1f} MB (max growth {growth:.1f} MB)")
     assert want[-1] < want[0] - 0.1  # it trains
-    assert deviation <= LOSS_RTOL, deviation
+    assert deviation <= max(LOSS_RTOL, CHAOS_SLACK * chaos), (deviation, chaos)
     assert growth <= RSS_SLACK_MB, rss
 
 
