@@ -183,3 +183,27 @@ def test_olmo_bf16_keeps_q_dtype_with_float32_rope_tables():
     want = _step(ref, ids, ids)
     for name in want:
         assert_close(name, got[name], want[name], torch.bfloat16, scale=4)
+
+
+def test_granite_bf16_logits_scaling_is_not_taken_for_plain_logits():
+    """Found by the fuzzing above: Granite divides its logits by ``logits_scaling``, which the generic causal-LM
+    loss does not know. The verification probe's hidden states gave a fresh head's tiny logits (every loss ~log
+    vocab, every gradient under the bf16 atol), so in bfloat16 the fused loss verified and the LoRA gradients came
+    out ~2x off. The probe now spreads the logits as a trained model's do: the pattern is skipped, HF's loss runs."""
+    import transformers
+
+    cfg = _undeclared_config("granite", vocab_size=130, num_hidden_layers=1, num_attention_heads=1,
+                             num_key_value_heads=1, head_dim=None, _head_dim=8, intermediate_size=20,
+                             max_position_embeddings=64)
+    torch.manual_seed(17)
+    ref = _with_lora(transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(DEVICE), 17)
+    model = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sloth_core.optimize(model)
+    rows = [r for r in sloth_core.report(model) if r.pattern == "causal_lm_loss"]
+    assert [r.status for r in rows] == ["skipped"] and "does not compute" in rows[0].detail, rows
+    ids = torch.randint(0, 130, (2, 8), generator=torch.Generator().manual_seed(17)).to(DEVICE)
+    got, want = _step(model, ids, ids), _step(ref, ids, ids)
+    for name in want:
+        assert_close(name, got[name], want[name], torch.bfloat16, scale=8)
