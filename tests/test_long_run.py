@@ -24,8 +24,8 @@ import sloth_core
 from sloth_core.tiny import tiny_model
 
 LONG = os.environ.get("SLOTH_CORE_LONG") == "1"
-STEPS = 1000 if LONG else 40  # a step of the optimized model takes ~0.1-0.3 s under the interpreter
-CYCLES = 100 if LONG else 5
+STEPS = 1000 if LONG else 100  # a step of the optimized model takes ~0.1 s under the interpreter
+CYCLES = 100 if LONG else 10
 LOSS_RTOL = 1e-5  # float32: the largest relative loss difference to HF's along a run too short to drift
 CHAOS_SLACK = 2.0  # ... or this many times the drift of HF's own run from a one-ulp perturbation of its weights
 RSS_SLACK_MB = 24  # allocator noise; a leak of one tiny model's activations per step would pass this in ~50 steps
