@@ -149,12 +149,13 @@ def test_kernels_offsets_are_64_bit():
     so a strided view of a small storage cannot stand in for one."""
     import inspect
 
-    from sloth_core.kernels import cross_entropy, dequant, gated_activation, linear_log_probs, rms_norm, rope
+    from sloth_core.kernels import (cross_entropy_kernels, dequant, gated_activation, linear_log_probs, nf4_gemv,
+                                    rms_norm_kernels, rope)
 
-    kernels = {name: inspect.getsource(obj.fn) for mod in (cross_entropy, dequant, gated_activation,
-                                                           linear_log_probs, rms_norm, rope)
-               for name, obj in vars(mod).items() if inspect.isfunction(getattr(obj, "fn", None))
-               and obj.fn.__module__ == mod.__name__ and "tl.program_id" in inspect.getsource(obj.fn)}
+    modules = (cross_entropy_kernels, dequant, gated_activation, linear_log_probs, nf4_gemv, rms_norm_kernels, rope)
+    kernels = {name: inspect.getsource(obj.fn) for mod in modules for name, obj in vars(mod).items()
+               if inspect.isfunction(getattr(obj, "fn", None)) and obj.fn.__module__ == mod.__name__
+               and "tl.program_id" in inspect.getsource(obj.fn)}
     assert len(kernels) >= 7, sorted(kernels)  # under the interpreter too (InterpretedFunction keeps ``fn``)
     for name, source in kernels.items():
         assert "tl.int64" in source, f"{name}: offsets in int32"
