@@ -221,12 +221,29 @@ def save_merged(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = 
 
 
 def _put_in_place(work: Path, target: Path, overwrite: bool) -> None:
-    if not target.exists():
+    """Rename ``work`` to ``target``. A concurrent writer that put its folder there first wins: the rename onto its
+    (non-empty) folder fails, and this call raises ``FileExistsError`` naming the race."""
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"save_merged: {target} appeared while writing; pass overwrite=True to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        try:
+            os.replace(target, old / "previous")
+        except FileNotFoundError:  # another writer moved it away first
+            pass
+    else:
+        old = None
+    try:
         os.replace(work, target)
-        return
-    if not overwrite:
-        raise FileExistsError(f"save_merged: {target} appeared while writing; pass overwrite=True to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / "previous")
-    os.replace(work, target)
-    shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if not target.exists():
+            if old is not None and (old / "previous").exists():
+                os.replace(old / "previous", target)  # put the previous checkpoint back
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise FileExistsError(f"save_merged: another writer put {target} in place while this one was writing; "
+                              f"its checkpoint is kept") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

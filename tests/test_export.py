@@ -208,3 +208,48 @@ def test_a_killed_write_leaves_nothing_under_the_name(tmp_path):
             child.kill()
     assert not target.exists()
     assert [p.name for p in target.parent.iterdir() if not p.name.startswith(".merged.partial-")] == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_concurrent_writers_leave_one_whole_checkpoint(tmp_path, monkeypatch, overwrite):
+    """Two writers of one path, both past the existence check before either renames its folder into place: one
+    checkpoint ends up under the name, complete; the other writer raises FileExistsError naming the race (or, with
+    ``overwrite``, may replace the first); no partial folder is left."""
+    import threading
+
+    target = tmp_path / "merged"
+    if overwrite:
+        target.mkdir()
+        (target / "stale").write_text("an older checkpoint")
+    both_written = threading.Barrier(2, timeout=60)
+    real = export._put_in_place
+
+    def put_in_place_together(work, path, overwrite_):
+        both_written.wait()
+        return real(work, path, overwrite_)
+
+    monkeypatch.setattr(export, "_put_in_place", put_in_place_together)
+    models = [_adapter_model("bf16") for _ in range(2)]
+    outcomes = [None, None]
+
+    def write(i):
+        try:
+            sloth_core.save_merged(models[i], target, overwrite=overwrite, progress=False)
+            outcomes[i] = "written"
+        except FileExistsError as exc:
+            outcomes[i] = str(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert "written" in outcomes, outcomes
+    for outcome in outcomes:
+        assert outcome == "written" or (str(target) in outcome and "save_merged" in outcome), outcome
+    if not overwrite:
+        assert sorted(outcomes)[0].startswith("save_merged:"), outcomes  # exactly one writer won
+    assert not (target / "stale").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no partial or old folder left
+    ids = _ids(models[0].config.vocab_size)
+    assert_close("merged logits", _logits(_load(target), ids), _logits(models[0], ids).float(), dtype=torch.bfloat16)

@@ -21,19 +21,26 @@ is validated against its kernel's declared space before use (see :mod:`sloth_cor
 
 Concurrency: every write is a read-merge-write under an exclusive ``fcntl.flock`` on ``autotune.json.lock``,
 and lands atomically (a temporary file in the same directory, fsynced, then ``os.replace``): concurrent
-writers never lose each other's entries and readers never see a partial file.
+writers never lose each other's entries, readers never see a partial file, and a process killed mid-write
+leaves the previous file (plus, at worst, a hidden ``.autotune.json.*.tmp``). A corrupt file is reported once
+per process and path, and replaced by the next write. Tuning one key is claimed with :meth:`TuningCache.tuning_slot`
+(a ``flock`` per key under ``autotune.json.locks/``, released by the OS if its holder dies): the other processes
+of the host (ranks of one job) wait for the winner instead of tuning the same key at once, and after a timeout use
+the heuristic.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 try:  # POSIX
     import fcntl
@@ -170,6 +177,7 @@ class TuningCache:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else cache_path()
         self._snapshot: dict | None = None
+        self._reported: set[str] = set()  # problems with the file already warned about
 
     @property
     def lock_path(self) -> Path:
@@ -187,16 +195,26 @@ class TuningCache:
         except FileNotFoundError:
             return empty_document()
         except OSError as exc:
-            warnings.warn(f"sloth_core: cannot read tuning cache {self.path}: {exc}", TuningCacheWarning,
-                          stacklevel=3)
+            self._report(f"sloth_core: cannot read tuning cache {self.path}: {exc}")
             return empty_document()
         try:
             doc = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            warnings.warn(f"sloth_core: ignoring corrupt tuning cache {self.path} ({type(exc).__name__}: "
-                          f"{exc})", TuningCacheWarning, stacklevel=3)
+            self._report(f"sloth_core: ignoring corrupt tuning cache {self.path} ({type(exc).__name__}: {exc})")
             return empty_document()
-        return _validated(doc, self.path) or empty_document()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            clean = _validated(doc, self.path)
+        for w in seen:
+            self._report(str(w.message))
+        return clean or empty_document()
+
+    def _report(self, message: str) -> None:
+        """Warn about a problem with the file once (a store re-reads the file it would otherwise warn about
+        again)."""
+        if message not in self._reported:
+            self._reported.add(message)
+            warnings.warn(message, TuningCacheWarning, stacklevel=4)
 
     def lookup(self, env_key: str, kernel: str, key: str) -> dict | None:
         """The entry for ``kernel`` at ``key`` in environment ``env_key``, or None."""
@@ -255,6 +273,41 @@ class TuningCache:
             finally:
                 if fcntl is not None:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def tuning_slot(self, env_key: str, kernel: str, key: str, timeout_s: float,
+                    poll_s: float = 0.05) -> Iterator[bool]:
+        """The right to tune ``kernel`` at ``key`` in ``env_key``, among the processes of this host: yields True
+        once held (released on exit, or by the OS when the holder dies), False when another process held it for
+        ``timeout_s`` (the caller then uses its heuristic). After a wait, the winner the other process stored is
+        in the file: re-read it (:meth:`read`) before tuning. Always True without ``fcntl`` (Windows) or when
+        the lock file cannot be created."""
+        if fcntl is None:  # pragma: no cover
+            yield True
+            return
+        digest = hashlib.sha256(f"{env_key}\n{kernel}\n{key}".encode()).hexdigest()[:24]
+        lock_dir = self.path.with_name(self.path.name + ".locks")
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(lock_dir / f"{digest}.lock", "a")
+        except OSError:  # an unwritable cache directory: nothing to share, tune for this process
+            yield True
+            return
+        with lock:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(poll_s)
+            try:
+                yield True
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _write(self, doc: dict) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)

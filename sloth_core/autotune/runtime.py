@@ -18,6 +18,9 @@ from .space import describe_key, format_key, get_space
 
 MODE_ENV_VAR = "SLOTH_CORE_AUTOTUNE"
 MODES = ("on", "cache", "off")
+# How long a process waits for another process of the host (another rank) that is tuning the same key, before it
+# uses the heuristic for that key (tuning one key takes seconds).
+TUNE_WAIT_S = 120.0
 
 _mode: str | None = None  # set_mode(); None: from the environment variable
 _cache: TuningCache | None = None
@@ -183,6 +186,22 @@ def resolve(kernel: str, key: dict, heuristic: dict) -> tuple[dict, bool]:
 
 
 def _tune_now(kernel: str, bucket: dict, env: Environment, cache: TuningCache) -> dict | None:
+    """Tune one bucket now, unless another process of the host is tuning it: then wait for its winner (up to
+    ``TUNE_WAIT_S``). None when tuning failed or the wait timed out (the heuristic serves)."""
+    key_str = format_key(bucket)
+    with cache.tuning_slot(env.key, kernel, key_str, TUNE_WAIT_S) as held:
+        if not held:
+            _warn_once(f"sloth_core: another process has been tuning {kernel} for ({describe_key(bucket)}) for "
+                       f"over {TUNE_WAIT_S:.0f} s; this process uses the heuristic for it")
+            return None
+        cache.read()  # the winner of a process that tuned this key while we waited
+        entry = cache.lookup(env.key, kernel, key_str)
+        if entry is not None and get_space(kernel).accepts(entry["config"], bucket) is None:
+            return entry["config"]
+        return _tune_and_store(kernel, bucket, env, cache)
+
+
+def _tune_and_store(kernel: str, bucket: dict, env: Environment, cache: TuningCache) -> dict | None:
     """Tune one bucket now within the budget (one line on stderr); store the winner unless the budget cut the
     tuning short; None when tuning failed."""
     from .tuner import tune

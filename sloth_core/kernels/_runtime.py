@@ -11,6 +11,7 @@ it on), fresh outputs are filled with NaN so that an element a kernel forgot to 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -33,6 +34,23 @@ def interpreting() -> bool:
     if _ENV is not None:
         return _ENV.get(_INTERPRET_KEY) == _ONE
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton's interpreter is not thread-safe: each launch swaps ``triton.language``'s functions for interpreted
+# ones and puts them back when it returns, and one builder object holds the current program id for the whole
+# process. Two threads launching at once see each other's half (``Did you forget to add @triton.jit ?``) or,
+# worse, each other's program ids. Under the interpreter, launches therefore take this lock, one at a time.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch_kernel(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``: every sloth_core kernel launch goes through here. Under the interpreter
+    (``TRITON_INTERPRET=1``) launches from several threads run one after the other (see ``_INTERPRETER_LOCK``);
+    on a GPU this is the plain launch."""
+    if interpreting():
+        with _INTERPRETER_LOCK:
+            return kernel[grid](*args, **kwargs)
+    return kernel[grid](*args, **kwargs)
 
 
 def set_poison(enabled: bool) -> None:

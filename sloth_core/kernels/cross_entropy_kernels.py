@@ -11,7 +11,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2
+from sloth_core.kernels._runtime import cdiv, interpreting, launch_kernel, new_empty, next_power_of_2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,9 +164,9 @@ def ce_forward(logits: torch.Tensor, labels: torch.Tensor, opts: LossOptions, lo
     compute_grad = grad_out is not None
     if not compute_grad:
         grad_out, row_weight = logits, loss_out  # unused pointers
-    _ce_kernel[grid](logits, logits.stride(0), labels, loss_out, stats_out, grad_out, grad_out.stride(0),
-                     row_weight, _broadcast_stride(row_weight), n_rows, n_cols,
-                     FORWARD=True, COMPUTE_GRAD=compute_grad, **opts.kernel_args(), **params)
+    launch_kernel(_ce_kernel, grid, logits, logits.stride(0), labels, loss_out, stats_out, grad_out, grad_out.stride(0),
+                  row_weight, _broadcast_stride(row_weight), n_rows, n_cols,
+                  FORWARD=True, COMPUTE_GRAD=compute_grad, **opts.kernel_args(), **params)
 
 
 def ce_backward(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, row_weight: torch.Tensor,
@@ -177,9 +177,9 @@ def ce_backward(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
     if n_rows == 0:
         return grad
     grid, params = launch_params(logits)
-    _ce_kernel[grid](logits, logits.stride(0), labels, stats, stats, grad, grad.stride(0), row_weight,
-                     _broadcast_stride(row_weight), n_rows, n_cols,  # the loss pointer (stats) is not written
-                     FORWARD=False, COMPUTE_GRAD=True, **opts.kernel_args(), **params)
+    launch_kernel(_ce_kernel, grid, logits, logits.stride(0), labels, stats, stats, grad, grad.stride(0), row_weight,
+                  _broadcast_stride(row_weight), n_rows, n_cols,  # the loss pointer (stats) is not written
+                  FORWARD=False, COMPUTE_GRAD=True, **opts.kernel_args(), **params)
     return grad
 
 

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
-from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, interpreting, launch_kernel, new_empty, next_power_of_2, triton_ok
 from sloth_core.kernels.dequant_checks import _check_inputs, _check_quant_type, _num_elements, _resolve_out
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -229,7 +229,7 @@ def _launch(weight_data: torch.Tensor, quant_state, out: torch.Tensor, first_blo
     """Launch the kernel into contiguous ``out``."""
     grid, args, kwargs = _kernel_args(weight_data, quant_state, out.numel(), out.dtype, out.device, first_block)
     args[_OUT] = out
-    _dequant_4bit_kernel[grid](*args, **kwargs)
+    launch_kernel(_dequant_4bit_kernel, grid, *args, **kwargs)
 
 
 def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sloth_core.kernels._runtime import compiled_launcher, interpreting, new_empty, unsupported_reason
+from sloth_core.kernels._runtime import compiled_launcher, interpreting, launch_kernel, new_empty, unsupported_reason
 from sloth_core.kernels.dequant import (_OUT, _PACKED, OUT_DTYPES, _dequant_4bit_kernel, _kernel_args, _kernel_dtype,
                                         dequantize_4bit, dequantize_4bit_rows)
 from sloth_core.kernels.dequant_checks import _check_inputs, _resolve_out
@@ -146,7 +146,7 @@ class _LaunchPlan:
         else:
             args = list(self.args)
             args[_PACKED], args[_OUT] = _packed_codes(param).reshape(-1), out
-            compiled = _dequant_4bit_kernel[self.grid](*args, **self.kwargs)
+            compiled = launch_kernel(_dequant_4bit_kernel, self.grid, *args, **self.kwargs)
             if self.launcher is None and out.data_ptr() % 16 == 0:
                 self._keep_launcher(compiled)
         if self.kernel_dtype != self.dtype:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, interpreting, launch_kernel, new_empty, next_power_of_2, triton_ok
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -142,7 +142,7 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, activation: str, out: torch.T
     h = new_empty(gate.shape, gate.dtype, gate.device) if out is None else out
     n = gate.numel()
     grid, cfg = _launch_config(n, gate.dtype)
-    _gated_activation_fwd_kernel[grid](gate, up, h, n, ACT=_ACTIVATION_IDS[activation], **cfg)
+    launch_kernel(_gated_activation_fwd_kernel, grid, gate, up, h, n, ACT=_ACTIVATION_IDS[activation], **cfg)
     return h
 
 
@@ -156,8 +156,8 @@ def _backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation
     dg, du = out
     n = gate.numel()
     grid, cfg = _launch_config(n, gate.dtype)
-    _gated_activation_bwd_kernel[grid](dh, gate, up, dg, du, dg if h_out is None else h_out, n,
-                                       ACT=_ACTIVATION_IDS[activation], WRITE_H=h_out is not None, **cfg)
+    launch_kernel(_gated_activation_bwd_kernel, grid, dh, gate, up, dg, du, dg if h_out is None else h_out, n,
+                  ACT=_ACTIVATION_IDS[activation], WRITE_H=h_out is not None, **cfg)
     return dg, du
 
 

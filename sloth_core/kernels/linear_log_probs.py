@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for
-from sloth_core.kernels._runtime import new_empty, triton_ok
+from sloth_core.kernels._runtime import launch_kernel, new_empty, triton_ok
 from sloth_core.kernels.cross_entropy import transform_logits_reference
 from sloth_core.kernels.cross_entropy_kernels import LossOptions, launch_params, logit_transform, write_row_grad
 from sloth_core.kernels.fused_linear_cross_entropy import autocast_inputs, chunked_pass, project, validate_inputs
@@ -118,8 +118,8 @@ def _rows_pass(logits: torch.Tensor, labels: torch.Tensor, opts: LossOptions, ou
     if n_rows == 0:
         return
     grid, params = launch_params(logits)
-    _log_probs_kernel[grid](logits, logits.stride(0), labels, out[0], out[1], out[2], n_rows, n_cols,
-                            COMPUTE_GRAD=compute_grad, **opts.kernel_args(), **params)
+    launch_kernel(_log_probs_kernel, grid, logits, logits.stride(0), labels, out[0], out[1], out[2], n_rows, n_cols,
+                  COMPUTE_GRAD=compute_grad, **opts.kernel_args(), **params)
 
 
 def _forward_pass(hidden, weight, bias, labels, opts: LossOptions, eager_grad: bool):

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
-from sloth_core.kernels._runtime import cdiv, compiled_launcher, interpreting, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import (cdiv, compiled_launcher, interpreting, launch_kernel, new_empty,
+                                         next_power_of_2, triton_ok)
 from sloth_core.kernels.dequant import (_INT32_LIMIT, OUT_DTYPES, _block_scales, _kernel_dtype, _scale_operands,
                                         code_table, dequantize_4bit_reference)
 from sloth_core.kernels.dequant_checks import _check_inputs
@@ -209,7 +210,7 @@ def nf4_gemv(x: torch.Tensor, weight_data: torch.Tensor, quant_state,
     grid, args, kwargs, split, out_dtype = _launch_setup(x, weight_data, quant_state, bias is not None)
     out = new_empty((split, x.shape[0], int(quant_state.shape[0])), out_dtype, x.device)
     args[_X], args[_OUT] = x, out
-    _nf4_gemv_kernel[grid](*args, **kwargs)
+    launch_kernel(_nf4_gemv_kernel, grid, *args, **kwargs)
     return _finish(out, split, bias, x.dtype)
 
 
@@ -277,7 +278,7 @@ class _GemvPlan:
         else:
             args = list(self.args)
             args[_X], args[_PACKED], args[_OUT] = x, _packed_codes(param).reshape(-1), out
-            compiled = _nf4_gemv_kernel[self.grid](*args, **self.kwargs)
+            compiled = launch_kernel(_nf4_gemv_kernel, self.grid, *args, **self.kwargs)
             if self.launcher is None and aligned:
                 self._keep_launcher(compiled)
         return _finish(out, self.split, bias, x.dtype)

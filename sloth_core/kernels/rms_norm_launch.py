@@ -8,7 +8,7 @@ import torch
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import cdiv, interpreting, new_empty, next_power_of_2
+from sloth_core.kernels._runtime import cdiv, interpreting, launch_kernel, new_empty, next_power_of_2
 from sloth_core.kernels.rms_norm_kernels import _rms_norm_bwd_kernel, _rms_norm_fwd_kernel
 
 #: Widest column block on a GPU; wider rows loop over column blocks.
@@ -107,7 +107,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, g
     out = new_empty(x.shape, _output_dtype(x, weight, gemma), x.device)
     rstd = new_empty((n_rows,), torch.float32, x.device)
     programs, launch = _launch_config(x, n_rows, n_cols, dw_reduction=False)
-    _rms_norm_fwd_kernel[(programs,)](
+    launch_kernel(_rms_norm_fwd_kernel, (programs,),
         x, weight, out, rstd, n_rows, n_cols, *x_layout, eps, offset, GEMMA=gemma, **launch,
     )
     return out, x, rstd
@@ -124,7 +124,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: tor
     programs, launch = _launch_config(x, n_rows, n_cols, dw_reduction=need_dw)
     dx = new_empty(x.shape, x.dtype, x.device) if need_dx else None
     dw_partial = new_empty((programs, n_cols), torch.float32, x.device) if need_dw else None
-    _rms_norm_bwd_kernel[(programs,)](
+    launch_kernel(_rms_norm_bwd_kernel, (programs,),
         dy, x, weight, rstd, dx if need_dx else x, dw_partial if need_dw else rstd,
         n_rows, n_cols, *x_layout, *dy_layout, offset,
         GEMMA=gemma, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, **launch,

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import cdiv, interpreting, new_empty_like, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import cdiv, interpreting, launch_kernel, new_empty_like, next_power_of_2, triton_ok
 
 # --------------------------------------------------------------------------------------------- reference
 
@@ -166,7 +166,7 @@ def _rope_launch(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: tor
     if cfg["BLOCK_HALF"] < half:
         raise RuntimeError(f"rope: BLOCK_HALF={cfg['BLOCK_HALF']} must cover half the head dim ({half})")
     grid = (cdiv(n_tokens, cfg["BLOCK_T"]), cdiv(n_heads, cfg["BLOCK_H"]))
-    _rope_kernel[grid](
+    launch_kernel(_rope_kernel, grid,
         xq, xk, out_q, out_k, cos, sin, n_tokens, seq, n_q_heads, n_k_heads, half,
         *_bshd_strides(xq, unsqueeze_dim), *_bshd_strides(xk, unsqueeze_dim),
         *_bshd_strides(out_q, unsqueeze_dim), *_bshd_strides(out_k, unsqueeze_dim),

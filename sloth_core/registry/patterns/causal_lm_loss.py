@@ -234,10 +234,14 @@ def _probe(module: nn.Module, m: Match, gen: torch.Generator) -> Probe:
     dtype, device = module_dtype_device(module.lm_head)
     hidden = module.lm_head.in_features if isinstance(module.lm_head, nn.Linear) else module.config.hidden_size
     vocab = head_linear(module.lm_head).out_features
-    embeds = randn((2, 6, hidden), dtype, device, gen)
+    weight = head_linear(module.lm_head).weight
+    # Hidden states scaled so that the logits spread as a trained model's do (std ~3): with a freshly initialized
+    # head's tiny logits every loss is ~log(vocab) and every gradient below the bf16 tolerance's atol, and a head
+    # that scales its logits (Granite's logits_scaling) would pass for one that does not.
+    row_norm = weight.detach().float().norm(dim=1).mean().clamp_min(1e-6).item()
+    embeds = randn((2, 6, hidden), dtype, device, gen, scale=3.0 / row_norm)
     labels = torch.randint(0, vocab, (2, 6), generator=gen)
     labels[0, :2] = -100
-    weight = head_linear(module.lm_head).weight
     return Probe(inputs=(embeds.requires_grad_(), labels.to(device)),
                  params=(weight,) if weight.requires_grad else (), dtype=dtype)
 

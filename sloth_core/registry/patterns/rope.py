@@ -15,12 +15,15 @@ answered by the original code.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
 
 from ... import binding
 from ...kernels.rope import apply_rope, rope_reference, rope_supported
+from ...tolerances import compare
+from ...warning import SlothCoreWarning
 from ..pattern import Match, Pattern, Probe, Skip
 from ._probe import module_dtype_device, randn
 
@@ -61,7 +64,7 @@ def find(module: nn.Module, params) -> Match | Skip | None:
     else:
         what = original
     sig = (what, dtype, device, head_dim, hq, hk)
-    return Match({"head_dim": head_dim, "heads": (hq, hk), "_function": original}, sig)
+    return Match({"head_dim": head_dim, "heads": (hq, hk), "_dtype": dtype, "_function": original}, sig)
 
 
 def _named_signature(original) -> inspect.Signature | None:
@@ -91,14 +94,44 @@ def _unsqueeze_dim(sig: inspect.Signature | None, args: tuple, kwargs: dict) -> 
     return bound.arguments.get("unsqueeze_dim", 1)
 
 
-def kernel_function(original):
+def _same_on(original, q, k, cos, sin, args, kwargs, unsqueeze_dim) -> str | None:
+    """None when the kernel gives ``original``'s outputs (dtypes and values) on these inputs, else why not."""
+    with torch.no_grad():
+        want = original(q.detach(), k.detach(), cos, sin, *args, **kwargs)
+        got = apply_rope(q.detach(), k.detach(), cos, sin, unsqueeze_dim)
+    for name, g, w in zip(("q", "k"), got, want):
+        if g.dtype != w.dtype:
+            return f"returns {name} in {w.dtype}, the kernel in {g.dtype}"
+        why = compare(g, w)
+        if why is not None:
+            return f"{name}: {why}"
+    return None
+
+
+def kernel_function(original, verified_dtype: torch.dtype):
     """A drop-in for ``original`` (HF's ``apply_rotary_pos_emb``, or the instance's hub-kernel slot for it): the
-    kernel where it applies, else ``original``."""
+    kernel where it applies, else ``original``. Verification probed q, k and the tables in ``verified_dtype``; each
+    other setting of dtypes (OLMo's float32 tables with bfloat16 q, cast back to q's dtype; autocast) is compared
+    with ``original`` on its first call, and one the kernel does not reproduce runs ``original`` (with a
+    warning)."""
     sig = _named_signature(original)
+    # dtypes of (q, k, cos, sin) -> whether the kernel computes original's outputs there
+    verdicts: dict[tuple, bool] = {(verified_dtype,) * 4: True}
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         unsqueeze_dim = _unsqueeze_dim(sig, args, kwargs)
         if not isinstance(unsqueeze_dim, int) or rope_supported(q, k, cos, sin, unsqueeze_dim) is not None:
+            return original(q, k, cos, sin, *args, **kwargs)
+        setting = (q.dtype, k.dtype, cos.dtype, sin.dtype)
+        ok = verdicts.get(setting)
+        if ok is None:
+            why = _same_on(original, q, k, cos, sin, args, kwargs, unsqueeze_dim)
+            ok = verdicts[setting] = why is None
+            if why is not None:
+                warnings.warn(f"sloth_core: rope: {getattr(original, '__qualname__', type(original).__name__)} "
+                              f"with q {q.dtype}, cos/sin {cos.dtype}: {why}; this setting runs the original "
+                              f"function", SlothCoreWarning, stacklevel=2)
+        if not ok:
             return original(q, k, cos, sin, *args, **kwargs)
         return apply_rope(q, k, cos, sin, unsqueeze_dim)
 
@@ -111,7 +144,7 @@ def _reference(m: Match):
 
 
 def _replacement(m: Match):
-    return kernel_function(m["_function"])
+    return kernel_function(m["_function"], m["_dtype"])
 
 
 def _original(module: nn.Module, m: Match):
