@@ -136,8 +136,9 @@ def test_out_of_range_labels_are_refused_naming_the_input(bad_label):
     ids = _ids()
     labels = ids.clone()
     labels[1, 4] = bad_label
-    with pytest.raises(IndexError):  # HF's cross-entropy
-        ref(input_ids=ids, labels=labels)
+    if DEVICE == "cpu":  # on a GPU, HF's cross-entropy fails a device-side assert, which ends the CUDA context
+        with pytest.raises(IndexError):  # HF's cross-entropy
+            ref(input_ids=ids, labels=labels)
     with pytest.raises(ValueError, match=r"labels: values must lie in \[0, 128\) or equal ignore_index=-100"):
         model(input_ids=ids, labels=labels)
 

@@ -86,12 +86,14 @@ def liger_kwargs():
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
     from transformers import LlamaConfig
 
-    x = torch.randn(2, 8, requires_grad=True)
-    mlp = LigerSwiGLUMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2))
-    return {"rms_norm": _runs(lambda: LigerRMSNorm(8)(x).sum().backward()),
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the tests' device (module scope: no device fixture)
+    x = torch.randn(2, 8, device=dev, requires_grad=True)
+    mlp = LigerSwiGLUMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                     num_key_value_heads=2)).to(dev)
+    return {"rms_norm": _runs(lambda: LigerRMSNorm(8).to(dev)(x).sum().backward()),
             "swiglu": _runs(lambda: mlp(x).sum().backward()),
             "fused_linear_cross_entropy": _runs(
-                lambda: LigerCrossEntropyLoss()(x, torch.tensor([1, -100])).backward())}
+                lambda: LigerCrossEntropyLoss()(x, torch.tensor([1, -100], device=dev)).backward())}
 
 
 def _lora_model(device, state=None):
@@ -235,7 +237,10 @@ def test_deleting_an_optimized_model_frees_it(device, offload_on_cpu, interprete
                 weakref.ref(model.get_base_model().lm_head.weight)]
         del model
         gc.collect()
-        assert [r() is None for r in refs] == [True] * len(refs)
+        alive = [r() for r in refs if r() is not None]
+        assert not alive, "still referenced by: " + "; ".join(
+            f"{type(x).__name__} in {module_of}" for x in alive[:1] for module_of in
+            [f"{type(h).__module__}.{type(h).__qualname__}: {str(h)[:120]}" for h in gc.get_referrers(x)[:6]])
 
 
 @pytest.mark.parametrize("how", ["module", "forward"])

