@@ -135,3 +135,16 @@ def compiled_launcher(compiled, grid: tuple[int, ...]):
         return compiled[tuple(grid) + (1,) * (3 - len(grid))]
     except Exception:  # another Triton's compiled-kernel API: launch through the JIT function
         return None
+
+
+def replay_launch(kernel, compiled, grid: tuple[int, ...], args: list, kwargs: dict, arg_names: tuple[str, ...],
+                  tail_from: int):
+    """``(launcher, tail)`` to launch ``compiled`` again as ``launcher(*new_args[:tail_from], *tail)``
+    (:func:`compiled_launcher`): ``tail`` is ``args[tail_from:]`` followed by the keyword arguments in signature
+    order. ``None`` when there is no launcher, or ``kernel``'s signature is not ``arg_names`` then ``kwargs``."""
+    launcher = compiled_launcher(compiled, grid)
+    names = getattr(kernel, "arg_names", None)
+    if launcher is None or names is None or tuple(names[:len(args)]) != arg_names \
+            or any(name not in kwargs for name in names[len(args):]):
+        return None
+    return launcher, tuple(args[tail_from:]) + tuple(kwargs[name] for name in names[len(args):])

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from sloth_core.kernels._runtime import compiled_launcher, interpreting, launch_kernel, new_empty, unsupported_reason
+from sloth_core.kernels._runtime import (interpreting, launch_kernel, new_empty, replay_launch,
+                                         unsupported_reason)
 from sloth_core.kernels.dequant import (_OUT, _PACKED, OUT_DTYPES, _dequant_4bit_kernel, _kernel_args, _kernel_dtype,
                                         dequantize_4bit, dequantize_4bit_rows)
 from sloth_core.kernels.dequant_checks import _check_inputs, _resolve_out
@@ -91,7 +92,7 @@ class _LaunchPlan:
     """One checked dequantization of a ``Params4bit`` (a row range, an output dtype), ready to launch again.
 
     Made after the inputs passed :func:`_check_inputs`, it holds the launch configuration, the scale operands
-    and -- on a GPU, after its first launch -- the compiled kernel's launcher (:func:`compiled_launcher`): a call
+    and -- on a GPU, after its first launch -- the compiled kernel's launcher (:func:`~sloth_core.kernels._runtime.compiled_launcher`): a call
     then costs an allocation and a launch (H200 host: ~30 us against ~85-100 us through the checked path).
     It serves a call only while the weight's packed codes are at the same address with the same size and dtype
     and its ``QuantState`` is the same object holding the same objects (absmax, offset, the nested state and its
@@ -154,13 +155,9 @@ class _LaunchPlan:
         return out
 
     def _keep_launcher(self, compiled) -> None:
-        launcher = compiled_launcher(compiled, self.grid)
-        names = getattr(_dequant_4bit_kernel, "arg_names", None)
-        if launcher is None or names is None or tuple(names[:len(self.args)]) != _ARG_NAMES \
-                or any(name not in self.kwargs for name in names[len(self.args):]):
-            return
-        self.replay_tail = tuple(self.args[_OUT + 1:]) + tuple(self.kwargs[name] for name in names[len(self.args):])
-        self.launcher = launcher
+        kept = replay_launch(_dequant_4bit_kernel, compiled, self.grid, self.args, self.kwargs, _ARG_NAMES, _OUT + 1)
+        if kept is not None:
+            self.launcher, self.replay_tail = kept
 
 
 def _reads_the_state(state, absmax, absmax2, code2, offset, nested: bool) -> bool:

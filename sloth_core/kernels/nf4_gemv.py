@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic
-from sloth_core.kernels._runtime import (cdiv, compiled_launcher, interpreting, launch_kernel, new_empty,
-                                         next_power_of_2, triton_ok)
+from sloth_core.kernels._runtime import (cdiv, interpreting, launch_kernel, new_empty, next_power_of_2,
+                                         replay_launch, triton_ok)
 from sloth_core.kernels.dequant import (_INT32_LIMIT, OUT_DTYPES, _block_scales, _kernel_dtype, _scale_operands,
                                         code_table, dequantize_4bit_reference)
 from sloth_core.kernels.dequant_checks import _check_inputs
@@ -225,7 +225,7 @@ def nf4_gemv_weight(x: torch.Tensor, param, quant_state, bias: torch.Tensor | No
     launch setup of each (rows, dtype, layout) kept on the parameter as a plan (a decoding step launches ~220
     GEMVs of an 8B model: the checked path's host time would show). A plan serves while the weight and its state are
     the same objects at the same address (:func:`dequant._plan_parts`, as the dequantizer's plans); on a GPU it
-    replays the compiled kernel's launcher (:func:`compiled_launcher`)."""
+    replays the compiled kernel's launcher (:func:`~sloth_core.kernels._runtime.compiled_launcher`)."""
     plans = param.__dict__.get(_PLANS_ATTR)
     key = (x.shape, x.dtype, x.stride(), bias is None)
     plan = plans.get(key) if plans is not None else None
@@ -284,13 +284,9 @@ class _GemvPlan:
         return _finish(out, self.split, bias, x.dtype)
 
     def _keep_launcher(self, compiled) -> None:
-        launcher = compiled_launcher(compiled, self.grid)
-        names = getattr(_nf4_gemv_kernel, "arg_names", None)
-        if launcher is None or names is None or tuple(names[:len(self.args)]) != _ARG_NAMES \
-                or any(name not in self.kwargs for name in names[len(self.args):]):
-            return
-        self.replay_tail = tuple(self.args[_OUT + 1:]) + tuple(self.kwargs[name] for name in names[len(self.args):])
-        self.launcher = launcher
+        kept = replay_launch(_nf4_gemv_kernel, compiled, self.grid, self.args, self.kwargs, _ARG_NAMES, _OUT + 1)
+        if kept is not None:
+            self.launcher, self.replay_tail = kept
 
 
 _ARG_NAMES = ("x_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "table_ptr", "out_ptr",
