@@ -15,6 +15,7 @@ from .checkpointing_takeover import install as serve_hf_checkpointing
 from .checkpointing_takeover import serving_hf
 from .compiled import compiled_reason
 from .coverage import missing
+from .inference_mode import MODE_ATTR as INFERENCE_MODE_ATTR
 from .distributed import sharded_parameters
 from .registry.architecture import Architecture, generic_architecture, lookup
 from .registry.patterns import ALL_PATTERNS, OPT_IN_PATTERNS
@@ -219,6 +220,8 @@ def restore(model: nn.Module) -> nn.Module:
         binding.uninstall_all(base)
     fallback.clear_all(model)
     base.__dict__.pop(STATE_ATTR, None)
+    for module in base.modules():  # for_inference's mode goes with the bindings that read it
+        module.__dict__.pop(INFERENCE_MODE_ATTR, None)
     return model
 
 

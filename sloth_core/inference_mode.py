@@ -13,10 +13,11 @@ bound forward asks :func:`decoding_mode` at each call:
   drop gradients.
 
 Verification on first use: the first call of each setting (pattern, layer shapes and dtypes, input dtype, the
-number of rows of a decoding step -- 1 to 8, one GEMV variant each -- or prefill) computes both the inference function and the training path's function (itself verified against
-the original module by ``optimize``) on the call's own input and compares them within the dtype's tolerance. A
-setting that agrees runs the inference function from then on; one that does not runs the training path for good,
-with a warning naming the pattern and the difference.
+number of rows of a decoding step -- 1 to 8, one GEMV variant each -- or prefill) computes both the inference
+function and the training path's function (itself verified against the original module by ``optimize``) on the
+call's own input and compares them within the dtype's tolerance. A setting that agrees runs the inference function
+from then on; one that does not runs the training path for good, with a warning naming the pattern and the
+difference. ``sloth_core.restore`` takes the mode off with the bindings.
 """
 from __future__ import annotations
 

@@ -110,3 +110,10 @@ def test_modes_switch_and_gradients_take_the_training_path(device):
     assert not any(MODE_ATTR in m.__dict__ for m in model.modules())
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_restore_takes_the_inference_mode_off(device):
+    model = sloth_core.optimize(build("llama", torch.float32, "none", device))
+    sloth_core.for_inference(model)
+    sloth_core.restore(model)
+    assert not sloth_core.in_inference_mode(model)

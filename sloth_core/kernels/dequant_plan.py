@@ -92,7 +92,7 @@ class _LaunchPlan:
     """One checked dequantization of a ``Params4bit`` (a row range, an output dtype), ready to launch again.
 
     Made after the inputs passed :func:`_check_inputs`, it holds the launch configuration, the scale operands
-    and -- on a GPU, after its first launch -- the compiled kernel's launcher (:func:`~sloth_core.kernels._runtime.compiled_launcher`): a call
+    and -- on a GPU, after its first launch -- the compiled kernel's launcher (``_runtime.compiled_launcher``): a call
     then costs an allocation and a launch (H200 host: ~30 us against ~85-100 us through the checked path).
     It serves a call only while the weight's packed codes are at the same address with the same size and dtype
     and its ``QuantState`` is the same object holding the same objects (absmax, offset, the nested state and its

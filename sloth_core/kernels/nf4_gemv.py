@@ -77,9 +77,10 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offs
                      NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr,
                      INT64: tl.constexpr, STEPS: tl.constexpr):
     """Program ``(n, s)``: rows ``n * BLOCK_N ..`` of ``out[s]`` = the ``x`` rows times those rows of ``W`` over
-    columns ``s * k_per_split .. + k_per_split`` (``STEPS`` tiles of ``BLOCK_K``). ``ALIGNED`` (``K`` and ``BLOCK_K`` multiples of ``BLOCKSIZE``,
-    ``BLOCK_K`` dividing ``k_per_split``): a tile's bytes are loaded contiguously and its scales once per
-    quantization block; otherwise each element finds its byte, nibble and block from its flat index."""
+    columns ``s * k_per_split .. + k_per_split`` (``STEPS`` tiles of ``BLOCK_K``). ``ALIGNED`` (``K`` and
+    ``BLOCK_K`` multiples of ``BLOCKSIZE``, ``BLOCK_K`` dividing ``k_per_split``): a tile's bytes are loaded
+    contiguously and its scales once per quantization block; otherwise each element finds its byte, nibble and
+    block from its flat index."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -225,7 +226,7 @@ def nf4_gemv_weight(x: torch.Tensor, param, quant_state, bias: torch.Tensor | No
     launch setup of each (rows, dtype, layout) kept on the parameter as a plan (a decoding step launches ~220
     GEMVs of an 8B model: the checked path's host time would show). A plan serves while the weight and its state are
     the same objects at the same address (:func:`dequant._plan_parts`, as the dequantizer's plans); on a GPU it
-    replays the compiled kernel's launcher (:func:`~sloth_core.kernels._runtime.compiled_launcher`)."""
+    replays the compiled kernel's launcher (``_runtime.compiled_launcher``)."""
     plans = param.__dict__.get(_PLANS_ATTR)
     key = (x.shape, x.dtype, x.stride(), bias is None)
     plan = plans.get(key) if plans is not None else None
