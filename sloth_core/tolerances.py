@@ -49,9 +49,11 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def compare(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
-            scale: float = 1.0) -> str | None:
+            scale: float = 1.0, relative_always: bool = False) -> str | None:
     """None when ``actual`` matches ``expected`` within the tolerance of ``dtype`` (default: actual's dtype);
-    otherwise a one-line reason naming the relative error and the worst element."""
+    otherwise a one-line reason naming the relative error and the worst element. ``relative_always``: the
+    relative-norm bound applies to any ``expected`` that is not all zeros, also one whose every value lies below
+    ``atol`` (verification's probes: a small output must still be the right one)."""
     if actual.shape != expected.shape:
         return f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     tol = tolerance(dtype or actual.dtype, scale)
@@ -75,7 +77,7 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | N
     bad = diff > bound
     # a tensor whose every expected value lies below atol (e.g. one tiny element) is judged elementwise alone:
     # its norm is too small for a relative error of it to mean anything
-    norm_applies = bool((e.abs() > tol.atol).any())
+    norm_applies = bool((e.abs() > (0.0 if relative_always else tol.atol)).any())
     if (norm_applies and r > tol.rel_norm) or bad.any():
         i = int(torch.argmax(diff - bound))
         return (f"relative error {r:.3e} (bound {tol.rel_norm:.1e}); worst element {i}: "

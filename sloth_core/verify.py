@@ -69,7 +69,7 @@ def _differ(what: str, a: list, b: list, dtype: torch.dtype) -> str | None:
             continue
         if x.dtype != y.dtype:
             return f"{what}[{i}]: dtype {x.dtype} vs {y.dtype}"
-        why = compare(x, y, dtype, scale=_SCALE)
+        why = compare(x, y, dtype, scale=_SCALE, relative_always=True)
         if why is not None:
             return f"{what}[{i}]: {why}"
     return None
