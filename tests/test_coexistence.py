@@ -86,7 +86,14 @@ def liger_kwargs():
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
     from transformers import LlamaConfig
 
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the tests' device (module scope: no device fixture)
+    # Liger discovers its RoPE backends on first use and logs each import that fails with the exception object as a
+    # log argument; pytest's log capture keeps that record, whose traceback reaches the frames (and the model) of
+    # whatever called first. Discover here, before any model exists (outside pytest no handler keeps the record).
+    q = torch.randn(1, 2, 3, 4, device=dev)
+    _runs(lambda: liger_rotary_pos_emb(q, q, torch.ones(1, 3, 4, device=dev), torch.zeros(1, 3, 4, device=dev)))
     x = torch.randn(2, 8, device=dev, requires_grad=True)
     mlp = LigerSwiGLUMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
                                      num_key_value_heads=2)).to(dev)
