@@ -69,3 +69,26 @@ def test_fsdp2_through_the_trainer_on_two_gpus(tmp_path):
     cmd = _launcher("torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE), "--fsdp")
     outputs = run([cmd], [rank_env(TRITON_INTERPRET="0")], tmp_path, TIMEOUT)
     assert re.search(r"world 2, engine FSDP\w+, losses: ", "\n".join(outputs))
+
+
+SFT_EXAMPLE = ROOT / "examples" / "sft_trainer.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU ranks: a CPU machine's test (CI)")
+def test_sft_trainer_example_on_two_ranks(tmp_path):
+    """TRL's ``SFTTrainer`` with its default config (QLoRA, 8-bit AdamW, gradient accumulation) wraps the optimized
+    model in DDP on 2 gloo ranks: both ranks train and log finite losses (the global batch doubles, so the losses
+    are not the single process's)."""
+    trl = pytest.importorskip("trl")
+    from packaging.version import Version
+
+    if Version(trl.__version__) < Version("1.16"):
+        pytest.skip("TRL < 1.16 runs its own Triton log-prob kernel on CPU tensors (fails under triton 3.6's "
+                    "interpreter): see tests/bench/test_sft_flow.py")
+    cmd = _launcher("torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SFT_EXAMPLE), "--steps", "2")
+    out = "\n".join(run([cmd], [rank_env()], tmp_path, TIMEOUT))
+    found = re.findall(r"losses: ([-\d. naninf]+)", out)
+    assert len(found) == 2, f"expected a losses line from each rank:\n{out[-3000:]}"
+    for line in found:
+        values = [float(x) for x in line.split()]
+        assert len(values) == 2 and all(torch.isfinite(torch.tensor(values))), line
