@@ -88,7 +88,24 @@ def _packed_codes(param) -> torch.Tensor:
     return data
 
 
-class _LaunchPlan:
+class WeightPlan:
+    """What a plan kept on a ``Params4bit`` was made for (its packed codes' address and size, the objects of its
+    ``QuantState``, interpreter or not), and whether it still serves a call: compared by identity (see
+    :class:`_LaunchPlan`). The dequantization plans and the GEMV plans (``nf4_gemv._GemvPlan``) share it."""
+
+    __slots__ = ("parts", "ptr", "numel", "interp")
+
+    def _bind(self, param, state) -> None:
+        self.parts, self.ptr, self.numel = _plan_parts(param, state), param.data_ptr(), param.numel()
+        self.interp = interpreting()
+
+    def serves(self, param, state) -> bool:
+        if param.data_ptr() != self.ptr or param.numel() != self.numel or self.interp != interpreting():
+            return False
+        return all(a is b for a, b in zip(self.parts, _plan_parts(param, state)))
+
+
+class _LaunchPlan(WeightPlan):
     """One checked dequantization of a ``Params4bit`` (a row range, an output dtype), ready to launch again.
 
     Made after the inputs passed :func:`_check_inputs`, it holds the launch configuration, the scale operands
@@ -102,8 +119,7 @@ class _LaunchPlan:
     planned: the paths that compute the scales or copy rows out in torch (a second level that is not float32, a
     row range that does not start a block) run in full every time."""
 
-    __slots__ = ("parts", "ptr", "numel", "shape", "kernel_dtype", "dtype", "device", "interp", "grid", "args",
-                 "kwargs", "launcher", "replay_tail")
+    __slots__ = ("shape", "kernel_dtype", "dtype", "device", "grid", "args", "kwargs", "launcher", "replay_tail")
 
     @classmethod
     def make(cls, param, state, dtype: torch.dtype, rows) -> "_LaunchPlan | None":
@@ -126,19 +142,12 @@ class _LaunchPlan:
         if not _reads_the_state(state, *args[1:5], nested=kwargs["NESTED"]):
             return None
         plan = cls()
-        plan.parts = _plan_parts(param, state)
-        plan.ptr, plan.numel = param.data_ptr(), param.numel()
+        plan._bind(param, state)
         plan.shape, plan.dtype, plan.kernel_dtype, plan.device = shape, dtype, kernel_dtype, data.device
-        plan.interp = interpreting()
         plan.grid, plan.args, plan.kwargs = grid, args, kwargs
         plan.args[_PACKED] = None  # read from the Params4bit at each JIT launch: not kept alive here
         plan.launcher = plan.replay_tail = None
         return plan
-
-    def serves(self, param, state) -> bool:
-        if param.data_ptr() != self.ptr or param.numel() != self.numel or self.interp != interpreting():
-            return False
-        return all(a is b for a, b in zip(self.parts, _plan_parts(param, state)))
 
     def run(self, param) -> torch.Tensor:
         out = new_empty(self.shape, self.kernel_dtype, self.device)

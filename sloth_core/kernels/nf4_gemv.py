@@ -35,7 +35,7 @@ from sloth_core.kernels._runtime import (cdiv, interpreting, launch_kernel, new_
 from sloth_core.kernels.dequant import (_INT32_LIMIT, OUT_DTYPES, _block_scales, _kernel_dtype, _scale_operands,
                                         code_table, dequantize_4bit_reference)
 from sloth_core.kernels.dequant_checks import _check_inputs
-from sloth_core.kernels.dequant_plan import _packed_codes, _plan_parts, _Plans, _reads_the_state
+from sloth_core.kernels.dequant_plan import WeightPlan, _packed_codes, _Plans, _reads_the_state
 
 MAX_ROWS = 8  # the most rows of x the GEMV takes (more: dequantize + GEMM, which a GEMM's reuse of W pays for)
 
@@ -225,7 +225,7 @@ def nf4_gemv_weight(x: torch.Tensor, param, quant_state, bias: torch.Tensor | No
     """:func:`nf4_gemv` of a ``Params4bit`` (a ``Linear4bit``'s weight) and its ``QuantState``, with the checks and
     launch setup of each (rows, dtype, layout) kept on the parameter as a plan (a decoding step launches ~220
     GEMVs of an 8B model: the checked path's host time would show). A plan serves while the weight and its state are
-    the same objects at the same address (:func:`dequant._plan_parts`, as the dequantizer's plans); on a GPU it
+    the same objects at the same address (:class:`dequant_plan.WeightPlan`, as the dequantizer's plans); on a GPU it
     replays the compiled kernel's launcher (``_runtime.compiled_launcher``)."""
     plans = param.__dict__.get(_PLANS_ATTR)
     key = (x.shape, x.dtype, x.stride(), bias is None)
@@ -240,13 +240,12 @@ def nf4_gemv_weight(x: torch.Tensor, param, quant_state, bias: torch.Tensor | No
     return plan.run(x, param, bias)
 
 
-class _GemvPlan:
+class _GemvPlan(WeightPlan):
     """One checked GEMV setting of a ``Params4bit``; see :func:`nf4_gemv_weight` (and :class:`dequant._LaunchPlan`,
     whose rules it follows: the packed codes are read through their address, which the caller's parameter keeps
     alive; only the state's own scale tensors are kept, never copies that could go stale)."""
 
-    __slots__ = ("parts", "ptr", "numel", "interp", "grid", "args", "kwargs", "split", "out_shape", "out_dtype",
-                 "launcher", "replay_tail")
+    __slots__ = ("grid", "args", "kwargs", "split", "out_shape", "out_dtype", "launcher", "replay_tail")
 
     @classmethod
     def make(cls, x, param, state, with_bias: bool) -> "_GemvPlan | None":
@@ -258,18 +257,12 @@ class _GemvPlan:
         if not _reads_the_state(state, *args[2:6], nested=kwargs["NESTED"]):
             return None
         plan = cls()
-        plan.parts, plan.ptr, plan.numel, plan.interp = _plan_parts(param, state), param.data_ptr(), param.numel(), \
-            interpreting()
+        plan._bind(param, state)
         plan.grid, plan.args, plan.kwargs, plan.split = grid, args, kwargs, split
         plan.args[_PACKED] = None  # read from the parameter at each JIT launch: not kept alive here
         plan.out_shape, plan.out_dtype = (split, x.shape[0], int(state.shape[0])), out_dtype
         plan.launcher = plan.replay_tail = None
         return plan
-
-    def serves(self, param, state) -> bool:
-        if param.data_ptr() != self.ptr or param.numel() != self.numel or self.interp != interpreting():
-            return False
-        return all(a is b for a, b in zip(self.parts, _plan_parts(param, state)))
 
     def run(self, x, param, bias) -> torch.Tensor:
         out = new_empty(self.out_shape, self.out_dtype, x.device)
