@@ -26,10 +26,9 @@ def foreign_forward_function(module: nn.Module) -> Any:
     return current
 
 
-def foreign_forward(module: nn.Module) -> str | None:
-    """The name of :func:`foreign_forward_function`, or ``None``."""
-    current = foreign_forward_function(module)
-    return None if current is None else _describe(current)
+def name_of(fn: Any) -> str:
+    """A forward's real name and file (for :func:`foreign_forward_function`'s result)."""
+    return _describe(fn)
 
 
 #: Where ``kernels.kernelize`` records, on an instance, the repository whose layer forward it set there.

@@ -56,12 +56,12 @@ def _try_matches(module: nn.Module, use: PatternUse, matches: list[Match], cache
                          "\n".join(r.error for r in reasons if r.error))
 
 
-def _whose(pattern: Pattern, module: nn.Module, match: Match) -> str | None:
+def _whose(pattern: Pattern, module: nn.Module, match: Match, theirs) -> str | None:
     """The library other than transformers' whose function the pattern verified against (:mod:`sloth_core.foreign`),
-    or ``None``: a forward target's forward as the instance had it before us (or its class's), a global's function
-    as the instance's forward calls it."""
+    or ``None``: a forward target's forward as the instance had it before us (``theirs``, or its class's), a
+    global's function as the instance's forward calls it."""
     if pattern.target == "forward":
-        return foreign.origin(bound_by_others.foreign_forward_function(module) or type(module).forward)
+        return foreign.origin(theirs or type(module).forward)
     return foreign.origin(pattern.original(module, match))
 
 
@@ -87,11 +87,13 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
             if found is None:
                 continue
             hub = None if isinstance(found, Skip) else bound_by_others.hub_kernel_at(module, pattern.target)
-            other = bound_by_others.foreign_forward(module) if pattern.target == "forward" else None
+            # the forward another library set on the instance, if any (a forward target's "original")
+            theirs = bound_by_others.foreign_forward_function(module) if pattern.target == "forward" else None
+            other = None if theirs is None else bound_by_others.name_of(theirs)
             # a hub kernel's forward is verified like the class's; so is another library's where the pattern serves it
             if not isinstance(found, Skip) and other is not None and hub is None and not (
-                    pattern.serves_foreign and foreign.servable(bound_by_others.foreign_forward_function(module))):
-                whose = foreign.origin(bound_by_others.foreign_forward_function(module)) or other
+                    pattern.serves_foreign and foreign.servable(theirs)):
+                whose = foreign.origin(theirs) or other
                 found = Skip(f"its forward was replaced on this instance by {whose} (TRL's fused LM head, "
                              f"Liger-Kernel's fused loss, for two): left to it")
             if not isinstance(found, Skip):
@@ -103,7 +105,7 @@ def rewrite(model: nn.Module, arch: Architecture, only: set[str] | None = None,
                 continue
             # an instance forward another library set is part of what was verified (``other``)
             match, why = _try_matches(module, use, found, cache, seed, settings, other)
-            serves = _whose(pattern, module, match or found[0])
+            serves = _whose(pattern, module, match or found[0], theirs)
             if match is None:
                 reason = why.reason
                 if hub is not None:
