@@ -1,6 +1,7 @@
 """What ``report()`` and ``is_optimized()`` say follows what is installed through the model's round trips, and
 ``optimize()`` afterwards reinstalls what is missing: pickle and ``torch.save`` keep no kernel (the replacements
 are closures), a deep copy keeps them all, a model built on the meta device gets them once it is materialized."""
+import contextlib
 import copy
 import io
 import pickle
@@ -161,3 +162,65 @@ def test_an_unpickled_model_gets_hf_checkpointing_back_as_it_was(hf_on):
     back = _torch_save(model)
     assert {layer.gradient_checkpointing for layer in back.model.layers} == {hf_on}
     assert {type(layer.gradient_checkpointing) for layer in back.model.layers} == {bool}
+
+
+def _lora_pair():
+    """A tiny LoRA model and an unoptimized deep copy of it (the reference); B is made non-zero so an adapter that
+    is skipped, or served with the wrong weights, changes the logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama", device=DEVICE),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator(p.device).manual_seed(len(name)))
+    return model, copy.deepcopy(model)
+
+
+def _second_adapter(model):
+    from peft import LoraConfig
+
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".second" in name:  # A too: add_adapter draws it from the global generator
+                p.normal_(0, 0.3, generator=torch.Generator(p.device).manual_seed(len(name) + 1))
+
+
+@pytest.mark.parametrize("change", ["set_adapter", "disable_adapter", "two_active", "delete_adapter"])
+def test_a_peft_adapter_change_after_optimize_computes_what_peft_does(change):
+    """PEFT adapter changes after ``optimize``: the optimized model's logits follow the unoptimized copy given the
+    same change (the LoRA replacements read the adapter state at every call, so a setting they do not serve runs
+    PEFT's forward), and the report never lists as replaced a LoRA module whose replacement does not run."""
+    model, ref = _lora_pair()
+    _optimize_quietly(model)
+    ids = _ids()
+    for m in (model, ref):
+        _second_adapter(m)
+        if change == "set_adapter":
+            m.set_adapter("second")
+        elif change == "two_active":
+            m.base_model.set_adapter(["default", "second"])
+        elif change == "delete_adapter":
+            m.set_adapter("second")
+            m.delete_adapter("default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.ExitStack() as stack:
+            if change == "disable_adapter":
+                stack.enter_context(model.disable_adapter())
+                stack.enter_context(ref.disable_adapter())
+            out, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert_close(f"logits after {change}", out, want, dtype=torch.float32)
+    fallen = {r.module for r in sloth_core.report(model) if r.status == "fallback"}
+    replaced_lora = {r.module for r in sloth_core.report(model)
+                     if r.status == "replaced" and r.pattern == "lora_linear"}
+    assert not (fallen & replaced_lora)
+    if change in ("two_active", "disable_adapter"):  # settings the kernels do not serve: PEFT's forward ran, said
+        assert fallen, "a LoRA setting sloth_core does not serve ran PEFT's forward without a fallback in the report"
+    if change == "disable_adapter":  # the context is over: the kernels run again and the report says so
+        assert_close("logits after the context", model(input_ids=ids).logits, ref(input_ids=ids).logits,
+                     dtype=torch.float32)
+        still = [(r.module, r.pattern, r.detail) for r in sloth_core.report(model) if r.status == "fallback"]
+        assert not still

@@ -33,7 +33,7 @@ from torch import nn
 
 from ... import binding
 from ...distributed import sharded_4bit_reason
-from ...fallback import fall_back
+from ...fallback import fall_back, fallback_reason, resume
 from ...inference_mode import decoding_mode
 from ...kernels.lora_infer import lora_linear_infer, lora_mlp_infer
 from ...kernels.lora_linear import lora_linear, lora_linear_reference
@@ -112,17 +112,23 @@ def _linear_with(fn, grouped: bool = False):
             if group is not None and not (args or kwargs):
                 out = group.pending_output(self, x)  # computed with q/k/v's specs read moments ago, this call
                 if out is not None:
+                    resume(self, "lora_linear")
                     return out
             spec = lora_spec(self)
             if isinstance(spec, str) or args or kwargs:
                 why = sharded_4bit_reason(self.get_base_layer())
                 if why is not None:  # PEFT's forward would fail deep inside bitsandbytes
                     raise NotImplementedError(f"sloth_core: {why}")
+                if grouped:
+                    fall_back(self, "lora_linear", spec if isinstance(spec, str) else
+                              f"called with arguments besides x (keywords {sorted(kwargs)})", lasting=False)
                 return type(self).forward(self, x, *args, **kwargs)
             changed = _changed((spec,), m["_settings"])
             if changed is not None:
                 fall_back(self, "lora_linear", changed)
                 return type(self).forward(self, x)
+            if grouped:
+                resume(self, "lora_linear")
             if mode is not None:
                 return mode.run(self, "lora_linear", ("lora_linear",) + _inference_key(x, (spec,)),
                                 lambda: lora_linear_infer(x, *spec, cast=mode.cast),
@@ -155,8 +161,11 @@ LORA_LINEAR = Pattern(
 
 
 # --- lora_mlp ---------------------------------------------------------------------------------------------------
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 def _mlp_specs(module: nn.Module):
-    specs = [lora_spec(getattr(module, name)) for name in ("gate_proj", "up_proj", "down_proj")]
+    specs = [lora_spec(getattr(module, name)) for name in _MLP_PROJECTIONS]
     bad = [s for s in specs if isinstance(s, str)]
     return bad[0] if bad else specs
 
@@ -165,7 +174,7 @@ def find_mlp(module: nn.Module, params) -> Match | Skip | None:
     found = gated_mlp.find(module, params)
     if not isinstance(found, Match):
         return found
-    if not all(is_lora_layer(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")):
+    if not all(is_lora_layer(getattr(module, n)) for n in _MLP_PROJECTIONS):
         return None  # plain projections: gated_mlp's business
     specs = _mlp_specs(module)
     if isinstance(specs, str):
@@ -184,11 +193,17 @@ def _mlp_with(fn, infer: bool = False):
         def forward(self, x):
             specs = _mlp_specs(self)
             if isinstance(specs, str):
+                if infer:
+                    fall_back(self, "lora_mlp", specs, lasting=False)
                 return binding.previous_forward(self, "lora_mlp")(x)
             changed = _changed(specs, m["_settings"])
             if changed is not None:
                 fall_back(self, "lora_mlp", changed)
                 return binding.previous_forward(self, "lora_mlp")(x)
+            if infer and fallback_reason(self, "lora_mlp") is not None:  # a passing state is over: the notes
+                resume(self, "lora_mlp")  # its projections' forwards made while it lasted go too
+                for name in _MLP_PROJECTIONS:
+                    resume(getattr(self, name), "lora_linear")
             mode = decoding_mode(self) if infer else None
             if mode is not None:
                 return mode.run(self, "lora_mlp", ("lora_mlp",) + _inference_key(x, specs) + (activation,),
@@ -312,11 +327,15 @@ def _attention_with(grouped: bool):
 def _qkv_as_verified(attention: nn.Module, settings: tuple) -> bool:
     """Whether q, k, v are still as the group's verification saw them (else it falls back, saying so)."""
     specs = [lora_spec(getattr(attention, name)) for name in _QKV]
-    if any(isinstance(spec, str) for spec in specs):
-        return True  # the projections fall back themselves, each with its reason
+    why = next((f"{name}: {spec}" for name, spec in zip(_QKV, specs) if isinstance(spec, str)), None)
+    if why is not None:  # the projections fall back too, each with its reason
+        fall_back(attention, "lora_qkv", why, lasting=False)
+        return True
     changed = _changed(specs, settings)
     if changed is not None:
         fall_back(attention, "lora_qkv", changed)
+    else:
+        resume(attention, "lora_qkv")
     return changed is None
 
 
