@@ -7,6 +7,7 @@ tolerance of the module's dtype (``sloth_core.tolerances``). The caller's RNG st
 """
 from __future__ import annotations
 
+import contextlib
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -114,10 +115,28 @@ def _tolerance_dtype(probe: Probe) -> torch.dtype:
     return probe.dtype
 
 
+@contextlib.contextmanager
+def _standing_in(pairs):
+    """The parameters hold their stand-in values (``.data`` swapped: their own storage is not written)."""
+    own = [p.data for p, _ in pairs]
+    try:
+        for p, values in pairs:
+            p.data = values
+        yield
+    finally:
+        for (p, _), data in zip(pairs, own):
+            p.data = data
+
+
 def verify(original: Callable, replacement: Callable, reference: Callable, probe: Probe,
            seed: int = 0) -> Failure | None:
     """``None`` when the three agree on ``probe`` (outputs and gradients, within the tolerance of the dtype they
     compute in), else the reason they do not."""
+    with _standing_in(probe.stand_ins):
+        return _verify(original, replacement, reference, probe, seed)
+
+
+def _verify(original, replacement, reference, probe: Probe, seed: int) -> Failure | None:
     try:
         o_out, o_grad = _run(original, probe, seed + 1, seed + 2)
     except Exception as e:  # the module cannot run the probe at all

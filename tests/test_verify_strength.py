@@ -30,3 +30,34 @@ def test_a_small_output_computed_right_passes():
 def test_all_zero_outputs_are_equal_outputs():
     zero = lambda x: x * 0.0  # noqa: E731
     assert verify(zero, zero, zero, _probe()) is None
+
+
+def test_a_wrong_lora_a_gradient_is_refused_even_with_b_at_its_zero_init(monkeypatch):
+    """PEFT starts ``B`` at zero, which makes the gradient of ``A`` zero for every implementation: the LoRA probes
+    give an all-zero ``B`` a random stand-in while they run (and give the model its own back), so a kernel whose
+    ``dA`` is wrong is refused at ``optimize`` instead of training ``A`` wrongly from the first step on."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    import sloth_core
+    from sloth_core.kernels import lora_linear as lora_linear_module
+    from sloth_core.tiny import tiny_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
+    assert not any(p.any() for n, p in model.named_parameters() if "lora_B" in n)  # PEFT's zero init
+    own_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    function = lora_linear_module._LoRALinearFunction
+    backward = function.backward
+
+    def wrong_da(ctx, dy):
+        dx, dA, dB, *rest = backward(ctx, dy)
+        return (dx, None if dA is None else 1.5 * dA, dB, *rest)
+
+    monkeypatch.setattr(function, "backward", staticmethod(wrong_da))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sloth_core.optimize(model, exclude="lora_qkv")
+    rows = [r for r in sloth_core.report(model) if r.pattern == "lora_linear"]
+    assert rows and all(r.status == "skipped" and "gradient" in r.detail for r in rows), rows
+    assert all(torch.equal(p, own_b[n]) for n, p in model.named_parameters() if "lora_B" in n)

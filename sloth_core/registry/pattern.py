@@ -58,11 +58,14 @@ class Match:
 @dataclass(frozen=True)
 class Probe:
     """Inputs for a verification run. Tensors in ``inputs`` that require grad, and ``params``, get their
-    gradients compared."""
+    gradients compared. ``stand_ins``: ``(parameter, values)`` pairs the parameter holds while the probe runs
+    (its own values are back afterwards), where its own would hide a wrong gradient -- a LoRA ``B`` still at its
+    zero initialization makes the gradient of ``A`` zero on every side."""
 
     inputs: tuple
     params: tuple[torch.Tensor, ...] = ()
     dtype: torch.dtype = torch.float32
+    stand_ins: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
 
 FindResult = None | Skip | Match | Sequence[Match]

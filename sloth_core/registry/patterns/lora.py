@@ -54,6 +54,13 @@ def _trainable(*specs) -> tuple:
     return tuple(t for s in specs for t in (s.A, s.B) if t.requires_grad)
 
 
+def _stand_ins(specs, gen) -> tuple:
+    """Random values for the adapter matrices that are all zero (``B`` as PEFT initializes it), so the probe's
+    gradient of ``A`` (zero on every side otherwise) is compared too."""
+    return tuple((t, randn(t.shape, t.dtype, t.device, gen, scale=t.shape[-1] ** -0.5))
+                 for s in specs for t in (s.A, s.B) if not t.detach().any())
+
+
 _SETTING = ("lora_A dtype", "lora_B dtype", "adapter device", "base weight dtype", "base weight device",
             "4-bit compute dtype", "scale")
 
@@ -145,7 +152,8 @@ def _probe_linear(module: nn.Module, m: Match, gen) -> Probe:
     spec = lora_spec(module)
     dtype, device = module_dtype_device(spec.base_layer)
     x = randn((2, 3, m["in"]), dtype, device, gen)
-    return Probe(inputs=(x.requires_grad_(),), params=_trainable(spec), dtype=dtype)
+    return Probe(inputs=(x.requires_grad_(),), params=_trainable(spec), dtype=dtype,
+                 stand_ins=_stand_ins((spec,), gen))
 
 
 LORA_LINEAR = Pattern(
@@ -218,7 +226,8 @@ def _mlp_with(fn, infer: bool = False):
 
 def _probe_mlp(module: nn.Module, m: Match, gen) -> Probe:
     probe = gated_mlp.probe(module, m, gen)
-    return Probe(inputs=probe.inputs, params=_trainable(*_mlp_specs(module)), dtype=probe.dtype)
+    specs = _mlp_specs(module)
+    return Probe(inputs=probe.inputs, params=_trainable(*specs), dtype=probe.dtype, stand_ins=_stand_ins(specs, gen))
 
 
 LORA_MLP = Pattern(
@@ -344,7 +353,7 @@ def _probe_qkv(module: nn.Module, m: Match, gen) -> Probe:
     hidden = randn((2, 3, m["hidden"]), dtype, device, gen).requires_grad_()
     cos, sin = (randn((2, 3, m["head_dim"]), dtype, device, gen) for _ in range(2))
     specs = [lora_spec(getattr(module, name)) for name in _QKV]
-    return Probe(inputs=(hidden, cos, sin), params=_trainable(*specs), dtype=dtype)
+    return Probe(inputs=(hidden, cos, sin), params=_trainable(*specs), dtype=dtype, stand_ins=_stand_ins(specs, gen))
 
 
 def _attention_output(fn):
