@@ -17,8 +17,13 @@
   (``benchmarks/results/train_llama-3-8b_20261129_s4_qkv`` / ``_s4_default``), so it is in the default list.
   ``optimize(model, exclude="lora_qkv")`` leaves the three projections to ``lora_linear``.
 
-Supported: ``lora_dropout=0``, no LoRA bias, no DoRA, one active adapter (rsLoRA is just its scaling), adapters
-neither merged nor disabled. Anything else keeps PEFT's path and the report says why. The replacement forwards
+Supported: bases ``nn.Linear``, bitsandbytes NF4/FP4 ``Linear4bit`` and LLM.int8 ``Linear8bitLt`` (dequantized
+on use: :mod:`sloth_core.kernels.dequant_int8`), ``lora_dropout`` an ``nn.Dropout`` (any ``p``: the masks drawn as
+PEFT draws them, :func:`sloth_core.kernels.lora_linear.dropout_mask`; with dropout active, ``lora_qkv`` and
+``lora_mlp`` run their projections as separate ``lora_linear`` functions, one mask each), no LoRA bias, no DoRA,
+one active adapter (rsLoRA is just its scaling), adapters neither merged nor disabled. Anything else keeps PEFT's
+path and the report says why. Each pattern's dropout in effect (training or eval mode) is its ``setting``: one
+verification did not see is verified on first use (:mod:`sloth_core.guard`). The replacement forwards
 re-read the adapter state at every call (:func:`lora_spec` is attribute reads), so switching adapters, merging or
 disabling them later falls back to the module's own forward instead of computing something else; so does a
 setting verification never saw (:func:`_setting`: a trainer's cast of the adapters, ``.to()``), which
@@ -64,6 +69,17 @@ def _setting(spec) -> tuple:
     w = spec.base_layer.weight
     return (spec.A.dtype, spec.B.dtype, spec.A.device, w.dtype, w.device,
             getattr(spec.base_layer, "compute_dtype", None), spec.scale)
+
+
+def _dropout_setting(*layers: nn.Module) -> tuple | None:
+    """The pattern ``setting`` (:mod:`sloth_core.guard`) of LoRA layers: the dropout each applies on this call (its
+    ``lora_dropout`` in training mode, 0 in eval mode). A model optimized in eval mode (as ``from_pretrained``
+    returns it) verifies its dropout on the first training-mode call, with the same RNG state on both sides.
+    ``None`` (a layer the fused path does not compute): its forward falls back on its own."""
+    specs = [lora_spec(layer) for layer in layers]
+    if any(isinstance(spec, str) for spec in specs):
+        return None
+    return tuple(spec.dropout for spec in specs)
 
 
 def _changed(specs, verified: tuple) -> str | None:
@@ -151,6 +167,7 @@ LORA_LINEAR = Pattern(
     original=lambda module, m: module.forward,
     probe=_probe_linear,
     defaults={},
+    setting=lambda module, args: _dropout_setting(module),
 )
 
 
@@ -217,6 +234,7 @@ LORA_MLP = Pattern(
     defaults={"activation": "auto"},
     supersedes=("gated_mlp",),
     serves_foreign=True,
+    setting=lambda module, args: _dropout_setting(module.gate_proj, module.up_proj, module.down_proj),
 )
 
 
@@ -343,4 +361,5 @@ LORA_QKV = Pattern(
     probe=_probe_qkv,
     defaults={},
     adapt=_attention_output,
+    setting=lambda module, args: _dropout_setting(*(getattr(module, name) for name in _QKV)),
 )
