@@ -40,7 +40,6 @@ from ... import binding
 from ...distributed import sharded_4bit_reason
 from ...fallback import fall_back
 from ...inference_mode import decoding_mode
-from ...kernels.lora_base import _is_8bit
 from ...kernels.lora_infer import lora_linear_infer, lora_mlp_infer
 from ...kernels.lora_linear import lora_linear, lora_linear_reference
 from ...kernels.lora_mlp import lora_mlp, lora_mlp_reference
@@ -72,17 +71,16 @@ def _setting(spec) -> tuple:
             getattr(spec.base_layer, "compute_dtype", None), spec.scale)
 
 
-def _mode_setting(*layers: nn.Module) -> tuple | None:
-    """The pattern ``setting`` (:mod:`sloth_core.guard`) of LoRA layers: the dropout each applies on this call (its
-    ``lora_dropout`` in training mode, 0 in eval mode), and an LLM.int8 base's training flag (bitsandbytes' forward
-    on a CPU multiplies with the dequantized weight in training mode, with int8-quantized inputs in eval mode). A
-    model optimized in eval mode (as ``from_pretrained`` returns it) verifies its dropout on the first
-    training-mode call, with the same RNG state on both sides. ``None`` (a layer the fused path does not compute):
-    its forward falls back on its own."""
-    specs = [lora_spec(layer) for layer in layers]
-    if any(isinstance(spec, str) for spec in specs):
-        return None
-    return tuple((spec.dropout, spec.base_layer.training if _is_8bit(spec.base_layer) else None) for spec in specs)
+def _mode_setting(module: nn.Module, args=None) -> tuple:
+    """The pattern ``setting`` (:mod:`sloth_core.guard`) of the LoRA patterns: whether the bound module is in
+    training mode. That decides the dropout the layers apply (their ``lora_dropout`` in training mode, 0 in eval
+    mode) and how an LLM.int8 base multiplies (bitsandbytes' forward on a CPU uses the dequantized weight in
+    training mode, int8-quantized inputs in eval mode); the rest of a layer's setting is checked by its forward
+    (:func:`_changed`). One attribute read a call: a model optimized in eval mode (as ``from_pretrained`` returns
+    it) verifies its training-mode path -- the dropout masks, with the same RNG state on both sides -- on its first
+    training call. (A mode set on the dropout modules alone, not through ``.train()`` / ``.eval()`` of the module
+    or one above it, is not seen.)"""
+    return (module.training,)
 
 
 def _changed(specs, verified: tuple) -> str | None:
@@ -170,7 +168,7 @@ LORA_LINEAR = Pattern(
     original=lambda module, m: module.forward,
     probe=_probe_linear,
     defaults={},
-    setting=lambda module, args: _mode_setting(module),
+    setting=_mode_setting,
 )
 
 
@@ -237,7 +235,7 @@ LORA_MLP = Pattern(
     defaults={"activation": "auto"},
     supersedes=("gated_mlp",),
     serves_foreign=True,
-    setting=lambda module, args: _mode_setting(module.gate_proj, module.up_proj, module.down_proj),
+    setting=_mode_setting,
 )
 
 
@@ -364,5 +362,5 @@ LORA_QKV = Pattern(
     probe=_probe_qkv,
     defaults={},
     adapt=_attention_output,
-    setting=lambda module, args: _mode_setting(*(getattr(module, name) for name in _QKV)),
+    setting=_mode_setting,
 )
