@@ -53,9 +53,9 @@ def _dequantized(layer: nn.Module) -> torch.Tensor:
             return dequantize_4bit(data, state).float()
         return dequantize_weight(layer).float()
     if kind == "Int8Params":
-        from peft.utils.integrations import dequantize_bnb_weight
+        from .kernels.dequant_int8 import dequantize_int8
 
-        return dequantize_bnb_weight(weight, state=getattr(layer, "state", None)).float()
+        return dequantize_int8(layer)
     return weight.detach().float()
 
 

@@ -1,5 +1,6 @@
-"""One LoRA linear (:class:`LoRASpec`) and its frozen base layer (``nn.Linear`` or bitsandbytes ``Linear4bit``): the
-base weight (dequantized on use), the dtypes PEFT computes in, and whether the fused LoRA functions can run on it."""
+"""One LoRA linear (:class:`LoRASpec`) and its frozen base layer (``nn.Linear``, bitsandbytes ``Linear4bit`` or
+LLM.int8 ``Linear8bitLt``): the base weight (dequantized on use), the dtypes PEFT computes in, and whether the fused
+LoRA functions can run on it."""
 from __future__ import annotations
 
 import functools
@@ -9,15 +10,19 @@ import torch
 from torch import nn
 
 from sloth_core.kernels._runtime import KERNEL_DTYPES, triton_ok
+from sloth_core.kernels.dequant_int8 import dequantize_int8, int8_reason
 
 
 class LoRASpec(NamedTuple):
-    """One LoRA linear: the frozen base layer, ``A`` [r, in], ``B`` [out, r] and the scale ``s``."""
+    """One LoRA linear: the frozen base layer, ``A`` [r, in], ``B`` [out, r], the scale ``s`` and the probability
+    ``dropout`` with which PEFT's ``lora_dropout`` zeroes an input element of the LoRA branch on this call (its
+    ``p`` in training mode, 0 in eval mode or without dropout)."""
 
     base_layer: nn.Module
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    dropout: float = 0.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,13 +61,17 @@ def _quant_state(layer: nn.Module):
     return state if state is not None else getattr(layer, "quant_state", None)
 
 
-def base_weight(base_layer: nn.Module, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def base_weight(base_layer: nn.Module, rows: tuple[int, int] | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """The base weight [out, in] (``rows=(start, stop)``: rows ``start:stop`` only): ``layer.weight`` of an
     ``nn.Linear``; for a bitsandbytes ``Linear4bit`` the dequantized weight (Triton dequantizer when available,
-    else ``bitsandbytes.functional.dequantize_4bit``).
+    else ``bitsandbytes.functional.dequantize_4bit``); for an LLM.int8 ``Linear8bitLt`` the dequantized weight in
+    ``dtype`` (:func:`dequant_int8.dequantize_int8`; ``dtype`` is required then).
 
     A dequantized weight is a temporary: use it at once and drop it, so the next dequantization (or anything
     else) reuses its memory (:func:`dequant_plan.dequantize_weight`)."""
+    if _is_8bit(base_layer):
+        return dequantize_int8(base_layer, dtype, rows)
     if not _is_4bit(base_layer):
         return base_layer.weight if rows is None else base_layer.weight[rows[0]:rows[1]]
     dequantize = _triton_dequantizer()
@@ -91,6 +100,8 @@ def _dtypes(layer: nn.Module, x_dtype: torch.dtype, device_type: str) -> tuple[t
     """``(compute dtype, output dtype)`` of the LoRA layer on an input of ``x_dtype``, or ``None`` when PEFT
     would not run it (``nn.Linear`` with mismatched dtypes: the reference raises PEFT's error)."""
     autocast = torch.is_autocast_enabled(device_type)
+    if _is_8bit(layer):  # bitsandbytes returns x's dtype; under autocast the reference (PEFT's path) runs
+        return None if autocast else (x_dtype, x_dtype)
     if _is_4bit(layer):
         compute = _compute_dtype_4bit(layer, x_dtype)
         out = torch.promote_types(x_dtype, torch.get_autocast_dtype(device_type)) if autocast else x_dtype
@@ -112,8 +123,10 @@ def _frozen_base_reason(layer: nn.Module) -> str | None:
 def _base_reason(layer: nn.Module) -> str | None:
     """Why the fused path cannot use this base layer (``None``: it can)."""
     if _is_8bit(layer):
-        return "8-bit bitsandbytes base layer (Linear8bitLt) is not supported"
-    if _is_4bit(layer):
+        why = int8_reason(layer)
+        if why is not None:
+            return why
+    elif _is_4bit(layer):
         qs = _quant_state(layer)
         if qs is None:
             return "the 4-bit base layer has no quantization state (not quantized yet)"
@@ -121,14 +134,14 @@ def _base_reason(layer: nn.Module) -> str | None:
             return "the 4-bit weight is repacked for bitsandbytes' CPU inference kernel"
     elif type(layer) is not nn.Linear:
         return (f"base layer {type(layer).__name__} is not supported "
-                "(torch.nn.Linear and bitsandbytes Linear4bit are)")
+                "(torch.nn.Linear and bitsandbytes Linear4bit and Linear8bitLt are)")
     if layer.weight.device.type == "meta":
         return "the base weight is on the meta device (offloaded)"
     return _frozen_base_reason(layer)
 
 
 def _check_spec(name: str, spec: LoRASpec, in_features: int | None = None) -> None:
-    layer, A, B, _ = spec
+    layer, A, B = spec.base_layer, spec.A, spec.B
     out_f, in_f = _layer_dims(layer)
     if A.dim() != 2 or A.shape[1] != in_f:
         raise ValueError(f"{name}.A: expected shape (r, {in_f}), got {tuple(A.shape)}")
@@ -140,7 +153,7 @@ def _check_spec(name: str, spec: LoRASpec, in_features: int | None = None) -> No
 
 def _fused_dtypes(x: torch.Tensor, spec: LoRASpec, x_dtype: torch.dtype | None = None):
     """``(compute, output)`` dtypes when the fused path can run this LoRA linear, else ``None``."""
-    layer, A, B, _ = spec
+    layer, A, B = spec.base_layer, spec.A, spec.B
     if not triton_ok(x, A, B) or _base_reason(layer) is not None:
         return None
     if not (A.device == B.device == layer.weight.device == x.device):

@@ -59,7 +59,7 @@ def _base_plus_lora(x: torch.Tensor, xa: torch.Tensor, layer: nn.Module, B: torc
     y = _scaled_mm(xa, B.to(x.dtype).t(), scale, x.dtype)
     if bias is not None:
         y += bias
-    w = base_weight(layer, rows).to(x.dtype)
+    w = base_weight(layer, rows, x.dtype).to(x.dtype)
     y.addmm_(x, w.t())
     if keep_weight:
         return y, w
@@ -80,7 +80,7 @@ def _shared_input_xa(x: torch.Tensor, As) -> list[torch.Tensor]:
 
 def _project(x: torch.Tensor, spec: LoRASpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of one LoRA linear on 2-D ``x`` in the compute dtype: ``(y, xa)``."""
-    layer, A, B, scale = spec
+    layer, A, B, scale = spec[:4]
     xa = _input_xa(x, A)
     return _base_plus_lora(x, xa, layer, B, scale), xa
 
@@ -89,7 +89,7 @@ def _base_input_grad(dy: torch.Tensor, layer: nn.Module, accumulate: torch.Tenso
                      rows: tuple[int, int] | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``dy W`` (``W``'s rows ``c0:c1`` with ``rows = (c0, c1)``), added to ``accumulate`` in place when given;
     ``weight``: that ``W`` (rows) in ``dy``'s dtype, already at hand."""
-    w = base_weight(layer, rows).to(dy.dtype) if weight is None else weight
+    w = base_weight(layer, rows, dy.dtype).to(dy.dtype) if weight is None else weight
     dx = torch.mm(dy, w) if accumulate is None else accumulate.addmm_(dy, w)
     del w
     return dx
@@ -99,7 +99,7 @@ def _input_grad(dy: torch.Tensor, dyB: torch.Tensor, spec: LoRASpec,
                 accumulate: torch.Tensor | None = None) -> torch.Tensor:
     """``dy W + s * dyB A`` (added to ``accumulate`` in place when given): the LoRA term first, the base GEMM
     adding into it (as :func:`_base_plus_lora`)."""
-    layer, A, _, scale = spec
+    layer, A, _, scale = spec[:4]
     if accumulate is None:
         lora = _scaled_mm(dyB, A.to(dy.dtype), scale, dy.dtype)
     else:
@@ -111,7 +111,7 @@ def _project_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, spec:
                       needs: tuple[bool, bool, bool], accumulate: torch.Tensor | None = None):
     """``(dx, dA, dB)`` of one LoRA linear (``None`` where ``needs`` says the gradient is not wanted)."""
     need_dx, need_dA, need_dB = needs
-    _, A, B, scale = spec
+    _, A, B, scale = spec[:4]
     dyB = torch.mm(dy, B.to(dy.dtype)) if need_dx or need_dA else None
     dA = _scaled_mm(dyB.t(), x, scale, A.dtype) if need_dA else None
     dB = _scaled_mm(dy.t(), xa, scale, B.dtype) if need_dB else None

@@ -22,8 +22,8 @@ import torch
 from sloth_core.kernels import gated_activation as _ga
 from sloth_core.kernels.lora_base import LoRASpec, _fused_dtypes, _is_4bit, _quant_state
 from sloth_core.kernels.lora_gemm import _input_xa, _no_autocast, _project
-from sloth_core.kernels.lora_linear import lora_linear_reference
-from sloth_core.kernels.lora_mlp import _mlp_dtypes, lora_mlp_reference
+from sloth_core.kernels.lora_linear import lora_linear, lora_linear_reference
+from sloth_core.kernels.lora_mlp import _mlp_dtypes, lora_mlp, lora_mlp_reference
 from sloth_core.kernels.nf4_gemv import MAX_ROWS, nf4_gemv_weight
 
 Cast = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
@@ -35,7 +35,7 @@ def decodes(x2: torch.Tensor, spec: LoRASpec) -> bool:
 
 
 def _linear2d(x2: torch.Tensor, spec: LoRASpec, cast: Cast | None = None) -> torch.Tensor:
-    layer, A, B, scale = spec
+    layer, A, B, scale = spec[:4]
     if not decodes(x2, spec):
         return _project(x2, spec)[0]
     A, B = (t.to(x2.dtype) if cast is None else cast(t, x2.dtype) for t in (A, B))
@@ -44,11 +44,13 @@ def _linear2d(x2: torch.Tensor, spec: LoRASpec, cast: Cast | None = None) -> tor
 
 
 def lora_linear_infer(x: torch.Tensor, base_layer, A: torch.Tensor, B: torch.Tensor, scale: float,
-                      cast: Cast | None = None) -> torch.Tensor:
+                      dropout: float = 0.0, cast: Cast | None = None) -> torch.Tensor:
     """``base_layer(x) + scale * (x A^T) B^T`` without autograd (see the module docstring). ``cast(t, dtype)``:
     ``t.to(dtype)`` for the adapters, e.g. from a cache (PEFT keeps them in float32 under a bf16 base: two casts a
-    decoding step and layer otherwise)."""
-    spec = LoRASpec(base_layer, A, B, float(scale))
+    decoding step and layer otherwise). ``dropout`` > 0 (a layer in training mode): :func:`lora_linear` draws it."""
+    spec = LoRASpec(base_layer, A, B, float(scale), float(dropout))
+    if spec.dropout:
+        return lora_linear(x, *spec)
     dtypes = _fused_dtypes(x, spec)
     if dtypes is None or x.numel() == 0:
         return lora_linear_reference(x, *spec)
@@ -64,6 +66,8 @@ def lora_mlp_infer(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec
     """``down(act(gate(x)) * up(x))`` with LoRA projections, without autograd: the three projections as
     :func:`lora_linear_infer`, the gated activation kernel between them."""
     dtypes = _mlp_dtypes(x, gate, up, down)
+    if gate.dropout or up.dropout or down.dropout:  # layers in training mode: the training path draws the masks
+        return lora_mlp(x, gate, up, down, activation)
     if dtypes is None or x.numel() == 0:
         return lora_mlp_reference(x, gate, up, down, activation)
     compute, out = dtypes

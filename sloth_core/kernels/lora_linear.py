@@ -62,30 +62,71 @@ import torch.nn.functional as F
 from torch import nn
 
 from sloth_core import recompute
-from sloth_core.kernels.lora_base import LoRASpec, _check_spec, _fused_dtypes, _is_4bit, _layer_dims
-from sloth_core.kernels.lora_gemm import _input_xa, _no_autocast, _project, _project_backward, _unused_output
+from sloth_core.kernels.lora_base import LoRASpec, _check_spec, _fused_dtypes, _is_4bit, _is_8bit, _layer_dims
+from sloth_core.kernels.lora_gemm import (_base_input_grad, _base_plus_lora, _input_xa, _no_autocast, _project,
+                                          _project_backward, _scaled_mm, _unused_output)
 
 
 def lora_linear_reference(x: torch.Tensor, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,
-                          scale: float) -> torch.Tensor:
-    """PEFT's ``lora.Linear.forward`` / ``lora.Linear4bit.forward`` for one adapter, dropout 0, in their dtypes."""
+                          scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` / ``lora.Linear4bit.forward`` / ``lora.Linear8bitLt.forward`` for one adapter
+    (``dropout``: its ``lora_dropout`` in training mode, applied as ``nn.Dropout`` does), in their dtypes."""
     result = base_layer(x)
-    if _is_4bit(base_layer):  # peft/tuners/lora/bnb.py: the LoRA term is cast to the result dtype, then added
-        result = result.clone()
+    if _is_4bit(base_layer) or _is_8bit(base_layer):  # peft/tuners/lora/bnb.py: the LoRA term is cast to the
+        result = result.clone()                         # result dtype, then added
         convert = not torch.is_autocast_enabled()
         x_lora = x.to(A.dtype) if convert else x
-        lora = F.linear(F.linear(x_lora, A), B) * scale
+        lora = F.linear(F.linear(_dropped(x_lora, dropout), A), B) * scale
         return result + (lora.to(result.dtype) if convert else lora)
     result_dtype = result.dtype  # peft/tuners/lora/layer.py: added (type promotion), then cast back
-    lora = F.linear(F.linear(x.to(A.dtype), A), B) * scale
+    lora = F.linear(F.linear(_dropped(x.to(A.dtype), dropout), A), B) * scale
     return (result + lora).to(result_dtype)
 
 
+def _dropped(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p, training=True) if p > 0 else x
+
+
+def _mask_dtype(x: torch.Tensor, base_layer: nn.Module, A: torch.Tensor) -> torch.dtype:
+    """The dtype of the tensor PEFT's ``lora_dropout`` sees: ``x`` cast to the adapter's dtype, except on a
+    bitsandbytes base under autocast (no cast there)."""
+    quantized = _is_4bit(base_layer) or _is_8bit(base_layer)
+    return x.dtype if quantized and torch.is_autocast_enabled(x.device.type) else A.dtype
+
+
+def dropout_mask(x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, factor)``: the elements of ``x`` PEFT's ``nn.Dropout(p)`` keeps (bool, ``x``'s shape) and the
+    factor it multiplies them by (``1 / (1 - p)`` in ``dtype``, a 0-dim tensor), drawn from torch's generator
+    exactly as ``nn.Dropout`` draws them on a ``dtype`` tensor of ``x``'s shape and device: the same call on ones,
+    whose result is ``keep * factor``. The generator advances as PEFT's would, so the same seed gives the same
+    masks here and in PEFT, and every later draw (the next layer's mask) agrees too."""
+    drawn = F.dropout(torch.ones(x.shape, dtype=dtype, device=x.device), p, training=True)
+    keep = drawn != 0
+    factor = torch.ones((), dtype=dtype, device=x.device).div_(1 - p)  # as dropout scales what it keeps
+    return keep, factor
+
+
 class _LoRALinearFunction(torch.autograd.Function):
-    """One LoRA linear on 2-D ``x`` in the compute dtype; the base layer and scale ride along as constants."""
+    """One LoRA linear on 2-D ``x`` in the compute dtype; the base layer and scale ride along as constants.
+
+    With dropout (``keep``/``factor`` from :func:`dropout_mask`, ``keep`` [T, in] bool): the LoRA branch reads
+    ``xd = x * keep * factor``; saved are ``xd`` (instead of ``x``: the backward needs ``x`` only through it) and
+    ``keep`` (one byte an element)::
+
+        xa = xd A^T;  y = s xa B^T + x W^T
+        dA = s dyB^T xd;  dB = s dy^T xa;  dx = (s dyB A) * keep * factor + dy W
+    """
 
     @staticmethod
-    def forward(ctx, x, A, B, base_layer, scale):
+    def forward(ctx, x, A, B, base_layer, scale, keep, factor):
+        ctx.base_layer, ctx.scale, ctx.factor = base_layer, scale, factor
+        ctx.stashed = None
+        if keep is not None:  # dropout: no stash path (the recompute draws and saves the same tensors)
+            xd = _through_dropout(x, keep, factor)
+            xa = _input_xa(xd, A)
+            y = _base_plus_lora(x, xa, base_layer, B, scale)
+            ctx.save_for_backward(xd, xa, A, B, keep)
+            return y
         stash = recompute.layer_stash()
         # In an offloading layer (memory.stash.LayerStash.projection): the output projection of a kept attention
         # output takes x back from that host copy and saves nothing through the checkpoint; in the recompute, the
@@ -99,7 +140,6 @@ class _LoRALinearFunction(torch.autograd.Function):
             y, xa = _project(x, LoRASpec(base_layer, A, B, scale))
             if call is not None:
                 stash.projected(call, y)
-        ctx.base_layer, ctx.scale = base_layer, scale
         ctx.stashed = call.handle if call is not None else None
         if ctx.stashed is None:
             ctx.save_for_backward(x, xa, A, B)
@@ -109,30 +149,56 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.stashed is None:
-            x, xa, A, B = ctx.saved_tensors
-        else:
+        keep = None
+        if ctx.stashed is not None:
             (A, B), x = ctx.params, ctx.stashed.restore()
             xa = _input_xa(x, A)  # as the forward computed it
+        elif ctx.factor is not None:
+            x, xa, A, B, keep = ctx.saved_tensors  # x: the dropped input xd
+        else:
+            x, xa, A, B = ctx.saved_tensors
+        spec = LoRASpec(ctx.base_layer, A, B, ctx.scale)
+        need_dx, need_dA, need_dB = ctx.needs_input_grad[:3]
         with _no_autocast(dy.device.type):
-            dx, dA, dB = _project_backward(dy, x, xa, LoRASpec(ctx.base_layer, A, B, ctx.scale),
-                                           tuple(ctx.needs_input_grad[:3]))
-        return dx, dA, dB, None, None
+            if keep is None:
+                dx, dA, dB = _project_backward(dy, x, xa, spec, (need_dx, need_dA, need_dB))
+            else:
+                _, dA, dB = _project_backward(dy, x, xa, spec, (False, need_dA, need_dB))
+                dx = _dropped_input_grad(dy, keep, ctx.factor, spec) if need_dx else None
+        return dx, dA, dB, None, None, None, None
+
+
+def _dropped_input_grad(dy: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor, spec: LoRASpec) -> torch.Tensor:
+    """``(s dy B A) * keep * factor + dy W``: the LoRA term through the dropout, the base GEMM adding into it."""
+    dyB = torch.mm(dy, spec.B.to(dy.dtype))
+    lora = _scaled_mm(dyB, spec.A.to(dy.dtype), spec.scale, dy.dtype)
+    return _base_input_grad(dy, spec.base_layer, _through_dropout(lora, keep, factor))
+
+
+def _through_dropout(t: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``t * keep * factor`` in ``t``'s dtype, the product taken in ``factor``'s dtype (PEFT's dropout runs on the
+    input cast to the adapter dtype, fp32 under a bf16 base) and rounded once."""
+    return torch.where(keep, t.to(factor.dtype) * factor, 0).to(t.dtype)
 
 
 def lora_linear(x: torch.Tensor, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """``base_layer(x) + scale * (x A^T) B^T`` as PEFT's LoRA layer computes it, in one autograd function.
+                scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """``base_layer(x) + scale * (x A^T) B^T`` as PEFT's LoRA layer computes it, in one autograd function;
+    ``dropout`` > 0: PEFT's ``lora_dropout`` in training mode, the mask drawn as it draws it (:func:`dropout_mask`).
 
-    ``x`` [..., in]; ``base_layer`` ``nn.Linear`` or bitsandbytes ``Linear4bit`` (frozen); ``A`` [r, in];
-    ``B`` [out, r]. Falls back to :func:`lora_linear_reference` when the fused path cannot run."""
-    spec = LoRASpec(base_layer, A, B, float(scale))
+    ``x`` [..., in]; ``base_layer`` ``nn.Linear``, bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` (frozen); ``A``
+    [r, in]; ``B`` [out, r]. Falls back to :func:`lora_linear_reference` when the fused path cannot run."""
+    spec = LoRASpec(base_layer, A, B, float(scale), float(dropout))
     _check_spec("lora", spec, x.shape[-1])
     dtypes = _fused_dtypes(x, spec)
-    if dtypes is None or x.numel() == 0:
+    if dtypes is None or x.numel() == 0 or not 0 <= spec.dropout < 1:
         return lora_linear_reference(x, *spec)
     compute, out = dtypes
+    keep = factor = None
+    if spec.dropout > 0:
+        keep, factor = dropout_mask(x, spec.dropout, _mask_dtype(x, base_layer, A))
+        keep = keep.reshape(-1, x.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).to(compute)
     with _no_autocast(x.device.type):
-        y = _LoRALinearFunction.apply(x2, A, B, base_layer, spec.scale)
+        y = _LoRALinearFunction.apply(x2, A, B, base_layer, spec.scale, keep, factor)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(out)

@@ -46,7 +46,7 @@ from sloth_core.kernels._runtime import new_empty
 from sloth_core.kernels.lora_base import LoRASpec, _check_spec, _fused_dtypes, _layer_dims
 from sloth_core.kernels.lora_gemm import (_base_plus_lora, _input_grad, _no_autocast, _project, _project_backward,
                                           _scaled_mm, _shared_input_xa, _unused_output)
-from sloth_core.kernels.lora_linear import lora_linear_reference
+from sloth_core.kernels.lora_linear import lora_linear, lora_linear_reference
 from sloth_core.kernels.lora_mlp_chunked import _chunked_recompute_backward
 
 
@@ -67,7 +67,7 @@ def _down_and_gated_backward(dh, g, u, ma, down: LoRASpec, activation: str, need
     """Through the down projection and the gated activation: ``(dA_d, dB_d, dg, du)``. ``overwrite``: ``dg``,
     ``du`` are written over ``g``, ``u`` (the caller's are then gone), which keeps three [T, I] tensors alive at
     most instead of four."""
-    _, A_d, B_d, scale = down
+    _, A_d, B_d, scale = down[:4]
     dyB = torch.mm(dh, B_d.to(dh.dtype))
     dB = _scaled_mm(dh.t(), ma, scale, B_d.dtype) if need_dB else None
     m = dA = None
@@ -145,6 +145,14 @@ class _LoRAMLPFunction(torch.autograd.Function):
         return dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d, None, None, None
 
 
+def _dropout_mlp(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec, activation: str) -> torch.Tensor:
+    """The MLP with LoRA dropout: each projection's mask is drawn as PEFT draws it, in the order gate, up, down, so
+    the three run as :func:`lora_linear` (each with its own mask saved) around the gated-activation kernel, not as
+    one function (whose backward recomputes ``g``, ``u`` and reads ``x`` once for both adapters)."""
+    g, u = lora_linear(x, *gate), lora_linear(x, *up)
+    return lora_linear(_ga.gated_activation(g, u, activation), *down)
+
+
 def _mlp_dtypes(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec):
     """``(compute, output)`` dtypes when the fused MLP can run: gate and up compute and return one dtype that the
     down projection computes in; ``None`` otherwise."""
@@ -163,7 +171,7 @@ def lora_mlp(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec, acti
     ``x`` [..., H]; ``gate``/``up``: LoRA linears H -> I, ``down``: I -> H (:class:`LoRASpec` each);
     ``activation`` in ``gated_activation.ACTIVATIONS``. Falls back to :func:`lora_mlp_reference`."""
     _ga._check_activation(activation)
-    gate, up, down = (LoRASpec(s.base_layer, s.A, s.B, float(s.scale)) for s in (gate, up, down))
+    gate, up, down = (LoRASpec(s.base_layer, s.A, s.B, float(s.scale), float(s.dropout)) for s in (gate, up, down))
     _check_spec("gate", gate, x.shape[-1])
     _check_spec("up", up, x.shape[-1])
     if _layer_dims(gate.base_layer)[0] != _layer_dims(up.base_layer)[0]:
@@ -173,6 +181,8 @@ def lora_mlp(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec, acti
     dtypes = _mlp_dtypes(x, gate, up, down)
     if dtypes is None or x.numel() == 0:
         return lora_mlp_reference(x, gate, up, down, activation)
+    if gate.dropout or up.dropout or down.dropout:
+        return _dropout_mlp(x, gate, up, down, activation)
     compute, out = dtypes
     x2 = x.reshape(-1, x.shape[-1]).to(compute)
     layers = (gate.base_layer, up.base_layer, down.base_layer)

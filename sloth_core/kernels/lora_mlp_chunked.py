@@ -60,7 +60,7 @@ def _chunked_recompute_backward(dh, x, gate: LoRASpec, up: LoRASpec, down: LoRAS
     dB_u = new_empty(up.B.shape, up.B.dtype, dh.device) if need_Bu else None
     dx = None
     for c0, c1 in chunk_bounds(A_d.shape[1]):
-        w_d = base_weight(down.base_layer).to(dtype)  # a 4-bit one: dequantized, dropped before g_c (see above)
+        w_d = base_weight(down.base_layer, dtype=dtype).to(dtype)  # a quantized one: dequantized, dropped before g_c
         dm = _scaled_mm(dyB_d, A_d[:, c0:c1], down.scale, dtype).addmm_(dh, w_d[:, c0:c1])
         del w_d
         g = _base_plus_lora(x, xa_g, gate.base_layer, B_g, gate.scale, (c0, c1))

@@ -15,10 +15,10 @@ def _peft_classes() -> tuple[type, tuple[type, ...]]:
     from peft.tuners.lora.layer import Linear, LoraLayer
 
     try:
-        from peft.tuners.lora.bnb import Linear4bit
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
     except ImportError:  # peft without bitsandbytes support
         return LoraLayer, (Linear,)
-    return LoraLayer, (Linear, Linear4bit)
+    return LoraLayer, (Linear, Linear4bit, Linear8bitLt)
 
 
 def _hooks_reason(name: str, module: nn.Module) -> str | None:
@@ -33,8 +33,15 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> str | None:
         return (f"adapter {adapter!r} uses the {type(layer.lora_variant[adapter]).__name__} variant "
                 "(DoRA, ...); only plain LoRA is supported")
     dropout = layer.lora_dropout[adapter]
-    if not isinstance(dropout, nn.Identity):
-        return f"lora_dropout={getattr(dropout, 'p', '?')} (only 0 is supported)"
+    if type(dropout) not in (nn.Identity, nn.Dropout):
+        return f"lora_dropout is a {type(dropout).__name__} (torch.nn.Dropout and Identity are supported)"
+    if isinstance(dropout, nn.Dropout):
+        if dropout.inplace:
+            return "lora_dropout is in place (inplace=True)"
+        if dropout.p > 0 and not getattr(layer, "cast_input_dtype_enabled", True):
+            return "lora_dropout > 0 with the input cast to the adapter dtype disabled (cast_input_dtype_enabled)"
+        if _hooks_reason("lora_dropout", dropout):
+            return _hooks_reason("lora_dropout", dropout)
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "lora_bias=True is not supported"
     if getattr(layer, "fan_in_fan_out", False):
@@ -61,7 +68,8 @@ def lora_spec(peft_lora_layer: nn.Module) -> LoRASpec | str:
     if why is not None:
         return why
     if not isinstance(layer, linear_classes):
-        return f"PEFT LoRA layer {type(layer).__name__} is not supported (LoRA Linear and Linear4bit are)"
+        return (f"PEFT LoRA layer {type(layer).__name__} is not supported "
+                "(LoRA Linear, Linear4bit and Linear8bitLt are)")
     if layer.disable_adapters:
         return "the adapters are disabled"
     if layer.merged:
@@ -73,4 +81,7 @@ def lora_spec(peft_lora_layer: nn.Module) -> LoRASpec | str:
     why = _adapter_reason(layer, adapter) or _hooks_reason("the base layer", base)
     if why is not None:
         return why
-    return LoRASpec(base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]))
+    dropout = layer.lora_dropout[adapter]
+    p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return LoRASpec(base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]),
+                    p)

@@ -88,13 +88,14 @@ def lora_qkv(x: torch.Tensor, q: LoRASpec, k: LoRASpec, v: LoRASpec) -> tuple[to
     read once for the three ``x A^T`` (concatenated adapters), and the backward reads it once for the three
     ``dA`` and adds the three LoRA input-gradient terms with one GEMM. Each output equals :func:`lora_linear` of
     its projection (same roundings, up to the rounding of ``s A`` in the input gradient). When the three cannot
-    run fused together (a reference-path projection, different compute/output dtypes) each runs
-    :func:`lora_linear` on its own."""
-    specs = tuple(LoRASpec(sp.base_layer, sp.A, sp.B, float(sp.scale)) for sp in (q, k, v))
+    run fused together (a reference-path projection, different compute/output dtypes, or LoRA dropout: PEFT draws
+    one mask per projection, so the three ``x A^T`` no longer share their input) each runs :func:`lora_linear` on
+    its own, in the order q, k, v (the order PEFT draws the masks in)."""
+    specs = tuple(LoRASpec(sp.base_layer, sp.A, sp.B, float(sp.scale), float(sp.dropout)) for sp in (q, k, v))
     for name, spec in zip(("q", "k", "v"), specs):
         _check_spec(name, spec, x.shape[-1])
     dtypes = [_fused_dtypes(x, spec) for spec in specs]
-    if dtypes[0] is None or any(d != dtypes[0] for d in dtypes) or x.numel() == 0:
+    if dtypes[0] is None or any(d != dtypes[0] for d in dtypes) or x.numel() == 0 or any(sp.dropout for sp in specs):
         return tuple(lora_linear(x, *spec) for spec in specs)
     compute, out = dtypes[0]
     x2 = x.reshape(-1, x.shape[-1]).to(compute)

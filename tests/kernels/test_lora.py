@@ -655,9 +655,9 @@ def counted_dequantizations(monkeypatch):
     calls = []
     original = LB.base_weight
 
-    def counting(layer, rows=None):
+    def counting(layer, rows=None, dtype=None):
         calls.append(layer if rows is None else (layer, rows))
-        return original(layer, rows)
+        return original(layer, rows, dtype)
 
     for module in (LG, LC):  # the modules that dequantize a base weight
         monkeypatch.setattr(module, "base_weight", counting)
@@ -735,7 +735,10 @@ def _reason(layer) -> str:
 def test_lora_spec_reasons(device):
     gen = torch.Generator().manual_seed(11)
     new = lambda **kw: peft_linear(12, 10, torch.float32, device, gen, **kw)  # noqa: E731
-    assert "dropout" in _reason(new(lora_dropout=0.1))
+    dropped = new(lora_dropout=0.1)
+    assert LP.lora_spec(dropped.train()).dropout == 0.1 and LP.lora_spec(dropped.eval()).dropout == 0.0
+    dropped.lora_dropout["default"] = nn.AlphaDropout(0.1)
+    assert "AlphaDropout" in _reason(dropped)
     assert "Dora" in _reason(new(use_dora=True))
     assert "lora_bias" in _reason(new(lora_bias=True))
     assert "not a PEFT LoRA layer" in _reason(nn.Linear(3, 4))
@@ -764,7 +767,7 @@ def test_lora_spec_reasons(device):
     assert "hooks" in _reason(hooked)
 
 
-def test_lora_spec_rejects_8bit_base():
+def test_lora_spec_reads_an_8bit_base_and_rejects_an_unquantized_one():
     try:
         l8 = bnb.nn.Linear8bitLt(32, 16, bias=False, has_fp16_weights=False)
         l8.weight = bnb.nn.Int8Params(torch.randn(16, 32, dtype=torch.float16), requires_grad=False,
@@ -775,4 +778,9 @@ def test_lora_spec_rejects_8bit_base():
     net = _Net(proj=l8)
     net.is_loaded_in_8bit = True
     _peftify(net, ["proj"], torch.Generator().manual_seed(12))
-    assert "8-bit" in _reason(net.proj)
+    assert LP.lora_spec(net.proj).base_layer is l8
+    l8.state.has_fp16_weights = True
+    assert "has_fp16_weights" in _reason(net.proj)
+    l8.state.has_fp16_weights = False
+    l8.weight.SCB, l8.state.SCB = None, None
+    assert "not quantized" in _reason(net.proj)

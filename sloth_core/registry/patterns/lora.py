@@ -17,8 +17,13 @@
   (``benchmarks/results/train_llama-3-8b_20261129_s4_qkv`` / ``_s4_default``), so it is in the default list.
   ``optimize(model, exclude="lora_qkv")`` leaves the three projections to ``lora_linear``.
 
-Supported: ``lora_dropout=0``, no LoRA bias, no DoRA, one active adapter (rsLoRA is just its scaling), adapters
-neither merged nor disabled. Anything else keeps PEFT's path and the report says why. The replacement forwards
+Supported: bases ``nn.Linear``, bitsandbytes NF4/FP4 ``Linear4bit`` and LLM.int8 ``Linear8bitLt`` (dequantized
+on use: :mod:`sloth_core.kernels.dequant_int8`), ``lora_dropout`` an ``nn.Dropout`` (any ``p``: the masks drawn as
+PEFT draws them, :func:`sloth_core.kernels.lora_linear.dropout_mask`; with dropout active, ``lora_qkv`` and
+``lora_mlp`` run their projections as separate ``lora_linear`` functions, one mask each), no LoRA bias, no DoRA,
+one active adapter (rsLoRA is just its scaling), adapters neither merged nor disabled. Anything else keeps PEFT's
+path and the report says why. Each pattern's dropout in effect (training or eval mode) is its ``setting``: one
+verification did not see is verified on first use (:mod:`sloth_core.guard`). The replacement forwards
 re-read the adapter state at every call (:func:`lora_spec` is attribute reads), so switching adapters, merging or
 disabling them later falls back to the module's own forward instead of computing something else; so does a
 setting verification never saw (:func:`_setting`: a trainer's cast of the adapters, ``.to()``), which
@@ -71,6 +76,18 @@ def _setting(spec) -> tuple:
     w = spec.base_layer.weight
     return (spec.A.dtype, spec.B.dtype, spec.A.device, w.dtype, w.device,
             getattr(spec.base_layer, "compute_dtype", None), spec.scale)
+
+
+def _mode_setting(module: nn.Module, args=None) -> tuple:
+    """The pattern ``setting`` (:mod:`sloth_core.guard`) of the LoRA patterns: whether the bound module is in
+    training mode. That decides the dropout the layers apply (their ``lora_dropout`` in training mode, 0 in eval
+    mode) and how an LLM.int8 base multiplies (bitsandbytes' forward on a CPU uses the dequantized weight in
+    training mode, int8-quantized inputs in eval mode); the rest of a layer's setting is checked by its forward
+    (:func:`_changed`). One attribute read a call: a model optimized in eval mode (as ``from_pretrained`` returns
+    it) verifies its training-mode path -- the dropout masks, with the same RNG state on both sides -- on its first
+    training call. (A mode set on the dropout modules alone, not through ``.train()`` / ``.eval()`` of the module
+    or one above it, is not seen.)"""
+    return (module.training,)
 
 
 def _changed(specs, verified: tuple) -> str | None:
@@ -165,6 +182,7 @@ LORA_LINEAR = Pattern(
     original=lambda module, m: module.forward,
     probe=_probe_linear,
     defaults={},
+    setting=_mode_setting,
 )
 
 
@@ -241,6 +259,7 @@ LORA_MLP = Pattern(
     defaults={"activation": "auto"},
     supersedes=("gated_mlp",),
     serves_foreign=True,
+    setting=_mode_setting,
 )
 
 
@@ -371,4 +390,5 @@ LORA_QKV = Pattern(
     probe=_probe_qkv,
     defaults={},
     adapt=_attention_output,
+    setting=_mode_setting,
 )
