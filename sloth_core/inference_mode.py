@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .tolerances import compare
+from .verify import probing
 from .warning import SlothCoreWarning
 
 MODE_ATTR = "_sloth_core_inference"  # on the model (unwrapped) and on each bound LoRA module: its InferenceMode
@@ -75,7 +76,7 @@ def decoding_mode(module: nn.Module) -> InferenceMode | None:
     if mode is None:
         return None
     if torch.is_grad_enabled():
-        if not mode.warned_grad:
+        if not mode.warned_grad and not probing():  # a first-use verification's probe runs with gradients on
             mode.warned_grad = True
             warnings.warn("sloth_core: the model is in inference mode (for_inference) but gradients are enabled; "
                           "its LoRA layers run the training path. Run it under torch.no_grad() / "

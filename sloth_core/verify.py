@@ -8,6 +8,7 @@ tolerance of the module's dtype (``sloth_core.tolerances``). The caller's RNG st
 from __future__ import annotations
 
 import contextlib
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -19,6 +20,15 @@ from .tolerances import compare
 
 # Two computations in the same low precision may each be a couple of ulps from the exact value.
 _SCALE = 2.0
+
+_PROBING = threading.local()  # .depth: verifications running on this thread (see probing())
+
+
+def probing() -> bool:
+    """Whether this thread is running a verification probe: code that speaks to the user about *their* call (the
+    inference mode's "gradients are enabled" warning) stays quiet for the probe's calls, which run with gradients
+    on by design."""
+    return getattr(_PROBING, "depth", 0) > 0
 
 
 def _fresh(inputs: Sequence) -> list:
@@ -132,8 +142,12 @@ def verify(original: Callable, replacement: Callable, reference: Callable, probe
            seed: int = 0) -> Failure | None:
     """``None`` when the three agree on ``probe`` (outputs and gradients, within the tolerance of the dtype they
     compute in), else the reason they do not."""
-    with _standing_in(probe.stand_ins):
-        return _verify(original, replacement, reference, probe, seed)
+    _PROBING.depth = getattr(_PROBING, "depth", 0) + 1
+    try:
+        with _standing_in(probe.stand_ins):
+            return _verify(original, replacement, reference, probe, seed)
+    finally:
+        _PROBING.depth -= 1
 
 
 def _verify(original, replacement, reference, probe: Probe, seed: int) -> Failure | None:
