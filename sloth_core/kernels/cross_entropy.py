@@ -134,6 +134,11 @@ def validate_loss_args(labels: torch.Tensor, n_tokens: int, vocab: int, ignore_i
         raise ValueError(f"softcap: expected a positive number or None, got {softcap!r}")
     if logit_scale is not None and not torch.is_tensor(logit_scale) and not isinstance(logit_scale, (int, float)):
         raise ValueError(f"logit_scale: expected a number, a tensor or None, got {type(logit_scale).__name__}")
+    if not torch.compiler.is_compiling():  # a traced graph cannot branch on values: the custom op checks them
+        check_label_values(labels, vocab, ignore_index)
+
+
+def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     if labels.numel() and bool(((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()):
         raise ValueError(f"labels: values must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
 
