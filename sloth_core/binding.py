@@ -209,9 +209,12 @@ def globals_function(fn: types.FunctionType, name: str, value: Any) -> types.Fun
         closure = tuple(types.CellType(new_inner) if _cell_holds(c, inner) else c for c in closure)
     g = fn.__globals__
     if name in fn.__code__.co_names:
-        g = dict(g)
+        # without ``__name__``: Dynamo takes globals carrying one for the named module's own and would guard the
+        # name's value through that module (where it is the original), not through this copy
+        g = {k: v for k, v in g.items() if k != "__name__"}
         g[name] = value
     new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, closure)
+    new.__module__ = fn.__module__
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = fn.__qualname__
     new.__doc__ = fn.__doc__
