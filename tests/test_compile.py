@@ -184,6 +184,8 @@ def test_inductor_compiled_bf16_model_matches_eager_on_the_gpu(lora):
         loss_c, grads_c = _step(compiled, ids, labels)
         loss_e, grads_e = _step(eager, ids, labels)
         assert OPS <= seen, seen
-        assert compare(loss_c, loss_e) is None, (loss_c.item(), loss_e.item())
-        bad = {n: why for n in grads_c if (why := compare(grads_c[n], grads_e[n], scale=2.0)) is not None}
+        # bf16 bounds: inductor fuses the code around the kernels its own way, and under LoRA the compiled model
+        # runs PEFT's forwards (fp32 adapter products) where the eager one runs the fused bf16 LoRA functions
+        assert compare(loss_c, loss_e, torch.bfloat16) is None, (loss_c.item(), loss_e.item())
+        bad = {n: why for n in grads_c if (why := compare(grads_c[n], grads_e[n], torch.bfloat16, 2.0)) is not None}
         assert not bad, bad

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import OP_TAGS, cdiv, interpreting, launch_kernel, new_empty_like, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import (OP_TAGS, cdiv, interpreting, launch_kernel, new_empty_like, next_power_of_2,
+                                         triton_ok)
 
 # --------------------------------------------------------------------------------------------- reference
 
