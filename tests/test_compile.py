@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import sloth_core
-from sloth_core.kernels.fused_linear_cross_entropy import chunked_pass_op
+from sloth_core.kernels.cross_entropy import (cross_entropy, cross_entropy_bwd_op, cross_entropy_fwd_op,
+                                              cross_entropy_reference)
+from sloth_core.kernels.fused_linear_cross_entropy import (chunked_pass_op, fused_linear_cross_entropy,
+                                                           fused_linear_cross_entropy_reference)
 from sloth_core.kernels.gated_activation import gated_activation_bwd_op, gated_activation_fwd_op
 from sloth_core.kernels.rms_norm_launch import rms_norm_bwd_op, rms_norm_fwd_op
 from sloth_core.kernels.rope import rope_op
@@ -149,11 +152,43 @@ def _op_cases(device):
     row_weight = torch.full((1,), 0.2, device=device)
     yield chunked_pass_op, (hidden, weight, bias, labels, -100, 30.0, None, row_weight, True, True, True)
     yield chunked_pass_op, (hidden, weight, None, labels, -100, None, 0.5, None, False, False, False)
+    logits = randn(7, 40, grad=True)
+    loss_rows, stats = cross_entropy_fwd_op(logits.detach(), labels, -100, None, None)
+    yield cross_entropy_fwd_op, (logits, labels, -100, 30.0, 2.0)
+    yield cross_entropy_bwd_op, (logits.detach(), labels, stats, randn(7), -100, None, None)
 
 
 def test_custom_ops_pass_opcheck(device):
     for op, args in _op_cases(device):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_compiled_losses_and_gradients_equal_the_references(reduction, device):
+    """The stand-alone losses under compile, every reduction, soft-capping, ignored labels, a trainable head with
+    a bias (the model tests cover ``mean`` through the causal-LM loss)."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, bias = (torch.randn(*s, generator=g).to(device) for s in ((9, 16), (40, 16), (40,)))
+    labels = torch.randint(0, 40, (9,), generator=g).to(device)
+    labels[2] = -100
+
+    def losses(fce, ce, hidden, weight, bias):
+        a = fce(hidden, weight, labels, bias, softcap=30.0, reduction=reduction)
+        b = ce(hidden @ weight.t(), labels, softcap=30.0, reduction=reduction)
+        return (a.sum() + 2 * b.sum()) if reduction != "none" else (a * labels.float().cos()).sum() + b.sum()
+
+    def grads(fn, *args):
+        leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+        out = fn(*args, *leaves)
+        out.backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(losses, backend="aot_eager", fullgraph=True)
+    got = grads(compiled, fused_linear_cross_entropy, cross_entropy)
+    want = grads(losses, fused_linear_cross_entropy_reference, cross_entropy_reference)
+    for name, a, b in zip(("loss", "hidden", "weight", "bias"), got, want):
+        assert compare(a, b) is None, f"{name}: {compare(a, b)}"
 
 
 def test_pass_op_refuses_labels_outside_the_vocabulary(device):

@@ -46,6 +46,7 @@ from sloth_core.kernels.cross_entropy import (
     check_label_values,
     cross_entropy_reference,
     loss_divisor,
+    op_floats,
     reduce_loss,
     row_weights,
     validate_loss_args,
@@ -254,8 +255,8 @@ def _(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, row_weig
 
 
 def _traced_pass(hidden, weight, bias, labels, opts: LossOptions, row_weight, want):
-    loss_rows, *grads = chunked_pass_op(hidden, weight, bias, labels, opts.ignore_index, opts.softcap,
-                                        opts.logit_scale, row_weight, *want)
+    loss_rows, *grads = chunked_pass_op(hidden, weight, bias, labels, opts.ignore_index,
+                                        *op_floats(opts.softcap, opts.logit_scale), row_weight, *want)
     return loss_rows, *(g if w and row_weight is not None else None for g, w in zip(grads, want))
 
 
