@@ -61,7 +61,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch._dynamo.comptime import comptime
 from torch.utils.checkpoint import checkpoint
 
 from . import binding
@@ -286,8 +285,10 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return inner(*args, **kwargs)
     keeps = OFFLOAD_MODES.get(state.mode)
     if torch.compiler.is_compiling():  # traced: torch's checkpoint alone, the input kept on the device
-        if keeps is not None:
-            comptime(_warn_offload_traced)  # at trace time (a warning in traced code would break the graph)
+        if keeps is not None:  # warned at trace time (a warning in traced code would break the graph)
+            from torch._dynamo.comptime import comptime  # (loaded while tracing anyway; 1 s to import)
+
+            comptime(_warn_offload_traced)
         return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True)
     STATS.checkpointed_calls += 1
     group = Group(hidden.device) if keeps is not None else None
