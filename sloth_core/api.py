@@ -99,7 +99,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     if compiled is not None:
         warnings.warn(f"sloth_core.optimize: {compiled}; sloth_core's kernels are verified on eager forwards, not "
                       f"as torch.compile traces them, so nothing was replaced and the model runs as before. Call "
-                      f"sloth_core.optimize(model) on the model before torch.compile and do not compile it after",
+                      f"sloth_core.optimize(model) on the model first, then torch.compile(model)",
                       SlothCoreWarning, stacklevel=2)
         return model
     base = unwrap(model)

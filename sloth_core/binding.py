@@ -17,11 +17,13 @@ it on any module it walks, copies made by ``deepcopy`` included. Records are und
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 RECORD_ATTR = "_sloth_core_bindings"
@@ -115,10 +117,18 @@ def previous_forward(module: nn.Module, pattern: str) -> Callable:
         if rec.pattern == pattern and rec.attr in _FORWARD_ATTRS:
             if callable(rec.previous) and rec.previous is not _MISSING:
                 return rec.previous
-            return types.MethodType(type(module).forward, module)
+            return _class_forward(module)
     current = module.__dict__.get(_forward_attr(module))
     if isinstance(current, types.MethodType) and current.__self__ is module:
         return current
+    return _class_forward(module)
+
+
+def _class_forward(module: nn.Module) -> Callable:
+    """The class's forward bound to ``module``: a bound method (callers read ``__self__``), while ``torch.compile``
+    traces a ``functools.partial`` (Dynamo cannot trace a ``types.MethodType`` built on the fly)."""
+    if torch.compiler.is_compiling():
+        return functools.partial(type(module).forward, module)
     return types.MethodType(type(module).forward, module)
 
 
@@ -199,9 +209,12 @@ def globals_function(fn: types.FunctionType, name: str, value: Any) -> types.Fun
         closure = tuple(types.CellType(new_inner) if _cell_holds(c, inner) else c for c in closure)
     g = fn.__globals__
     if name in fn.__code__.co_names:
-        g = dict(g)
+        # without ``__name__``: Dynamo takes globals carrying one for the named module's own and would guard the
+        # name's value through that module (where it is the original), not through this copy
+        g = {k: v for k, v in g.items() if k != "__name__"}
         g[name] = value
     new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, closure)
+    new.__module__ = fn.__module__
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = fn.__qualname__
     new.__doc__ = fn.__doc__

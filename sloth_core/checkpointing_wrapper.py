@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -106,13 +106,10 @@ def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
     warnings.warn(message, SlothCoreWarning, stacklevel=stacklevel)
 
 
-@functools.cache
 def _gradient_checkpointing_layer_class():
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - transformers < 4.52
-        return None
-    return GradientCheckpointingLayer
+    """transformers' ``GradientCheckpointingLayer``, or ``None`` while its module is not loaded (then no layer is
+    one). Looked up in ``sys.modules``, which Dynamo traces (a cached import it would trace with a warning)."""
+    return getattr(sys.modules.get("transformers.modeling_layers"), "GradientCheckpointingLayer", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -259,7 +256,7 @@ def _without_cache(layer: nn.Module, kwargs: dict) -> dict:
         out[k] = None
     if out.get("use_cache"):
         out["use_cache"] = False
-    if dropped:
+    if dropped and not torch.compiler.is_compiling():  # (a warning in traced code would break the graph)
         _warn_once("cache", f"sloth_core checkpointing: {type(layer).__name__} runs checkpointed calls without "
                             f"its KV cache ({', '.join(dropped)}=None, use_cache=False), as Hugging Face's "
                             f"checkpointing does; the loss and gradients are unchanged")
@@ -286,8 +283,14 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             return inner(*args, hidden_states=h, **others)
     else:
         return inner(*args, **kwargs)
-    STATS.checkpointed_calls += 1
     keeps = OFFLOAD_MODES.get(state.mode)
+    if torch.compiler.is_compiling():  # traced: torch's checkpoint alone, the input kept on the device
+        if keeps is not None:  # warned at trace time (a warning in traced code would break the graph)
+            from torch._dynamo.comptime import comptime  # (loaded while tracing anyway; 1 s to import)
+
+            comptime(_warn_offload_traced)
+        return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True)
+    STATS.checkpointed_calls += 1
     group = Group(hidden.device) if keeps is not None else None
     hooks = _offloading(hidden, group) if keeps is not None else contextlib.nullcontext()
     stash = layer_stash_for(hidden, group, keeps, _keeps_norm_input(self, state)) \
@@ -297,6 +300,12 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # is where offloading catches it) and infers from it whose RNG state to preserve.
         return checkpoint(_marking_recomputes(run, state.mlp_output_unused, stash), hidden, use_reentrant=False,
                           preserve_rng_state=True)
+
+
+def _warn_offload_traced(_ctx=None) -> None:
+    _warn_once("compile", "sloth_core checkpointing: under torch.compile the offloading modes run as \"on\" "
+                          "(the layer inputs stay in device memory; offloading to host memory is eager-only)",
+               stacklevel=2)
 
 
 def _marking_recomputes(run: Callable, mlp_output_unused: bool, stash: Callable | None = None) -> Callable:

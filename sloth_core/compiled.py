@@ -1,11 +1,13 @@
 """Models handed to ``optimize`` under ``torch.compile``: left as they are, with the reason.
 
 ``torch.compile(model)`` (an ``OptimizedModule`` around the model) and ``model.forward = torch.compile(model.forward)``
-(or any module's) trace the forwards below them into graphs of their own when first called. A kernel bound by
-``optimize`` would then run as Dynamo traces it (Triton kernels inside autograd functions, our host copies and
-stream switches, the guards' per-call checks), not as it was verified eagerly; none of that is established.
-So ``optimize`` binds nothing in such a model and says why; ``sloth_core.optimize(model)`` on the model before it
-is compiled, and no ``torch.compile`` after it, is the supported order (the kernels are Triton already).
+(or any module's) trace the forwards below them into graphs of their own when first called. ``optimize`` verifies
+each module eagerly, on the forward it has; a model already under ``torch.compile`` would be verified through
+Dynamo's wrappers, which is not established, so ``optimize`` binds nothing in such a model and says why. The
+supported order is ``sloth_core.optimize(model)`` first, then ``torch.compile(model)``: Dynamo then traces the bound
+forwards, in which the kernels are custom ops (``torch.ops.sloth_core.*``, see
+:mod:`sloth_core.kernels.rms_norm_launch` and its siblings) and the LoRA patterns step aside for PEFT's forwards
+(:mod:`sloth_core.registry.patterns.lora`).
 """
 from __future__ import annotations
 

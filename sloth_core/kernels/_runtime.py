@@ -53,6 +53,12 @@ def launch_kernel(kernel, grid, *args, **kwargs):
     return kernel[grid](*args, **kwargs)
 
 
+#: Tags of sloth_core's custom ops (the launches ``torch.compile`` records as graph nodes): inductor hands each op
+#: inputs with exactly the strides its fake implementation saw, so the layouts the launches choose (an output
+#: in its input's layout, a transposed view read in place) are the ones the fake implementations promised.
+OP_TAGS = (torch.Tag.needs_exact_strides,)
+
+
 def set_poison(enabled: bool) -> None:
     """Turn NaN-poisoning of kernel outputs on or off (tests turn it on)."""
     global _poison

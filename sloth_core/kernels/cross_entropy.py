@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sloth_core.kernels._runtime import new_empty, triton_ok
+from sloth_core.kernels._runtime import OP_TAGS, new_empty, triton_ok
 from sloth_core.kernels.cross_entropy_kernels import LossOptions, ce_backward, ce_forward
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -134,6 +134,11 @@ def validate_loss_args(labels: torch.Tensor, n_tokens: int, vocab: int, ignore_i
         raise ValueError(f"softcap: expected a positive number or None, got {softcap!r}")
     if logit_scale is not None and not torch.is_tensor(logit_scale) and not isinstance(logit_scale, (int, float)):
         raise ValueError(f"logit_scale: expected a number, a tensor or None, got {type(logit_scale).__name__}")
+    if not torch.compiler.is_compiling():  # a traced graph cannot branch on values: the custom op checks them
+        check_label_values(labels, vocab, ignore_index)
+
+
+def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     if labels.numel() and bool(((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()):
         raise ValueError(f"labels: values must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
 
@@ -173,6 +178,57 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def op_floats(*values) -> tuple[float | None, ...]:
+    """Numbers as the ``float | None`` arguments of a custom op (an int is refused by the op's schema)."""
+    return tuple(None if v is None else float(v) for v in values)
+
+
+# torch.compile: the kernels as custom ops, graph nodes instead of a trace into Triton. The forward op is
+# differentiable (per-row loss -> logits, through the backward op with the incoming per-row gradients as the row
+# weights), so the reduction stays plain torch; it checks the label values the traced entry point cannot.
+@torch.library.custom_op("sloth_core::cross_entropy_fwd", mutates_args=(), tags=OP_TAGS)
+def cross_entropy_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None,
+                         logit_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss rows [T] fp32, row stats [T, 2] fp32)``."""
+    check_label_values(labels, logits.shape[1], ignore_index)
+    loss_rows = new_empty((logits.shape[0],), torch.float32, logits.device)
+    stats = new_empty((logits.shape[0], 2), torch.float32, logits.device)
+    ce_forward(logits, labels, LossOptions(ignore_index, softcap, logit_scale), loss_rows, stats)
+    return loss_rows, stats
+
+
+@cross_entropy_fwd_op.register_fake
+def _(logits, labels, ignore_index, softcap, logit_scale):
+    return (logits.new_empty(logits.shape[0], dtype=torch.float32),
+            logits.new_empty((logits.shape[0], 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("sloth_core::cross_entropy_bwd", mutates_args=(), tags=OP_TAGS)
+def cross_entropy_bwd_op(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, row_weight: torch.Tensor,
+                         ignore_index: int, softcap: float | None, logit_scale: float | None) -> torch.Tensor:
+    """The logits' gradient, row t scaled by ``row_weight[t]`` ([T] or [1])."""
+    return ce_backward(logits, labels, stats, row_weight.to(torch.float32).contiguous(),
+                       LossOptions(ignore_index, softcap, logit_scale))
+
+
+@cross_entropy_bwd_op.register_fake
+def _(logits, labels, stats, row_weight, ignore_index, softcap, logit_scale):
+    return logits.new_empty(logits.shape)
+
+
+def _fwd_op_setup(ctx, inputs, output):
+    logits, labels, *ctx.opts = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+
+
+def _fwd_op_backward(ctx, dloss_rows, _dstats):
+    logits, labels, stats = ctx.saved_tensors
+    return cross_entropy_bwd_op(logits, labels, stats, dloss_rows, *ctx.opts), None, None, None, None
+
+
+cross_entropy_fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                   softcap: float | None = None, logit_scale: float | torch.Tensor | None = None,
                   num_items_in_batch: int | torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
@@ -191,5 +247,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
                                        reduction)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    if torch.compiler.is_compiling():
+        loss_rows, _ = cross_entropy_fwd_op(logits, labels.contiguous(), ignore_index,
+                                            *op_floats(softcap, logit_scale))
+        return reduce_loss(loss_rows, loss_divisor(labels, ignore_index, num_items_in_batch, reduction), reduction)
     opts = LossOptions(ignore_index, softcap, logit_scale)
     return CrossEntropyFunction.apply(logits, labels.contiguous(), opts, num_items_in_batch, reduction)

@@ -41,10 +41,12 @@ import torch.nn.functional as F
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket
-from sloth_core.kernels._runtime import new_empty, triton_ok
+from sloth_core.kernels._runtime import OP_TAGS, new_empty, triton_ok
 from sloth_core.kernels.cross_entropy import (
+    check_label_values,
     cross_entropy_reference,
     loss_divisor,
+    op_floats,
     reduce_loss,
     row_weights,
     validate_loss_args,
@@ -224,6 +226,69 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile: the chunked pass as a custom op (one graph node instead of a trace into Triton), and the
+# autograd function of the compiled path (Dynamo traces it: the gradients of the forward are saved tensors,
+# scaled out of place in the backward)
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("sloth_core::fused_linear_cross_entropy_pass", mutates_args=(), tags=OP_TAGS)
+def chunked_pass_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                    ignore_index: int, softcap: float | None, logit_scale: float | None,
+                    row_weight: torch.Tensor | None, want_hidden: bool, want_weight: bool,
+                    want_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunked_pass`, with the label check the traced entry point leaves to it; an empty tensor for each
+    gradient not computed."""
+    check_label_values(labels, weight.shape[0], ignore_index)
+    loss_rows, *grads = chunked_pass(hidden, weight, bias, labels, LossOptions(ignore_index, softcap, logit_scale),
+                                     row_weight, (want_hidden, want_weight, want_bias))
+    return (loss_rows, *(hidden.new_empty(0) if g is None else g for g in grads))
+
+
+@chunked_pass_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, row_weight, want_hidden, want_weight,
+      want_bias):
+    grads = row_weight is not None
+    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            hidden.new_empty(hidden.shape if grads and want_hidden else (0,)),
+            weight.new_empty(weight.shape if grads and want_weight else (0,)),
+            (bias if grads and want_bias else hidden).new_empty(bias.shape if grads and want_bias else (0,)))
+
+
+def _traced_pass(hidden, weight, bias, labels, opts: LossOptions, row_weight, want):
+    loss_rows, *grads = chunked_pass_op(hidden, weight, bias, labels, opts.ignore_index,
+                                        *op_floats(opts.softcap, opts.logit_scale), row_weight, *want)
+    return loss_rows, *(g if w and row_weight is not None else None for g, w in zip(grads, want))
+
+
+class _TracedFusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """:class:`FusedLinearCrossEntropyFunction` for a traced graph: the pass is :func:`chunked_pass_op`, the
+    forward's gradients are saved tensors and the backward scales them out of place."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: LossOptions, num_items_in_batch, reduction: str):
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        ctx.opts, ctx.reduction, ctx.want = opts, reduction, want
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, labels)
+            return _traced_pass(hidden, weight, bias, labels, opts, None, want)[0]
+        divisor = loss_divisor(labels, opts.ignore_index, num_items_in_batch, reduction)
+        ones = torch.ones((), dtype=torch.float32, device=hidden.device)
+        loss_rows, *grads = _traced_pass(hidden, weight, bias, labels, opts, row_weights(ones, divisor, reduction),
+                                         want)
+        ctx.save_for_backward(*grads)
+        return reduce_loss(loss_rows, divisor, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            hidden, weight, bias, labels = ctx.saved_tensors
+            _, *grads = _traced_pass(hidden, weight, bias, labels, ctx.opts, row_weights(grad_output, None, "none"),
+                                     ctx.want)
+        else:
+            grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
+        return grads[0], grads[1], grads[2], None, None, None, None
+
+
 def validate_inputs(hidden, weight, bias) -> None:
     for name, t, dims in (("hidden", hidden, 2), ("weight", weight, 2), ("bias", bias, 1)):
         if t is None and name == "bias":
@@ -273,6 +338,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     opts = LossOptions(ignore_index, softcap, logit_scale)
     labels = labels.contiguous()
     with torch.autocast(hidden.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            return _TracedFusedLinearCrossEntropyFunction.apply(hidden, weight, bias, labels, opts,
+                                                                num_items_in_batch, reduction)
         if _needs_grad(hidden, weight, bias):
             return FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, labels, opts, num_items_in_batch,
                                                          reduction)

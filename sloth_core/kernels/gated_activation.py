@@ -33,7 +33,8 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import cdiv, interpreting, launch_kernel, new_empty, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import (OP_TAGS, cdiv, interpreting, launch_kernel, new_empty, next_power_of_2,
+                                         triton_ok)
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -187,7 +188,49 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     _check_shapes(gate, up)
     if not _triton_handles(gate, up):
         return gated_activation_reference(gate, up, activation)
+    if torch.compiler.is_compiling():
+        return gated_activation_fwd_op(gate, up, activation)
     return _GatedActivationFunction.apply(gate, up, activation)
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+# The launches as custom ops, which Dynamo records as graph nodes instead of tracing into Triton;
+# :func:`gated_activation` calls the forward op (differentiable through the backward op) only while compiling.
+
+
+@torch.library.custom_op("sloth_core::gated_activation_fwd", mutates_args=(), tags=OP_TAGS)
+def gated_activation_fwd_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    return _forward(gate.contiguous(), up.contiguous(), activation)
+
+
+@gated_activation_fwd_op.register_fake
+def _(gate, up, activation):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("sloth_core::gated_activation_bwd", mutates_args=(), tags=OP_TAGS)
+def gated_activation_bwd_op(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                            activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dh.contiguous(), gate.contiguous(), up.contiguous(), activation)
+
+
+@gated_activation_bwd_op.register_fake
+def _(dh, gate, up, activation):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _fwd_op_setup(ctx, inputs, output):
+    gate, up, activation = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.activation = activation
+
+
+def _fwd_op_backward(ctx, dh):
+    gate, up = ctx.saved_tensors
+    return (*gated_activation_bwd_op(dh, gate, up, ctx.activation), None)
+
+
+gated_activation_fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
 
 
 # --------------------------------------------------------------------------------------------- tuning space

@@ -152,9 +152,13 @@ def _check_spec(name: str, spec: LoRASpec, in_features: int | None = None) -> No
 
 
 def _fused_dtypes(x: torch.Tensor, spec: LoRASpec, x_dtype: torch.dtype | None = None):
-    """``(compute, output)`` dtypes when the fused path can run this LoRA linear, else ``None``."""
+    """``(compute, output)`` dtypes when the fused path can run this LoRA linear, else ``None``.
+
+    ``None`` while ``torch.compile`` traces: the fused functions keep the base layer as a constant, write into
+    their buffers in place and talk to the checkpointing stash, none of which Dynamo traces; the references
+    (PEFT's formula in plain torch ops) are traced instead, and inductor compiles them."""
     layer, A, B = spec.base_layer, spec.A, spec.B
-    if not triton_ok(x, A, B) or _base_reason(layer) is not None:
+    if torch.compiler.is_compiling() or not triton_ok(x, A, B) or _base_reason(layer) is not None:
         return None
     if not (A.device == B.device == layer.weight.device == x.device):
         return None

@@ -8,7 +8,7 @@ import torch
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import cdiv, interpreting, launch_kernel, new_empty, next_power_of_2
+from sloth_core.kernels._runtime import OP_TAGS, cdiv, interpreting, launch_kernel, new_empty, next_power_of_2
 from sloth_core.kernels.rms_norm_kernels import _rms_norm_bwd_kernel, _rms_norm_fwd_kernel
 
 #: Widest column block on a GPU; wider rows loop over column blocks.
@@ -131,6 +131,55 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: tor
     )
     dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+# The launches as custom ops (``torch.ops.sloth_core.*``), which Dynamo records as single graph nodes instead of
+# tracing into Triton; :func:`sloth_core.kernels.rms_norm.rms_norm` calls the forward op (differentiable through
+# the backward op) only while compiling, and the autograd function of the eager path otherwise.
+# Ops may not return their inputs: the forward returns ``(out, rstd)`` (the backward reads ``x`` again) and the
+# backward an empty tensor for a gradient it was not asked for.
+
+
+@torch.library.custom_op("sloth_core::rms_norm_fwd", mutates_args=(), tags=OP_TAGS)
+def rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                    gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, _, rstd = _forward(x, weight, eps, offset, gemma)
+    return out, rstd
+
+
+@rms_norm_fwd_op.register_fake
+def _(x, weight, eps, offset, gemma):
+    return (x.new_empty(x.shape, dtype=_output_dtype(x, weight, gemma)),
+            x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32))
+
+
+@torch.library.custom_op("sloth_core::rms_norm_bwd", mutates_args=(), tags=OP_TAGS)
+def rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+                    gemma: bool, need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = _backward(dy, x, weight, rstd, offset, gemma, need_dx, need_dw)
+    return (x.new_empty(0) if dx is None else dx), (weight.new_empty(0) if dw is None else dw)
+
+
+@rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd, offset, gemma, need_dx, need_dw):
+    return x.new_empty(x.shape if need_dx else (0,)), weight.new_empty(weight.shape if need_dw else (0,))
+
+
+def _fwd_op_setup(ctx, inputs, output):
+    x, weight, _, offset, gemma = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offset, ctx.gemma = offset, gemma
+
+
+def _fwd_op_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = rms_norm_bwd_op(dy, x, weight, rstd, ctx.offset, ctx.gemma, need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None
+
+
+rms_norm_fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
 
 
 # --------------------------------------------------------------------------------------------- tuning space

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from sloth_core.autotune import config_for, register_heuristic, register_space
 from sloth_core.autotune.space import dtype_from_name, dtype_name, rows_bucket, warps_for
-from sloth_core.kernels._runtime import cdiv, interpreting, launch_kernel, new_empty_like, next_power_of_2, triton_ok
+from sloth_core.kernels._runtime import (OP_TAGS, cdiv, interpreting, launch_kernel, new_empty_like, next_power_of_2,
+                                         triton_ok)
 
 # --------------------------------------------------------------------------------------------- reference
 
@@ -191,6 +192,38 @@ class _RopeFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
+# --------------------------------------------------------------------------------------------- torch.compile
+# The launch as a custom op, which Dynamo records as one graph node instead of tracing into Triton;
+# :func:`apply_rope` calls it only while compiling. The rotation's transpose is the rotation by -angle, so the
+# op's gradient is the op itself with ``backward`` flipped (the eager backward's launch).
+
+
+@torch.library.custom_op("sloth_core::rope", mutates_args=(), tags=OP_TAGS)
+def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int,
+            q_dtype: torch.dtype, k_dtype: torch.dtype, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_launch(q, k, cos, sin, unsqueeze_dim, (q_dtype, k_dtype), backward)
+
+
+@rope_op.register_fake
+def _(q, k, cos, sin, unsqueeze_dim, q_dtype, k_dtype, backward):
+    return torch.empty_like(q, dtype=q_dtype), torch.empty_like(k, dtype=k_dtype)  # new_empty_like's layout
+
+
+def _rope_op_setup(ctx, inputs, output):
+    q, k, cos, sin, unsqueeze_dim, _, _, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.unsqueeze_dim, ctx.input_dtypes, ctx.backward = unsqueeze_dim, (q.dtype, k.dtype), backward
+
+
+def _rope_op_backward(ctx, dq_embed, dk_embed):
+    cos, sin = ctx.saved_tensors
+    dq, dk = rope_op(dq_embed, dk_embed, cos, sin, ctx.unsqueeze_dim, *ctx.input_dtypes, not ctx.backward)
+    return dq, dk, None, None, None, None, None, None
+
+
+rope_op.register_autograd(_rope_op_backward, setup_context=_rope_op_setup)
+
+
 # --------------------------------------------------------------------------------------------- tuning space
 # Tuning key: tokens rounded up to a power of 2, the exact head count and half head dim, the dtype.
 # Candidates: 1, 2 or 4 tokens by all heads or half of them (BLOCK_HALF always covers the half head dim),
@@ -314,4 +347,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     _check_broadcastable(q, k, cos, sin, unsqueeze_dim)
     if rope_supported(q, k, cos, sin, unsqueeze_dim) is not None:
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
+    if torch.compiler.is_compiling():
+        return rope_op(q, k, cos, sin, unsqueeze_dim, _result_dtype(q, cos, sin), _result_dtype(k, cos, sin), False)
     return _RopeFunction.apply(q, k, cos, sin, unsqueeze_dim)

@@ -131,11 +131,14 @@ def _split(sig: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict)
     return head, {**named, **extra}
 
 
+# read once: Dynamo cannot trace ``dataclasses.fields`` of a class
+_OUTPUT_FIELDS = frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast)) - {"loss", "logits"}
+
+
 def _output(loss, logits, outputs) -> CausalLMOutputWithPast:
     """The causal-LM output with the decoder's cache / hidden states / attentions under whatever names this
     transformers gives them (the two output classes share the names)."""
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
+    rest = {k: v for k, v in outputs.items() if k in _OUTPUT_FIELDS}
     return CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
 
 

@@ -28,12 +28,17 @@ re-read the adapter state at every call (:func:`lora_spec` is attribute reads), 
 disabling them later falls back to the module's own forward instead of computing something else; so does a
 setting verification never saw (:func:`_setting`: a trainer's cast of the adapters, ``.to()``), which
 :mod:`sloth_core.fallback` reports until ``optimize`` verifies it.
+
+Under ``torch.compile`` the three patterns step aside: Dynamo traces PEFT's own forwards (plain torch ops, which
+inductor compiles), not the fused functions, whose base layer rides along as a constant, whose buffers are
+written in place and whose checkpointing bookkeeping (:mod:`sloth_core.recompute`) lives outside the graph.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 
+import torch
 from torch import nn
 
 from ... import binding
@@ -135,6 +140,8 @@ def _linear_with(fn, grouped: bool = False):
     call the q/k/v group answers first, and in inference mode (``for_inference``) :func:`lora_linear_infer` runs."""
     def make(m: Match):
         def forward(self, x, *args, **kwargs):
+            if torch.compiler.is_compiling():  # traced: PEFT's forward (see the module docstring)
+                return type(self).forward(self, x, *args, **kwargs)
             mode = decoding_mode(self) if grouped else None
             group = getattr(_QKV_GROUP, "active", None) if grouped and mode is None else None
             if group is not None and not (args or kwargs):
@@ -221,6 +228,8 @@ def _mlp_with(fn, infer: bool = False):
         activation = m["activation"]
 
         def forward(self, x):
+            if torch.compiler.is_compiling():  # traced: the MLP's own forward through PEFT's layers
+                return binding.previous_forward(self, "lora_mlp")(x)
             specs = _mlp_specs(self)
             if isinstance(specs, str):
                 if infer:
@@ -346,8 +355,8 @@ def _attention_with(grouped: bool):
     def make(m: Match):
         def forward(self, *args, **kwargs):
             inner = binding.previous_forward(self, "lora_qkv")
-            if not grouped or not _qkv_as_verified(self, m["_settings"]):
-                return inner(*args, **kwargs)  # each projection answers for itself
+            if not grouped or torch.compiler.is_compiling() or not _qkv_as_verified(self, m["_settings"]):
+                return inner(*args, **kwargs)  # each projection answers for itself (traced: PEFT's formula)
             with _grouping(self):
                 return inner(*args, **kwargs)
 
