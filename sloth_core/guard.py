@@ -37,6 +37,7 @@ def _keep(t):
     return t
 
 
+@torch.compiler.disable  # under torch.compile: run eagerly (one graph break where a setting is new), not traced
 def _verify_now(pattern: Pattern, m: Match, module: nn.Module, now: tuple, replacement: Callable) -> str | None:
     try:
         probe = pattern.probe(module, m, torch.Generator().manual_seed(0))

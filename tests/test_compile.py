@@ -224,3 +224,21 @@ def test_inductor_compiled_bf16_model_matches_eager_on_the_gpu(lora):
         assert compare(loss_c, loss_e, torch.bfloat16) is None, (loss_c.item(), loss_e.item())
         bad = {n: why for n in grads_c if (why := compare(grads_c[n], grads_e[n], torch.bfloat16, 2.0)) is not None}
         assert not bad, bad
+
+
+def test_a_model_optimized_in_eval_mode_compiles_for_training_in_one_graph_and_says_lora_is_peft(device):
+    """``from_pretrained`` returns eval mode: the first training-mode call is a setting the LoRA patterns' guard has
+    not seen. Under compile they step aside (nothing to verify), so the trace has no break, and one warning says
+    the graph computes PEFT's LoRA forwards."""
+    model = _model("llama", True, device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sloth_core.optimize(model)
+    model.train()
+    ids, labels = token_batch(device)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        explanation = torch._dynamo.explain(model)(input_ids=ids, labels=labels)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), _breaks(explanation)
+    assert any("LoRA patterns" in str(w.message) and "PEFT's forwards" in str(w.message) for w in seen)

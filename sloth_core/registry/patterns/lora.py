@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ from ...kernels.lora_mlp import lora_mlp, lora_mlp_reference
 from ...kernels.lora_peft import lora_spec
 from ...kernels.lora_qkv import lora_qkv
 from ...kernels.nf4_gemv import MAX_ROWS
+from ...warning import SlothCoreWarning
 from ..pattern import Match, Pattern, Probe, Skip
 from . import gated_mlp
 from ._probe import module_dtype_device, randn
@@ -95,8 +97,9 @@ def _mode_setting(module: nn.Module, args=None) -> tuple:
     (:func:`_changed`). One attribute read a call: a model optimized in eval mode (as ``from_pretrained`` returns
     it) verifies its training-mode path -- the dropout masks, with the same RNG state on both sides -- on its first
     training call. (A mode set on the dropout modules alone, not through ``.train()`` / ``.eval()`` of the module
-    or one above it, is not seen.)"""
-    return (module.training,)
+    or one above it, is not seen.) ``None`` while ``torch.compile`` traces: the patterns step aside for PEFT's
+    forwards then (the module docstring), with nothing to verify."""
+    return None if torch.compiler.is_compiling() else (module.training,)
 
 
 def _changed(specs, verified: tuple) -> str | None:
@@ -135,12 +138,24 @@ def _inference_key(x, specs) -> tuple:
         for s in specs)
 
 
+def _say_traced_lora_is_peft() -> None:
+    """Warn, at trace time (a warning in traced code would break the graph), that the compiled graph computes the
+    LoRA layers with PEFT's formula: the fused LoRA functions and what they save are eager-only."""
+    from torch._dynamo.comptime import comptime  # loaded while tracing anyway
+
+    comptime(lambda _ctx: warnings.warn(
+        "sloth_core: under torch.compile the LoRA patterns (lora_linear, lora_mlp, lora_qkv) step aside: the graph "
+        "computes PEFT's forwards, compiled by the backend; the fused LoRA functions (and their memory savings) run "
+        "in eager mode only", SlothCoreWarning, stacklevel=2))
+
+
 def _linear_with(fn, grouped: bool = False):
     """The forward of a LoRA linear through ``fn``; ``grouped`` (the replacement): inside a ``lora_qkv`` attention
     call the q/k/v group answers first, and in inference mode (``for_inference``) :func:`lora_linear_infer` runs."""
     def make(m: Match):
         def forward(self, x, *args, **kwargs):
             if torch.compiler.is_compiling():  # traced: PEFT's forward (see the module docstring)
+                _say_traced_lora_is_peft()
                 return type(self).forward(self, x, *args, **kwargs)
             mode = decoding_mode(self) if grouped else None
             group = getattr(_QKV_GROUP, "active", None) if grouped and mode is None else None
@@ -229,6 +244,7 @@ def _mlp_with(fn, infer: bool = False):
 
         def forward(self, x):
             if torch.compiler.is_compiling():  # traced: the MLP's own forward through PEFT's layers
+                _say_traced_lora_is_peft()
                 return binding.previous_forward(self, "lora_mlp")(x)
             specs = _mlp_specs(self)
             if isinstance(specs, str):
