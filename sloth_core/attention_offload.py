@@ -86,14 +86,16 @@ class _NodeHooks:
             if t is x or (t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.stride() == x.stride()
                           and t.dtype == x.dtype):
                 return _Input(i)
+        # what stays on the device is kept detached: the node's own output returned as it is would hold the node
+        # through its grad_fn (a reference cycle through autograd's C++ objects, which no gc collects)
         if any(t is g or (t.data_ptr() == g.data_ptr() and t.shape == g.shape) for g in self.given or ()):
-            return t
+            return t.detach()
         if t.numel() * t.element_size() >= MIN_BYTES:
             copy = self.stash.host_copy(t)
             if copy is not None:
                 self.copies.append((t.data_ptr(), tuple(t.shape), t.stride(), copy))
                 return copy
-        return t
+        return t.detach()
 
     def unpack(self, packed: Any) -> torch.Tensor:
         if isinstance(packed, _Input):
@@ -155,7 +157,10 @@ class _OffloadedAttention(torch.autograd.Function):
         hooks = _NodeHooks(inputs, stash, tuple(t for t in options.values() if isinstance(t, torch.Tensor)))
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
             out = F.scaled_dot_product_attention(*inputs, **options)
-        hooks.inputs = hooks.given = None  # the hooks live as long as the node: they must not keep q, k, v alive
+        # the hooks live as long as the node: they must not keep q, k, v alive, nor the layer's stash (which holds
+        # the layer's host copies and kept outputs: a node outliving its step -- one left in a saved graph -- would
+        # keep every step's stash, and with it device memory)
+        hooks.inputs = hooks.given = hooks.stash = None
         if _single_node(out, inputs):
             ctx.node, ctx.hooks = out.grad_fn, hooks
             result = out.detach()

@@ -287,3 +287,37 @@ def test_a_mode_not_keeping_the_attention_leaves_torch_alone(device, offload_on_
     ids, labels = token_batch(device)
     model(input_ids=ids, labels=labels).loss.backward()
     assert torch.nn.functional.scaled_dot_product_attention is ao._SDPA and not seen
+
+
+def test_no_step_leaves_a_stash_or_host_copy_behind_on_a_4bit_model(tmp_path, device, monkeypatch):
+    """Every layer run's stash (its host copies, kept attention outputs and q/k/v outputs) goes with its step. The
+    saved-tensor hooks of a kept attention node once held their layer's stash: where such a node outlived its step
+    (a QLoRA model on the CPU: every step left its layers' q/k/v host copies behind, and the pool allocated anew),
+    each step's stash stayed, with the device tensors it kept. The node outlived its step because its hooks
+    returned its own output as it was (held through its ``grad_fn``: a cycle no gc sees); they return it
+    detached."""
+    import gc
+    import warnings
+
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from sloth_core.tiny import tiny_model
+
+    monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)  # (not offload_on_cpu: its MIN_BYTES=1 hides the leak)
+    tiny_model("llama", dtype=torch.bfloat16, intermediate_size=128).save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_use_double_quant=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.bfloat16,
+                                                    device_map={"": device})
+        model = get_peft_model(base.train(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        sloth_core.optimize(model, gradient_checkpointing="offload")
+    ids, labels = token_batch(device)
+    for _ in range(3):
+        model(input_ids=ids, labels=labels).loss.backward()
+        gc.collect()
+        alive = [type(o).__name__ for o in gc.get_objects() if isinstance(o, (host.HostCopy, LayerStash, ao._NodeHooks))]
+        assert alive == [], f"{len(alive)} left after a step: {sorted(set(alive))}"
