@@ -364,7 +364,7 @@ class _InputCatcher:
 
     def pack(self, x: torch.Tensor) -> Any:
         if not self._is_input(x):
-            return x
+            return x.detach()  # (a saved output returned as it is would hold its own node: a cycle no gc collects)
         self.hidden = None
         self.caught = True
         return HostCopy(x, pinned=self.target == "pinned", group=self.group, kind="input")
