@@ -5,7 +5,7 @@ Llama-3-8B-shaped random model (sloth_core.bench.train.build), NF4 double-quant,
 projections, ``optimize(gradient_checkpointing="offload")``, AdamW, batch 4 x 2048. After every step (optimizer
 stepped, grads set to None, synchronized) it records ``torch.cuda.memory_allocated()`` and the step's peak. Prints
 the allocated memory at steps 1, 10, 50, ... and the growth from the end of step 10 (the optimizer state exists by
-then) to the last step; writes every figure as JSON with ``--out``.
+then; step 1 in a run of 20 steps or fewer) to the last step; writes every figure as JSON with ``--out``, as it goes.
 
     python benchmarks/check_memory_flat_gpu.py --steps 200 --out benchmarks/results/memory_flat_h100.json
 """
@@ -20,6 +20,33 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _reference_step(n: int) -> int:
+    """The step whose allocated memory the growth is measured from: the 10th in a long run (the optimizer state
+    exists by then), the 1st in a short one."""
+    return 9 if n > 20 else 0
+
+
+def summary(args, allocated, peaks, times, losses) -> None:
+    ref = _reference_step(len(allocated))
+    growth = allocated[-1] - allocated[ref]
+    spread = max(allocated[ref:]) - min(allocated[ref:])
+    print(f"{torch.cuda.get_device_name()}: allocated after step {ref + 1} {allocated[ref] / 2**30:.4f} GiB, after "
+          f"step {len(allocated)} {allocated[-1] / 2**30:.4f} GiB: growth {growth / 2**20:.2f} MiB, spread "
+          f"{spread / 2**20:.2f} MiB; step peak {min(peaks[ref:]) / 2**30:.3f}-{max(peaks[ref:]) / 2**30:.3f} GiB")
+    if args.out is not None:
+        write(args, allocated, peaks, times, losses)
+
+
+def write(args, allocated, peaks, times, losses) -> None:
+    versions = {m: __import__(m).__version__ for m in ("torch", "triton", "transformers", "peft", "bitsandbytes")}
+    ref = _reference_step(len(allocated))
+    args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "versions": versions,
+                                    "settings": vars(args) | {"out": str(args.out)},
+                                    "allocated_bytes": allocated, "step_peak_bytes": peaks,
+                                    "step_s": times, "losses": losses, "reference_step": ref + 1,
+                                    "growth_bytes_after_reference_step": allocated[-1] - allocated[ref]}, indent=1))
 
 
 def main() -> int:
@@ -58,19 +85,9 @@ def main() -> int:
         if step + 1 in (1, 2, 10, 50, 100, 150) or step + 1 == args.steps:
             print(f"step {step + 1:4d}: allocated {allocated[-1] / 2**30:.4f} GiB, step peak "
                   f"{peaks[-1] / 2**30:.3f} GiB, {times[-1] * 1e3:.0f} ms, loss {losses[-1]:.4f}", flush=True)
-    ref = min(9, len(allocated) - 1)
-    growth = allocated[-1] - allocated[ref]
-    spread = max(allocated[ref:]) - min(allocated[ref:])
-    print(f"{torch.cuda.get_device_name()}: allocated after step {ref + 1} {allocated[ref] / 2**30:.4f} GiB, after "
-          f"step {len(allocated)} {allocated[-1] / 2**30:.4f} GiB: growth {growth / 2**20:.2f} MiB, spread "
-          f"{spread / 2**20:.2f} MiB; step peak {min(peaks[ref:]) / 2**30:.3f}-{max(peaks[ref:]) / 2**30:.3f} GiB")
-    if args.out is not None:
-        versions = {m: __import__(m).__version__ for m in ("torch", "triton", "transformers", "peft", "bitsandbytes")}
-        args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "versions": versions,
-                                        "settings": vars(args) | {"out": str(args.out)},
-                                        "allocated_bytes": allocated, "step_peak_bytes": peaks,
-                                        "step_s": times, "losses": losses,
-                                        "growth_bytes_after_step_10": growth}, indent=1))
+            if args.out is not None:  # as it goes: a run cut short by a timeout leaves its figures
+                write(args, allocated, peaks, times, losses)
+    summary(args, allocated, peaks, times, losses)
     return 0
 
 
