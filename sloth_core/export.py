@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .registry.patterns.lora import is_lora_layer
+from .registry.patterns.lora_settings import is_lora_layer
 
 SHARD_BYTES = 2 * 1024 ** 3
 

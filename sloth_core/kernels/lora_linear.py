@@ -1,8 +1,10 @@
-"""A LoRA linear layer as one autograd function (PEFT ``lora.Linear`` / ``lora.Linear4bit``), and its reference.
+"""A LoRA linear layer as one autograd function (PEFT ``lora.Linear`` / ``lora.Linear4bit`` /
+``lora.Linear8bitLt``), and its reference.
 
-A PEFT LoRA layer with base ``W`` [out, in] (``nn.Linear``, or a bitsandbytes ``Linear4bit`` dequantized on use),
-optional frozen bias ``b``, adapter ``A`` [r, in], ``B`` [out, r] and ``s = scaling[adapter]`` (``alpha / r``, or
-``alpha / sqrt(r)`` for rsLoRA), with ``lora_dropout = 0``, computes (``x``: [T, in], rows = tokens)::
+A PEFT LoRA layer with base ``W`` [out, in] (``nn.Linear``, or a bitsandbytes ``Linear4bit`` / LLM.int8
+``Linear8bitLt`` dequantized on use), optional frozen bias ``b``, adapter ``A`` [r, in], ``B`` [out, r] and
+``s = scaling[adapter]`` (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA), with ``lora_dropout = 0`` (the
+dropout path is in :class:`_LoRALinearFunction`'s docstring), computes (``x``: [T, in], rows = tokens)::
 
     y = x W^T + b + s * (x A^T) B^T
 

@@ -1,9 +1,9 @@
-"""Patterns ``lora_linear`` and ``lora_mlp``: PEFT LoRA layers as single fused autograd functions.
+"""Patterns ``lora_linear``, ``lora_mlp`` and ``lora_qkv``: PEFT LoRA layers as single fused autograd functions.
 
-* ``lora_linear``: a PEFT ``lora.Linear`` / ``lora.Linear4bit`` (base ``nn.Linear`` or bitsandbytes NF4/FP4
-  ``Linear4bit``) computes ``base(x) + s * (x A^T) B^T`` in one function: one dequantization of a 4-bit base per use,
-  only ``x`` and ``x A^T`` saved, hand-derived gradients for ``x``, ``A``, ``B``
-  (:mod:`sloth_core.kernels.lora_linear`).
+* ``lora_linear``: a PEFT ``lora.Linear`` / ``lora.Linear4bit`` / ``lora.Linear8bitLt`` computes
+  ``base(x) + s * (x A^T) B^T`` (with ``lora_dropout``'s mask on the LoRA branch in training mode) in one function:
+  one dequantization of a quantized base per use, only ``x`` and ``x A^T`` saved (the dropped input and the mask
+  with dropout), hand-derived gradients for ``x``, ``A``, ``B`` (:mod:`sloth_core.kernels.lora_linear`).
 * ``lora_mlp``: a gated MLP whose three projections are all such LoRA layers runs as one function with the fused
   activation kernel; the backward recomputes ``act(g) * u``. It supersedes ``gated_mlp`` on the module.
 * ``lora_qkv``: an attention module whose ``q_proj``, ``k_proj``, ``v_proj`` are such LoRA layers on the same
@@ -26,7 +26,7 @@ path and the report says why. Each pattern's dropout in effect (training or eval
 verification did not see is verified on first use (:mod:`sloth_core.guard`). The replacement forwards
 re-read the adapter state at every call (:func:`lora_spec` is attribute reads), so switching adapters, merging or
 disabling them later falls back to the module's own forward instead of computing something else; so does a
-setting verification never saw (:func:`_setting`: a trainer's cast of the adapters, ``.to()``), which
+setting verification never saw (:func:`lora_settings.setting`: a trainer's cast of the adapters, ``.to()``), which
 :mod:`sloth_core.fallback` reports until ``optimize`` verifies it.
 
 Under ``torch.compile`` the three patterns step aside: Dynamo traces PEFT's own forwards (plain torch ops, which
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 
 import torch
 from torch import nn
@@ -52,65 +51,11 @@ from ...kernels.lora_mlp import lora_mlp, lora_mlp_reference
 from ...kernels.lora_peft import lora_spec
 from ...kernels.lora_qkv import lora_qkv
 from ...kernels.nf4_gemv import MAX_ROWS
-from ...warning import SlothCoreWarning
 from ..pattern import Match, Pattern, Probe, Skip
 from . import gated_mlp
 from ._probe import module_dtype_device, randn
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
-
-
-def _trainable(*specs) -> tuple:
-    return tuple(t for s in specs for t in (s.A, s.B) if t.requires_grad)
-
-
-def _stand_ins(specs, gen) -> tuple:
-    """Random values for the adapter matrices that are all zero (``B`` as PEFT initializes it), so the probe's
-    gradient of ``A`` (zero on every side otherwise) is compared too, by the relative-norm bound (a wrong ``dA``
-    fails it at any size). Their size, 0.02, is that of a trained ``B``. With ``B`` of ``A``'s size, ``dA`` grows
-    past the elementwise bound's absolute part, and in bf16 under Triton's interpreter (whose casts truncate) a few
-    of its elements, sums of many products, then differ from PEFT's by more than that bound although both are as
-    far from a float64 reference (measured on a tiny NF4 MLP: relative error 7.2e-3 vs PEFT's 5.3e-3)."""
-    return tuple((t, randn(t.shape, t.dtype, t.device, gen, scale=0.02))
-                 for s in specs for t in (s.A, s.B) if not t.detach().any())
-
-
-_SETTING = ("lora_A dtype", "lora_B dtype", "adapter device", "base weight dtype", "base weight device",
-            "4-bit compute dtype", "scale")
-
-
-def _setting(spec) -> tuple:
-    """What verification saw of one LoRA layer that a trainer or the user can change after ``optimize`` (TRL casts
-    the adapters of a 4-bit model to bf16, ``.to()`` moves them): attribute reads, checked at every call."""
-    w = spec.base_layer.weight
-    return (spec.A.dtype, spec.B.dtype, spec.A.device, w.dtype, w.device,
-            getattr(spec.base_layer, "compute_dtype", None), spec.scale)
-
-
-def _mode_setting(module: nn.Module, args=None) -> tuple:
-    """The pattern ``setting`` (:mod:`sloth_core.guard`) of the LoRA patterns: whether the bound module is in
-    training mode. That decides the dropout the layers apply (their ``lora_dropout`` in training mode, 0 in eval
-    mode) and how an LLM.int8 base multiplies (bitsandbytes' forward on a CPU uses the dequantized weight in
-    training mode, int8-quantized inputs in eval mode); the rest of a layer's setting is checked by its forward
-    (:func:`_changed`). One attribute read a call: a model optimized in eval mode (as ``from_pretrained`` returns
-    it) verifies its training-mode path -- the dropout masks, with the same RNG state on both sides -- on its first
-    training call. (A mode set on the dropout modules alone, not through ``.train()`` / ``.eval()`` of the module
-    or one above it, is not seen.) ``None`` while ``torch.compile`` traces: the patterns step aside for PEFT's
-    forwards then (the module docstring), with nothing to verify."""
-    return None if torch.compiler.is_compiling() else (module.training,)
-
-
-def _changed(specs, verified: tuple) -> str | None:
-    """How the layers' settings differ from the ``verified`` ones (``None``: they do not)."""
-    for spec, seen in zip(specs, verified):
-        now = _setting(spec)
-        if now == seen:  # the per-call path: one tuple comparison
-            continue
-        name, a, b = next((n, a, b) for n, a, b in zip(_SETTING, seen, now) if a != b)
-        return f"its LoRA setting changed since it was verified ({name} {a} -> {b})"
-    return None
+from .lora_settings import (is_lora_layer, mode_setting, say_traced_lora_is_peft, setting, setting_change,
+                            stand_ins, trainable)
 
 
 # --- lora_linear ------------------------------------------------------------------------------------------------
@@ -125,7 +70,7 @@ def find_linear(module: nn.Module, params) -> Match | Skip | None:
     sig = (type(module), type(base), dtype, device, base.in_features, base.out_features, tuple(spec.A.shape),
            spec.A.dtype, spec.scale)
     return Match({"r": spec.A.shape[0], "scale": spec.scale, "in": base.in_features,
-                  "_settings": (_setting(spec),)}, sig + _setting(spec))
+                  "_settings": (setting(spec),)}, sig + setting(spec))
 
 
 def _inference_key(x, specs) -> tuple:
@@ -134,19 +79,8 @@ def _inference_key(x, specs) -> tuple:
     a count) or ``"prefill"``."""
     rows = x.numel() // max(1, x.shape[-1])
     return (x.dtype, x.device, rows if rows <= MAX_ROWS else "prefill") + tuple(
-        (type(s.base_layer), s.base_layer.in_features, s.base_layer.out_features, tuple(s.A.shape)) + _setting(s)
+        (type(s.base_layer), s.base_layer.in_features, s.base_layer.out_features, tuple(s.A.shape)) + setting(s)
         for s in specs)
-
-
-def _say_traced_lora_is_peft() -> None:
-    """Warn, at trace time (a warning in traced code would break the graph), that the compiled graph computes the
-    LoRA layers with PEFT's formula: the fused LoRA functions and what they save are eager-only."""
-    from torch._dynamo.comptime import comptime  # loaded while tracing anyway
-
-    comptime(lambda _ctx: warnings.warn(
-        "sloth_core: under torch.compile the LoRA patterns (lora_linear, lora_mlp, lora_qkv) step aside: the graph "
-        "computes PEFT's forwards, compiled by the backend; the fused LoRA functions (and their memory savings) run "
-        "in eager mode only", SlothCoreWarning, stacklevel=2))
 
 
 def _linear_with(fn, grouped: bool = False):
@@ -155,7 +89,7 @@ def _linear_with(fn, grouped: bool = False):
     def make(m: Match):
         def forward(self, x, *args, **kwargs):
             if torch.compiler.is_compiling():  # traced: PEFT's forward (see the module docstring)
-                _say_traced_lora_is_peft()
+                say_traced_lora_is_peft()
                 return type(self).forward(self, x, *args, **kwargs)
             mode = decoding_mode(self) if grouped else None
             group = getattr(_QKV_GROUP, "active", None) if grouped and mode is None else None
@@ -173,7 +107,7 @@ def _linear_with(fn, grouped: bool = False):
                     fall_back(self, "lora_linear", spec if isinstance(spec, str) else
                               f"called with arguments besides x (keywords {sorted(kwargs)})", lasting=False)
                 return type(self).forward(self, x, *args, **kwargs)
-            changed = _changed((spec,), m["_settings"])
+            changed = setting_change((spec,), m["_settings"])
             if changed is not None:
                 fall_back(self, "lora_linear", changed)
                 return type(self).forward(self, x)
@@ -195,8 +129,8 @@ def _probe_linear(module: nn.Module, m: Match, gen) -> Probe:
     spec = lora_spec(module)
     dtype, device = module_dtype_device(spec.base_layer)
     x = randn((2, 3, m["in"]), dtype, device, gen)
-    return Probe(inputs=(x.requires_grad_(),), params=_trainable(spec), dtype=dtype,
-                 stand_ins=_stand_ins((spec,), gen))
+    return Probe(inputs=(x.requires_grad_(),), params=trainable(spec), dtype=dtype,
+                 stand_ins=stand_ins((spec,), gen))
 
 
 LORA_LINEAR = Pattern(
@@ -208,7 +142,7 @@ LORA_LINEAR = Pattern(
     original=lambda module, m: module.forward,
     probe=_probe_linear,
     defaults={},
-    setting=_mode_setting,
+    setting=mode_setting,
 )
 
 
@@ -231,7 +165,7 @@ def find_mlp(module: nn.Module, params) -> Match | Skip | None:
     specs = _mlp_specs(module)
     if isinstance(specs, str):
         return Skip(specs)
-    settings = tuple(_setting(s) for s in specs)
+    settings = tuple(setting(s) for s in specs)
     sig = found.signature + tuple((tuple(s.A.shape), s.A.dtype, s.scale) for s in specs) + settings
     return Match({**found.params, "r": specs[0].A.shape[0], "_settings": settings}, sig)
 
@@ -244,14 +178,14 @@ def _mlp_with(fn, infer: bool = False):
 
         def forward(self, x):
             if torch.compiler.is_compiling():  # traced: the MLP's own forward through PEFT's layers
-                _say_traced_lora_is_peft()
+                say_traced_lora_is_peft()
                 return binding.previous_forward(self, "lora_mlp")(x)
             specs = _mlp_specs(self)
             if isinstance(specs, str):
                 if infer:
                     fall_back(self, "lora_mlp", specs, lasting=False)
                 return binding.previous_forward(self, "lora_mlp")(x)
-            changed = _changed(specs, m["_settings"])
+            changed = setting_change(specs, m["_settings"])
             if changed is not None:
                 fall_back(self, "lora_mlp", changed)
                 return binding.previous_forward(self, "lora_mlp")(x)
@@ -274,7 +208,7 @@ def _mlp_with(fn, infer: bool = False):
 def _probe_mlp(module: nn.Module, m: Match, gen) -> Probe:
     probe = gated_mlp.probe(module, m, gen)
     specs = _mlp_specs(module)
-    return Probe(inputs=probe.inputs, params=_trainable(*specs), dtype=probe.dtype, stand_ins=_stand_ins(specs, gen))
+    return Probe(inputs=probe.inputs, params=trainable(*specs), dtype=probe.dtype, stand_ins=stand_ins(specs, gen))
 
 
 LORA_MLP = Pattern(
@@ -288,7 +222,7 @@ LORA_MLP = Pattern(
     defaults={"activation": "auto"},
     supersedes=("gated_mlp",),
     serves_foreign=True,
-    setting=_mode_setting,
+    setting=mode_setting,
 )
 
 
@@ -358,7 +292,7 @@ def find_qkv(module: nn.Module, params) -> Match | Skip | None:
     if len(hidden) != 1:
         return Skip(f"q/k/v take inputs of different widths {sorted(hidden)}")
     dtype, device = module_dtype_device(specs[0].base_layer)
-    settings = tuple(_setting(s) for s in specs)
+    settings = tuple(setting(s) for s in specs)
     sig = (type(module), dtype, device, module.head_dim) + tuple(
         (type(s.base_layer), s.base_layer.out_features, tuple(s.A.shape), s.A.dtype, s.scale) for s in specs) + settings
     return Match({"hidden": hidden.pop(), "head_dim": module.head_dim,
@@ -388,7 +322,7 @@ def _qkv_as_verified(attention: nn.Module, settings: tuple) -> bool:
     if why is not None:  # the projections fall back too, each with its reason
         fall_back(attention, "lora_qkv", why, lasting=False)
         return True
-    changed = _changed(specs, settings)
+    changed = setting_change(specs, settings)
     if changed is not None:
         fall_back(attention, "lora_qkv", changed)
     else:
@@ -401,7 +335,7 @@ def _probe_qkv(module: nn.Module, m: Match, gen) -> Probe:
     hidden = randn((2, 3, m["hidden"]), dtype, device, gen).requires_grad_()
     cos, sin = (randn((2, 3, m["head_dim"]), dtype, device, gen) for _ in range(2))
     specs = [lora_spec(getattr(module, name)) for name in _QKV]
-    return Probe(inputs=(hidden, cos, sin), params=_trainable(*specs), dtype=dtype, stand_ins=_stand_ins(specs, gen))
+    return Probe(inputs=(hidden, cos, sin), params=trainable(*specs), dtype=dtype, stand_ins=stand_ins(specs, gen))
 
 
 def _attention_output(fn):
@@ -419,5 +353,5 @@ LORA_QKV = Pattern(
     probe=_probe_qkv,
     defaults={},
     adapt=_attention_output,
-    setting=_mode_setting,
+    setting=mode_setting,
 )
