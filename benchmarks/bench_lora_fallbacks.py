@@ -28,30 +28,9 @@ GIB = 1024 ** 3
 SETUPS = ("lora_dropout_bf16", "lora_int8")
 
 
-def quantize_int8(model) -> None:
-    """The decoder's projections as bitsandbytes LLM.int8 layers, as ``load_in_8bit=True`` builds them."""
-    import bitsandbytes as bnb
-    from sloth_core.bench.train_models import TARGETS
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in TARGETS:
-                lin = getattr(parent, name, None)
-                if not isinstance(lin, torch.nn.Linear):
-                    continue
-                q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                        has_fp16_weights=False, threshold=6.0, device="meta")
-                q.weight = bnb.nn.Int8Params(lin.weight.data.to(torch.float16), requires_grad=False,
-                                             has_fp16_weights=False).cuda()
-                setattr(parent, name, q)
-                del lin
-    model.is_loaded_in_8bit = True
-    torch.cuda.empty_cache()
-
-
 def build(setup: str, layers: int, rank: int, dropout: float):
     from peft import LoraConfig, get_peft_model
-    from sloth_core.bench.train_models import TARGETS, build as build_model
+    from sloth_core.bench.train_models import TARGETS, build as build_model, quantize_int8
 
     model = build_model("llama-3-8b", layers)
     if setup == "lora_int8":  # bf16 elsewhere, as load_in_8bit with dtype=bfloat16

@@ -45,30 +45,56 @@ def build(preset: str, layers: int | None = None, quant: str = "none", *, device
     return model.train()
 
 
+def _replace_projections(model, quantized) -> None:
+    """Each decoder projection in :data:`TARGETS` (an ``nn.Linear``) replaced by ``quantized(lin)``."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGETS:
+                lin = getattr(parent, name, None)
+                if isinstance(lin, torch.nn.Linear):
+                    setattr(parent, name, quantized(lin))
+                    del lin
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _frozen_bias(q, lin):
+    if lin.bias is not None:
+        q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+    return q
+
+
 def quantize_nf4(model, device="cuda") -> None:
     """Replace the decoder's projections by bitsandbytes NF4 double-quant ``Linear4bit`` layers (bf16 compute), as
     ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
     bnb_4bit_use_double_quant=True))`` would, without a save/load round trip of a random checkpoint."""
     import bitsandbytes as bnb
 
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in TARGETS:
-                lin = getattr(parent, name, None)
-                if not isinstance(lin, torch.nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4")._quantize(device)
-                if lin.bias is not None:
-                    q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
-                setattr(parent, name, q)
-                del lin
+    def nf4(lin):
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")._quantize(device)
+        return _frozen_bias(q, lin)
+
+    _replace_projections(model, nf4)
     model.is_loaded_in_4bit = True  # as from_pretrained sets it: PEFT then wraps the layers with its bnb LoRA class
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+
+
+def quantize_int8(model, threshold: float = 6.0) -> None:
+    """Replace the decoder's projections by bitsandbytes LLM.int8 ``Linear8bitLt`` layers (on the GPU), as
+    ``load_in_8bit=True`` builds them (``llm_int8_threshold`` 6 by default)."""
+    import bitsandbytes as bnb
+
+    def int8(lin):
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                has_fp16_weights=False, threshold=threshold, device="meta")
+        q.weight = bnb.nn.Int8Params(lin.weight.data.to(torch.float16), requires_grad=False,
+                                     has_fp16_weights=False).cuda()
+        return _frozen_bias(q, lin)
+
+    _replace_projections(model, int8)
+    model.is_loaded_in_8bit = True
 
 
 def add_lora(model, rank: int = 16, seed: int = 0):
