@@ -2,7 +2,7 @@
 # GPU session on the lent H200: the test suite and the two benchmark reports, each bounded in time.
 # Usage (device machine, repo root; bitsandbytes / liger-kernel wheels in .whl/):
 #   bash benchmarks/gpu_session.sh tests|train|kernels|sft ...     (one command may run 10 minutes: about
-#   tests 3 min, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min,
+#   tests 7-9 min in three parts, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min,
 #   sft (TRL's SFTTrainer, Llama-3-8B QLoRA + LoRA, fixed and varlen, hf_peft vs sloth_core: 12 runs) 4-6 min)
 # WHEELS="DIR ..." installs the wheels of those folders instead of .whl/ (e.g. a newer transformers beside the
 # image's); TAG names the run in the result files; TRAIN_ARGS are added to the train stage (e.g. --provider ...),
@@ -25,11 +25,22 @@ export PYTHONUNBUFFERED=1
 python3 -c 'import torch, triton, transformers, peft; print("versions: torch", torch.__version__, "triton",
   triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name())' \
   | tee -a "$OUT/session.log"
+# tests/kernels + autotune; the model-level tests; the trainer, distributed and compile tests (~2-3 min each on an
+# H100; TEST_PART_S bounds each)
+TEST_PARTS=("tests/kernels tests/autotune tests/test_bf16_accuracy.py tests/test_inference.py tests/test_coexistence.py"
+            "tests/architectures tests/test_checkpointing.py tests/test_checkpointing_matrix.py tests/test_attention_offload.py tests/test_qkv_offload.py tests/test_round_trips.py tests/test_guard.py tests/test_lora_dropout.py tests/test_lora_int8.py tests/test_config_fuzz.py tests/test_bad_inputs.py tests/test_threads.py"
+            "tests --ignore=tests/kernels --ignore=tests/autotune --ignore=tests/architectures --ignore=tests/test_bf16_accuracy.py --ignore=tests/test_inference.py --ignore=tests/test_coexistence.py --ignore=tests/test_checkpointing.py --ignore=tests/test_checkpointing_matrix.py --ignore=tests/test_attention_offload.py --ignore=tests/test_qkv_offload.py --ignore=tests/test_round_trips.py --ignore=tests/test_guard.py --ignore=tests/test_lora_dropout.py --ignore=tests/test_lora_int8.py --ignore=tests/test_config_fuzz.py --ignore=tests/test_bad_inputs.py --ignore=tests/test_threads.py")
 step() { local name=$1 limit=$2 log=$RESULTS/$1.log; shift 2; echo "== $name"; timeout "$limit" "$@" > "$log" 2>&1
          echo "rc=$?" >> "$log"; tail -n "${TAILN:-12}" "$log"; { echo "== $name"; cat "$log"; } >> "$OUT/session.log"; }
 for stage in "${@:-tests}"; do
   case $stage in
-    tests)   TAILN=4 step "pytest_$TAG" 320 python3 -m pytest -q -p no:cacheprovider ;;
+    # the suite in three processes of bounded time (a CUDA error ends only its part); -rA names each result as it
+    # comes (a part cut by its timeout still says which tests failed), the summary lists failures and errors
+    tests)   for i in "${!TEST_PARTS[@]}"; do
+               # shellcheck disable=SC2086
+               TAILN=6 step "pytest_${TAG}_part$((i + 1))" "${TEST_PART_S:-190}" \
+                 python3 -m pytest -p no:cacheprovider -rfE -o console_output_style=classic -v ${TEST_PARTS[$i]}
+             done ;;
     # heuristic launch configs in the benchmarks (tuning is measured by benchmarks/bench_autotune.py)
     train)   TAILN=14 step train 540 env SLOTH_CORE_AUTOTUNE=0 python3 -m sloth_core bench train --preset llama-3-8b \
                --quant none nf4 --steps 10 --out "$RESULTS" --name "train_llama-3-8b_$TAG" ${TRAIN_ARGS:-} ;;
