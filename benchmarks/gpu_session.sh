@@ -3,7 +3,9 @@
 # Usage (device machine, repo root; bitsandbytes / liger-kernel wheels in .whl/):
 #   bash benchmarks/gpu_session.sh tests|train|kernels|sft ...     (one command may run 10 minutes: about
 #   tests 7-9 min in three parts, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min,
-#   sft (TRL's SFTTrainer, Llama-3-8B QLoRA + LoRA, fixed and varlen, hf_peft vs sloth_core: 12 runs) 4-6 min)
+#   sft (TRL's SFTTrainer, Llama-3-8B QLoRA + LoRA, fixed and varlen, hf_peft vs sloth_core: 12 runs) 4-6 min,
+#   memory (8B QLoRA allocated memory over 200 steps, fresh then warm tuning cache) ~6 min, compile ~6 min,
+#   fallbacks (LoRA dropout, LLM.int8) ~4 min, tune (the shipped table's four presets) ~4 min)
 # WHEELS="DIR ..." installs the wheels of those folders instead of .whl/ (e.g. a newer transformers beside the
 # image's); TAG names the run in the result files; TRAIN_ARGS are added to the train stage (e.g. --provider ...),
 # SFT_ARGS to the sft stage (e.g. --steps 6 --varlen-steps 8). The sft stage needs trl and datasets, which the image
@@ -50,7 +52,26 @@ for stage in "${@:-tests}"; do
                --workload fixed varlen --out "$RESULTS" --name "train_sft_llama-3-8b_$TAG" ${SFT_ARGS:-} ;;
     kernels) TAILN=4 step kernels 540 env SLOTH_CORE_AUTOTUNE=0 python3 -m sloth_core bench kernels --out "$RESULTS" \
                --name "kernels_$TAG" ;;
-    *) echo "unknown stage $stage (tests, train, kernels, sft)"; exit 2 ;;
+    # allocated memory over 200 QLoRA steps with an empty tuning cache (its first step: tuning on first use), then
+    # the first steps again on the cache it filled (issue 20, items 3 and 6)
+    memory)  cache=$(mktemp -d)
+             TAILN=6 step memory_fresh 400 env SLOTH_CORE_CACHE_DIR="$cache" python3 benchmarks/check_memory_flat_gpu.py \
+               --steps 200 --out "$RESULTS/memory_flat_fresh_$TAG.json"
+             TAILN=6 step memory_warm 150 env SLOTH_CORE_CACHE_DIR="$cache" python3 benchmarks/check_memory_flat_gpu.py \
+               --steps 4 --out "$RESULTS/memory_flat_warm_$TAG.json" ;;
+    # torch.compile after optimize: the cuda tests, then compiled vs eager (4 layers of the 8B shape)
+    compile) TAILN=4 step compile_tests 150 python3 -m pytest -p no:cacheprovider -rfE -q tests/test_compile.py -m cuda
+             TAILN=10 step compile_bench 360 python3 benchmarks/bench_compile.py --preset llama-3-8b --layers 4 \
+               --providers sloth_core sloth_core+compile hf_peft hf_peft+compile --out "$RESULTS/compile_$TAG.json" ;;
+    # LoRA dropout and LLM.int8 bases: optimized vs PEFT (4 layers of the 8B shape)
+    fallbacks) TAILN=10 step fallbacks 300 python3 benchmarks/bench_lora_fallbacks.py --layers 4 \
+               --out "$RESULTS/lora_fallbacks_$TAG.json" ;;
+    # the shipped tuning table: the four presets at batch 4 x 2048 (copy tuned.json to sloth_core/autotune/shipped/)
+    tune)    for m in llama-3-8b qwen3-8b mistral-7b gemma-2-9b; do
+               TAILN=2 step "tune_$m" 120 python3 -m sloth_core tune --model "$m" --seq 2048 --batch 4 \
+                 --cache-dir "$RESULTS/tuned"
+             done ;;
+    *) echo "unknown stage $stage (tests, train, kernels, sft, memory, compile, fallbacks, tune)"; exit 2 ;;
   esac
 done
 tar czf "$OUT/results.tgz" -C "$RESULTS" .
