@@ -22,6 +22,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _left_behind() -> str:
+    """What offloading left alive after a step (none expected: each layer run's stash and host copies go with
+    it) and the host buffers the pool has allocated so far (flat once the first step has filled it)."""
+    import gc
+
+    from sloth_core.memory.host import HostCopy
+    from sloth_core.memory.stash import LayerStash
+    from sloth_core.memory.stats import STATS
+
+    gc.collect()
+    alive = sum(isinstance(o, (HostCopy, LayerStash)) for o in gc.get_objects())
+    return f"stashes + host copies alive {alive}, host buffers allocated {STATS.host_allocations}"
+
+
 def _reference_step(n: int) -> int:
     """The step whose allocated memory the growth is measured from: the 10th in a long run (the optimizer state
     exists by then), the 1st in a short one."""
@@ -84,7 +98,8 @@ def main() -> int:
         peaks.append(torch.cuda.max_memory_allocated())
         if step + 1 in (1, 2, 10, 50, 100, 150) or step + 1 == args.steps:
             print(f"step {step + 1:4d}: allocated {allocated[-1] / 2**30:.4f} GiB, step peak "
-                  f"{peaks[-1] / 2**30:.3f} GiB, {times[-1] * 1e3:.0f} ms, loss {losses[-1]:.4f}", flush=True)
+                  f"{peaks[-1] / 2**30:.3f} GiB, {times[-1] * 1e3:.0f} ms, loss {losses[-1]:.4f}; {_left_behind()}",
+                  flush=True)
             if args.out is not None:  # as it goes: a run cut short by a timeout leaves its figures
                 write(args, allocated, peaks, times, losses)
     summary(args, allocated, peaks, times, losses)
