@@ -301,19 +301,14 @@ def test_no_step_leaves_a_stash_or_host_copy_behind_on_a_4bit_model(tmp_path, de
 
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from sloth_core.tiny import tiny_model
+    from tests.quantized import load_4bit, save_tiny_llama
 
     monkeypatch.setattr(host, "OFFLOAD_CPU_INPUTS", True)  # (not offload_on_cpu: its MIN_BYTES=1 hides the leak)
-    tiny_model("llama", dtype=torch.bfloat16, intermediate_size=128).save_pretrained(tmp_path)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                           bnb_4bit_use_double_quant=True)
+    base = load_4bit(save_tiny_llama(tmp_path), device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.bfloat16,
-                                                    device_map={"": device})
-        model = get_peft_model(base.train(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         sloth_core.optimize(model, gradient_checkpointing="offload")
     ids, labels = token_batch(device)
     for _ in range(3):

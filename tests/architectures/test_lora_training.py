@@ -1,7 +1,6 @@
 """LoRA / QLoRA training with the fast path: 20 optimizer steps follow PEFT's loss curve, and unsupported LoRA
 settings fall back to PEFT's forward and are reported."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -54,18 +53,12 @@ def test_lora_fast_path_follows_peft_for_20_steps(device):
 
 def test_qlora_fast_path_follows_peft_for_20_steps(tmp_path, device):
     pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from tests.quantized import load_4bit, save_tiny_llama
 
-    tiny_model("llama", dtype=torch.bfloat16, intermediate_size=128).save_pretrained(tmp_path)  # see test_quantized
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                           bnb_4bit_use_double_quant=True)
+    save_tiny_llama(tmp_path)
 
     def load():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.bfloat16,
-                                                     device_map={"": device})
-        return _lora(m.train())
+        return _lora(load_4bit(tmp_path, device))
 
     ref, model = load(), sloth_core.optimize(load(), gradient_checkpointing="on")
     assert {"lora_linear", "lora_mlp"} <= {r.pattern for r in sloth_core.report(model) if r.status == "replaced"}

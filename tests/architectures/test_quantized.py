@@ -1,37 +1,19 @@
 """bitsandbytes 4-bit (NF4, double quant) models: optimize() swaps the same patterns and the loss and LoRA gradients
 match the unoptimized QLoRA model. bitsandbytes' 4-bit layers run on the CPU, so this runs everywhere."""
-import warnings
 
 import pytest
 import torch
 
 import sloth_core
-from sloth_core.tiny import tiny_model
 from sloth_core.tolerances import assert_close
+from tests.quantized import load_4bit, save_tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    # intermediate 128: a multiple of the 64-element quantization block. bitsandbytes 0.50.2's own CPU 4-bit matmul
-    # scales blocks per row and is wrong when a row is not a whole number of blocks (96 was); sloth_core's verification
-    # then (rightly) refuses to swap the fused MLP, since it no longer agrees with the module it replaces.
-    tiny_model("llama", dtype=torch.bfloat16, intermediate_size=128).save_pretrained(path)
-    return path
-
-
-def _load_4bit(path, device):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                           bnb_4bit_use_double_quant=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
-                                                     device_map={"": device})
-    return model.train()  # from_pretrained returns eval mode
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _lora(model):
@@ -49,8 +31,8 @@ def _lora(model):
 
 
 def test_qlora_model_parity(saved_llama, device):
-    ref = _lora(_load_4bit(saved_llama, device))
-    model = sloth_core.optimize(_lora(_load_4bit(saved_llama, device)))
+    ref = _lora(load_4bit(saved_llama, device))
+    model = sloth_core.optimize(_lora(load_4bit(saved_llama, device)))
     assert type(model.get_base_model().model.layers[0].mlp.gate_proj.base_layer).__name__ == "Linear4bit"
     skipped = [(r.module, r.pattern, r.detail) for r in sloth_core.report(model) if r.status == "skipped"]
     assert not skipped
