@@ -32,7 +32,7 @@ def test_all_zero_outputs_are_equal_outputs():
     assert verify(zero, zero, zero, _probe()) is None
 
 
-def test_a_wrong_lora_a_gradient_is_refused_even_with_b_at_its_zero_init(monkeypatch):
+def test_a_wrong_lora_a_gradient_is_refused_even_with_b_at_its_zero_init(monkeypatch, device):
     """PEFT starts ``B`` at zero, which makes the gradient of ``A`` zero for every implementation: the LoRA probes
     give an all-zero ``B`` a random stand-in while they run (and give the model its own back), so a kernel whose
     ``dA`` is wrong is refused at ``optimize`` instead of training ``A`` wrongly from the first step on."""
@@ -44,7 +44,7 @@ def test_a_wrong_lora_a_gradient_is_refused_even_with_b_at_its_zero_init(monkeyp
     from sloth_core.kernels import lora_linear as lora_linear_module
     from sloth_core.tiny import tiny_model
 
-    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
+    model = get_peft_model(tiny_model("llama", device=device), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
     assert not any(p.any() for n, p in model.named_parameters() if "lora_B" in n)  # PEFT's zero init
     own_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     function = lora_linear_module._LoRALinearFunction
