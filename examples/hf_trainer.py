@@ -63,4 +63,8 @@ def main(argv: list[str] | None = None) -> tuple[list[float], dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # launched by torchrun / accelerate: leave the process group before exit (a live one can abort it)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
