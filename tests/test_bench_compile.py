@@ -2,20 +2,15 @@
 losses follow the eager one's (a bf16 LoRA Llama of one layer, ``aot_eager``)."""
 import importlib.util
 import json
-import os
 from pathlib import Path
 
-import pytest
+from tests.marks import interpreter_only
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the CPU smoke mode runs under Triton's interpreter, which a process on a GPU machine did "
-                           "not start with (the kernels were compiled for the GPU at import)")
-def test_tiny_mode(tmp_path, capsys, monkeypatch):
-    for name in ("TRITON_INTERPRET", "SLOTH_CORE_AUTOTUNE"):  # main() sets them for its process: not past this test
-        monkeypatch.setenv(name, os.environ.get(name, "1" if name == "TRITON_INTERPRET" else "0"))
+@interpreter_only
+def test_tiny_mode(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_compile", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -2,10 +2,11 @@
 inference mode generates the tokens of Hugging Face + PEFT (a bf16 LoRA Llama; tests/test_inference.py covers NF4)."""
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
+
+from tests.marks import interpreter_only
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
 
@@ -18,12 +19,8 @@ def bench():
     return module
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the CPU smoke mode runs under Triton's interpreter, which a process on a GPU machine did "
-                           "not start with (the kernels were compiled for the GPU at import)")
-def test_tiny_mode(bench, tmp_path, capsys, monkeypatch):
-    for name in ("TRITON_INTERPRET", "SLOTH_CORE_AUTOTUNE"):  # main() sets them for its process: not past this test
-        monkeypatch.setenv(name, os.environ.get(name, "1" if name == "TRITON_INTERPRET" else "0"))
+@interpreter_only
+def test_tiny_mode(bench, tmp_path, capsys):
     out = tmp_path / "generate.json"
     assert bench.main(["--tiny", "--quant", "none", "--batch", "2", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
