@@ -59,13 +59,11 @@ def device():
 @pytest.fixture(autouse=True)
 def _keep_triton_interpret():
     """CLI tests that fake a machine without CUDA run ``sloth_core``'s ``main()``, which sets
-    ``TRITON_INTERPRET=1`` for its process, and the benchmarks' ``main()`` also set ``SLOTH_CORE_AUTOTUNE=0``;
-    restore both after every test, so that on a GPU machine the later tests do not run their kernels in the
-    interpreter, nor without tuning."""
-    values = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "SLOTH_CORE_AUTOTUNE")}
+    ``TRITON_INTERPRET=1`` for its process; restore the variable after every test, so that on a GPU machine the
+    later tests do not run their kernels in the interpreter."""
+    value = os.environ.get("TRITON_INTERPRET")
     yield
-    for name, value in values.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
