@@ -45,15 +45,14 @@ def _reference_step(n: int) -> int:
     return 9 if n > 20 else 0
 
 
-def summary(args, allocated, peaks, times, losses) -> None:
+def summary(allocated, peaks) -> None:
+    """The growth line (the JSON is written by the loop at its last step)."""
     ref = _reference_step(len(allocated))
     growth = allocated[-1] - allocated[ref]
     spread = max(allocated[ref:]) - min(allocated[ref:])
     print(f"{torch.cuda.get_device_name()}: allocated after step {ref + 1} {allocated[ref] / 2**30:.4f} GiB, after "
           f"step {len(allocated)} {allocated[-1] / 2**30:.4f} GiB: growth {growth / 2**20:.2f} MiB, spread "
           f"{spread / 2**20:.2f} MiB; step peak {min(peaks[ref:]) / 2**30:.3f}-{max(peaks[ref:]) / 2**30:.3f} GiB")
-    if args.out is not None:
-        write(args, allocated, peaks, times, losses)
 
 
 def write(args, allocated, peaks, times, losses) -> None:
@@ -105,7 +104,7 @@ def main() -> int:
                   flush=True)
             if args.out is not None:  # as it goes: a run cut short by a timeout leaves its figures
                 write(args, allocated, peaks, times, losses)
-    summary(args, allocated, peaks, times, losses)
+    summary(allocated, peaks)
     return 0
 
 

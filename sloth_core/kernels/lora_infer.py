@@ -65,9 +65,9 @@ def lora_mlp_infer(x: torch.Tensor, gate: LoRASpec, up: LoRASpec, down: LoRASpec
                    cast: Cast | None = None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with LoRA projections, without autograd: the three projections as
     :func:`lora_linear_infer`, the gated activation kernel between them."""
-    dtypes = _mlp_dtypes(x, gate, up, down)
     if gate.dropout or up.dropout or down.dropout:  # layers in training mode: the training path draws the masks
         return lora_mlp(x, gate, up, down, activation)
+    dtypes = _mlp_dtypes(x, gate, up, down)
     if dtypes is None or x.numel() == 0:
         return lora_mlp_reference(x, gate, up, down, activation)
     compute, out = dtypes
