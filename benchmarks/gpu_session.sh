@@ -2,10 +2,11 @@
 # GPU session on the lent H200: the test suite and the two benchmark reports, each bounded in time.
 # Usage (device machine, repo root; bitsandbytes / liger-kernel wheels in .whl/):
 #   bash benchmarks/gpu_session.sh tests|train|kernels|sft ...     (one command may run 10 minutes: about
-#   tests 7-9 min in three parts, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min,
+#   tests ~5-7 min in three parts side by side, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min,
 #   sft (TRL's SFTTrainer, Llama-3-8B QLoRA + LoRA, fixed and varlen, hf_peft vs sloth_core: 12 runs) 4-6 min,
 #   memory (8B QLoRA allocated memory over 200 steps, fresh then warm tuning cache) ~6 min, compile ~6 min,
 #   fallbacks (LoRA dropout, LLM.int8) ~4 min, tune (the shipped table's four presets) ~4 min)
+# MEMORY_STEPS / MEMORY_S: the memory stage's steps and time limit (200, 400 s).
 # WHEELS="DIR ..." installs the wheels of those folders instead of .whl/ (e.g. a newer transformers beside the
 # image's); TAG names the run in the result files; TRAIN_ARGS are added to the train stage (e.g. --provider ...),
 # SFT_ARGS to the sft stage (e.g. --steps 6 --varlen-steps 8). The sft stage needs trl and datasets, which the image
@@ -27,8 +28,8 @@ export PYTHONUNBUFFERED=1
 python3 -c 'import torch, triton, transformers, peft; print("versions: torch", torch.__version__, "triton",
   triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name())' \
   | tee -a "$OUT/session.log"
-# tests/kernels + autotune; the model-level tests; the trainer, distributed and compile tests (~2-3 min each on an
-# H100; TEST_PART_S bounds each)
+# tests/kernels + autotune; the model-level tests; the trainer, distributed and compile tests: three processes side by
+# side on the one GPU (TEST_PART_S bounds each)
 TEST_PARTS=("tests/kernels tests/autotune tests/test_bf16_accuracy.py tests/test_inference.py tests/test_coexistence.py"
             "tests/architectures tests/test_checkpointing.py tests/test_checkpointing_matrix.py tests/test_attention_offload.py tests/test_qkv_offload.py tests/test_round_trips.py tests/test_guard.py tests/test_lora_dropout.py tests/test_lora_int8.py tests/test_config_fuzz.py tests/test_bad_inputs.py tests/test_threads.py"
             "tests --ignore=tests/kernels --ignore=tests/autotune --ignore=tests/architectures --ignore=tests/test_bf16_accuracy.py --ignore=tests/test_inference.py --ignore=tests/test_coexistence.py --ignore=tests/test_checkpointing.py --ignore=tests/test_checkpointing_matrix.py --ignore=tests/test_attention_offload.py --ignore=tests/test_qkv_offload.py --ignore=tests/test_round_trips.py --ignore=tests/test_guard.py --ignore=tests/test_lora_dropout.py --ignore=tests/test_lora_int8.py --ignore=tests/test_config_fuzz.py --ignore=tests/test_bad_inputs.py --ignore=tests/test_threads.py")
@@ -38,10 +39,17 @@ for stage in "${@:-tests}"; do
   case $stage in
     # the suite in three processes of bounded time (a CUDA error ends only its part); -rA names each result as it
     # comes (a part cut by its timeout still says which tests failed), the summary lists failures and errors
-    tests)   for i in "${!TEST_PARTS[@]}"; do
+    tests)   for i in "${!TEST_PARTS[@]}"; do  # the parts run side by side (tiny models; the CPU launches bound them)
+               log=$RESULTS/pytest_${TAG}_part$((i + 1)).log
                # shellcheck disable=SC2086
-               TAILN=6 step "pytest_${TAG}_part$((i + 1))" "${TEST_PART_S:-190}" \
-                 python3 -m pytest -p no:cacheprovider -rfE -o console_output_style=classic -v ${TEST_PARTS[$i]}
+               { timeout "${TEST_PART_S:-420}" python3 -m pytest -p no:cacheprovider -rfE -o console_output_style=classic \
+                   -v ${TEST_PARTS[$i]} > "$log" 2>&1; echo "rc=$?" >> "$log"; } &
+             done
+             wait
+             for i in "${!TEST_PARTS[@]}"; do
+               log=$RESULTS/pytest_${TAG}_part$((i + 1)).log
+               echo "== pytest part $((i + 1))"; grep -E "^(FAILED|ERROR) " "$log" | head -30; tail -n 3 "$log"
+               { echo "== pytest part $((i + 1))"; cat "$log"; } >> "$OUT/session.log"
              done ;;
     # heuristic launch configs in the benchmarks (tuning is measured by benchmarks/bench_autotune.py)
     train)   TAILN=14 step train 540 env SLOTH_CORE_AUTOTUNE=0 python3 -m sloth_core bench train --preset llama-3-8b \
@@ -55,8 +63,9 @@ for stage in "${@:-tests}"; do
     # allocated memory over 200 QLoRA steps with an empty tuning cache (its first step: tuning on first use), then
     # the first steps again on the cache it filled (issue 20, items 3 and 6)
     memory)  cache=$(mktemp -d)
-             TAILN=6 step memory_fresh 400 env SLOTH_CORE_CACHE_DIR="$cache" python3 benchmarks/check_memory_flat_gpu.py \
-               --steps 200 --out "$RESULTS/memory_flat_fresh_$TAG.json"
+             TAILN=6 step memory_fresh "${MEMORY_S:-400}" env SLOTH_CORE_CACHE_DIR="$cache" \
+               python3 benchmarks/check_memory_flat_gpu.py --steps "${MEMORY_STEPS:-200}" \
+               --out "$RESULTS/memory_flat_fresh_$TAG.json"
              TAILN=6 step memory_warm 150 env SLOTH_CORE_CACHE_DIR="$cache" python3 benchmarks/check_memory_flat_gpu.py \
                --steps 4 --out "$RESULTS/memory_flat_warm_$TAG.json" ;;
     # torch.compile after optimize: the cuda tests, then compiled vs eager (4 layers of the 8B shape)
