@@ -21,7 +21,6 @@ it checks that the script runs and the tokens agree, its times mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -183,15 +182,10 @@ def main(argv=None) -> int:
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("SLOTH_CORE_AUTOTUNE", "0")  # heuristic launch configs: no tuning inside the timed runs
-    from sloth_core.bench.env import environment
+    from sloth_core.bench.report import publish
 
     results = run(args)
-    results["environment"] = environment()
-    print(table(results))
-    print(f"total {results['total_s']:.1f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    return publish(results, table(results), args.out)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,20 @@ def write_json(results: Results, path: str | Path) -> Path:
     """Write ``results`` as indented JSON (parent folders are created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    path.write_text(json.dumps(results, indent=1, sort_keys=False, default=str) + "\n")
     return path
+
+
+def publish(results: dict, text: str, out: str | Path) -> int:
+    """The end of a benchmark script: ``results`` gets the environment, ``text`` (its table) and the total time
+    are printed, the JSON is written to ``out``; returns 0, the script's exit status."""
+    from .env import environment
+
+    results["environment"] = environment()
+    print(text)
+    print(f"total {results['total_s']:.1f} s")
+    write_json(results, out)
+    return 0
 
 
 def read_json(path: str | Path) -> dict:
