@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from . import recompute
 from .memory.layout import dense_order
+from .memory.saved import kept
 from .memory.stats import STATS
 
 # torch's own function (calls here go through F, where tests count them; torch's even after a reload of this module)
@@ -86,16 +87,14 @@ class _NodeHooks:
             if t is x or (t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.stride() == x.stride()
                           and t.dtype == x.dtype):
                 return _Input(i)
-        # what stays on the device is kept detached: the node's own output returned as it is would hold the node
-        # through its grad_fn (a reference cycle through autograd's C++ objects, which no gc collects)
         if any(t is g or (t.data_ptr() == g.data_ptr() and t.shape == g.shape) for g in self.given or ()):
-            return t.detach()
+            return kept(t)
         if t.numel() * t.element_size() >= MIN_BYTES:
             copy = self.stash.host_copy(t)
             if copy is not None:
                 self.copies.append((t.data_ptr(), tuple(t.shape), t.stride(), copy))
                 return copy
-        return t.detach()
+        return kept(t)
 
     def unpack(self, packed: Any) -> torch.Tensor:
         if isinstance(packed, _Input):

@@ -68,6 +68,7 @@ from .attention_offload import attention_offload
 from . import recompute
 from .recompute import checkpointed_layer_scope
 from .memory.host import Group, HostCopy, offload_target
+from .memory.saved import kept
 from .memory.stash import LayerStash, layer_stash_for
 from .memory.stats import STATS
 from .warning import SlothCoreWarning
@@ -364,7 +365,7 @@ class _InputCatcher:
 
     def pack(self, x: torch.Tensor) -> Any:
         if not self._is_input(x):
-            return x.detach()  # (a saved output returned as it is would hold its own node: a cycle no gc collects)
+            return kept(x)
         self.hidden = None
         self.caught = True
         return HostCopy(x, pinned=self.target == "pinned", group=self.group, kind="input")

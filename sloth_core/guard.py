@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import binding, fallback
+from .memory.saved import kept
 from .recompute import outside_checkpointed_layer
 from .registry.pattern import Match, Pattern
 from .verify import raised, verify
@@ -31,10 +32,6 @@ def seed(pattern: Pattern, module: nn.Module, inputs: tuple, verified: Verified)
     """Record that ``pattern`` verified on ``module`` with the probe ``inputs``."""
     if pattern.setting is not None:
         verified[pattern.setting(module, inputs)] = None
-
-
-def _keep(t):
-    return t.detach()  # (a saved output returned as it is would hold its own node: a cycle no gc collects)
 
 
 def _same(t):
@@ -52,7 +49,7 @@ def _verify_now(pattern: Pattern, m: Match, module: nn.Module, now: tuple, repla
         return f"its setting {now} is not one the probe can draw ({probed})"
     # the first call may come inside a checkpointed layer: the probe's tensors must not join its saved tensors, nor
     # its calls the layer's (:mod:`sloth_core.recompute`)
-    with torch.autograd.graph.saved_tensors_hooks(_keep, _same), outside_checkpointed_layer():
+    with torch.autograd.graph.saved_tensors_hooks(kept, _same), outside_checkpointed_layer():
         why = verify(original=pattern.adapted(binding.previous_forward(module, pattern.name)),
                      replacement=pattern.bound(replacement, module),
                      reference=pattern.bound(pattern.reference(m), module), probe=probe)
