@@ -9,8 +9,11 @@ NF4 double-quant with bf16 compute (``sloth_core.bench.train.quantize_nf4``). Pe
 same number), greedy; one short warm-up generate, then the median wall time of ``--repeats`` runs (CUDA synchronized
 around each). tokens/s = batch * new tokens / median. Each provider gets its own freshly built model (same seed:
 same weights), the HF one freed first. The tokens of the two providers are compared: equal, or the first step
-where a row differs (random-weight models have near-ties in their logits, so a late difference in bf16 is
-rounding, not a bug; the tests check equality on tiny models).
+where a row differs. Random-weight models have near-ties in their logits, so a difference in bf16 can be rounding
+rather than a bug; two figures tell which: the prompt's last-position logits of both models (``prefill_max_abs_diff``
+against the spread of HF's, ``prefill_std``), and at the first difference the optimized model's own score of its
+pick over HF's pick (``pick_margin``: a near-tie when it is within the logits' bf16 rounding). The tests check token
+equality on tiny models.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate_llama-3-8b_h100.json   # one H100, < 5 min
     python benchmarks/bench_generate.py --tiny --out /tmp/generate_tiny.json                     # CPU smoke, seconds
@@ -90,6 +93,26 @@ def measure(model, ids, args, device) -> tuple[float, list[float], object]:
     return statistics.median(times), times, out
 
 
+def last_logits(model, ids):
+    """The logits at every row's last position, float32 on the CPU."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].float().cpu()
+
+
+def pick_margin(model, ids, new, ref, step: int) -> float:
+    """At ``step``, the first where the generated rows ``new`` and the reference's ``ref`` differ: the smallest,
+    over the rows that differ there, of ``model``'s logit of its own pick minus its logit of the reference's pick,
+    the prefix being the prompt and the steps both agree on (>= 0: ``model`` preferred its pick by that much)."""
+    import torch
+
+    prefix = torch.cat([ids, new[:, :step].to(ids.device)], dim=1)
+    logits = last_logits(model, prefix)
+    rows = (new[:, step] != ref[:, step]).nonzero().flatten()
+    return min(float(logits[r, new[r, step]] - logits[r, ref[r, step]]) for r in rows)
+
+
 def first_difference(a, b) -> int | None:
     """The first generated step where some row differs (``None``: all equal)."""
     differs = (a != b).any(dim=0).nonzero()
@@ -107,7 +130,7 @@ def run(args) -> dict:
                if device.type == "cuda" else "cpu (Triton interpreter)"}
     t0 = time.perf_counter()
     for quant in args.quant:
-        tokens = {}
+        tokens, prefill = {}, {}
         for provider in PROVIDERS:
             model = build(args, quant, device)
             if provider == "sloth_core":
@@ -119,18 +142,27 @@ def run(args) -> dict:
                 median, times, out = measure(model, ids, args, device)
                 new = out[:, args.prompt:].cpu()
                 tokens[(provider, batch)] = new
+                prefill[(provider, batch)] = last_logits(model, ids)
                 row = {"quant": quant, "batch": batch, "provider": provider, "median_s": median, "runs_s": times,
                        "tokens_per_s": batch * args.new / median}
                 if provider == "sloth_core":
                     ref = tokens[("hf_peft", batch)]
                     row["first_difference"] = first_difference(new, ref)
                     row["tokens_equal"] = row["first_difference"] is None
+                    hf_prefill = prefill[("hf_peft", batch)]
+                    row["prefill_max_abs_diff"] = float((prefill[(provider, batch)] - hf_prefill).abs().max())
+                    row["prefill_std"] = float(hf_prefill.std())
+                    if not row["tokens_equal"]:
+                        row["pick_margin"] = pick_margin(model, ids, new, ref, row["first_difference"])
                     row["speedup"] = results_row(results, quant, batch)["median_s"] / median
                 results["rows"].append(row)
                 _log(f"[{time.perf_counter() - t0:6.1f} s] {quant:4s} batch {batch}: {provider:10s} "
                      f"{row['tokens_per_s']:9.1f} tokens/s (median {median:.3f} s)"
                      + (f", speedup {row['speedup']:.2f}x, tokens equal: {row['tokens_equal']}"
-                        + ("" if row["tokens_equal"] else f" (first difference at step {row['first_difference']})")
+                        + ("" if row["tokens_equal"] else f" (first difference at step {row['first_difference']}, "
+                           f"pick margin {row['pick_margin']:.4f})")
+                        + f"; prompt logits max |diff| {row['prefill_max_abs_diff']:.4f} (HF's std "
+                          f"{row['prefill_std']:.3f})"
                         if provider == "sloth_core" else ""))
             del model
             if device.type == "cuda":
@@ -144,15 +176,16 @@ def results_row(results: dict, quant: str, batch: int, provider: str = "hf_peft"
 
 
 def table(results: dict) -> str:
-    lines = ["| base | batch | HF + PEFT tokens/s | sloth_core tokens/s | speed | tokens equal |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| base | batch | HF + PEFT tokens/s | sloth_core tokens/s | speed | tokens equal | prompt logits "
+             "max abs diff (HF's std) |", "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if r["provider"] != "sloth_core":
             continue
         hf = results_row(results, r["quant"], r["batch"])
-        equal = "yes" if r["tokens_equal"] else f"to step {r['first_difference']}"
+        equal = "yes" if r["tokens_equal"] else (f"to step {r['first_difference']} (pick margin "
+                                                 f"{r['pick_margin']:.4f})")
         lines.append(f"| {r['quant']} | {r['batch']} | {hf['tokens_per_s']:,.1f} | {r['tokens_per_s']:,.1f} | "
-                     f"{r['speedup']:.2f}x | {equal} |")
+                     f"{r['speedup']:.2f}x | {equal} | {r['prefill_max_abs_diff']:.4f} ({r['prefill_std']:.3f}) |")
     return "\n".join(lines)
 
 
