@@ -91,11 +91,12 @@ def test_lora_linear_dropout_draws_peft_masks(dtype, device):
     gen = torch.Generator().manual_seed(3)
     layer = peft_linear(48, 40, dtype, device, gen, lora_dropout=0.5).train()
     with torch.no_grad():
-        layer.lora_B["default"].weight.normal_(0, 0.5, generator=gen)
+        B = layer.lora_B["default"].weight
+        B.copy_(torch.randn(B.shape, generator=gen) * 0.5)  # (drawn on the CPU generator, for every device)
     spec = spec_of(layer)
     assert spec.dropout == 0.5
     x = inputs((3, 5, 48), dtype, device, gen)
-    dy = torch.randn((3, 5, 40), generator=gen).to(dtype)
+    dy = torch.randn((3, 5, 40), generator=gen).to(device, dtype)
 
     def run(fn, *args):
         xi = x.detach().clone().requires_grad_()

@@ -22,7 +22,9 @@ bnb = pytest.importorskip("bitsandbytes")
 def _int8(lin: nn.Linear, device) -> nn.Module:
     q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
                             threshold=6.0)
-    q.weight = bnb.nn.Int8Params(lin.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    # from the CPU: bitsandbytes quantizes an Int8Params when it moves from the CPU to the device (on the CPU too)
+    q.weight = bnb.nn.Int8Params(lin.weight.data.to("cpu", torch.float16), requires_grad=False,
+                                 has_fp16_weights=False)
     if lin.bias is not None:
         q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
     return q.to(device)
