@@ -2,7 +2,8 @@
 # GPU session on the lent H200: the test suite and the two benchmark reports, each bounded in time.
 # Usage (device machine, repo root; bitsandbytes / liger-kernel wheels in .whl/):
 #   bash benchmarks/gpu_session.sh tests|train|kernels|sft ...     (one command may run 10 minutes: about
-#   tests ~5-7 min in three parts side by side, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min, kernels (688 rows) 5 min,
+#   tests ~5-6 min in three parts side by side, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min,
+#   kernels (688 rows) 5 min,
 #   sft (TRL's SFTTrainer, Llama-3-8B QLoRA + LoRA, fixed and varlen, hf_peft vs sloth_core: 12 runs) 4-6 min,
 #   memory (8B QLoRA allocated memory over 200 steps, fresh then warm tuning cache) ~6 min, compile ~6 min,
 #   fallbacks (LoRA dropout, LLM.int8) ~4 min, tune (the shipped table's four presets) ~4 min)
