@@ -5,8 +5,8 @@
 #   tests ~5-6 min in three parts side by side, train (Llama-3-8B LoRA + QLoRA, three providers) 5 min,
 #   kernels (688 rows) 5 min,
 #   sft (TRL's SFTTrainer, Llama-3-8B QLoRA + LoRA, fixed and varlen, hf_peft vs sloth_core: 12 runs) 4-6 min,
-#   memory (8B QLoRA allocated memory over 200 steps, fresh then warm tuning cache) ~6 min, compile ~6 min,
-#   fallbacks (LoRA dropout, LLM.int8) ~4 min, tune (the shipped table's four presets) ~4 min)
+#   memory (8B QLoRA allocated memory over 200 steps, fresh then warm tuning cache) ~4 min, compile ~6 min,
+#   fallbacks (LoRA dropout, LLM.int8) ~4 min, tune (the shipped table's four presets) ~1.5 min)
 # MEMORY_STEPS / MEMORY_S: the memory stage's steps and time limit (200, 400 s).
 # WHEELS="DIR ..." installs the wheels of those folders instead of .whl/ (e.g. a newer transformers beside the
 # image's); TAG names the run in the result files; TRAIN_ARGS are added to the train stage (e.g. --provider ...),
