@@ -4,6 +4,8 @@
   before anything imports Triton or defines a ``@triton.jit`` function.
 * Kernel outputs are NaN-poisoned (``SLOTH_CORE_POISON=1``): an element a kernel forgets to write fails.
 * Hypothesis profiles: ``ci`` (few examples, the default), ``dev``, ``thorough`` (``HYPOTHESIS_PROFILE=thorough``).
+* Under the interpreter, float32 -> bfloat16 casts round to nearest even as on a GPU, instead of the
+  interpreter's truncation (``tests/interpreter_rounding.py``).
 * ``@pytest.mark.cuda`` marks tests that need a CUDA GPU; they are skipped elsewhere.
 * ``USE_HUB_KERNELS=NO``: the test machines have no network, and transformers 5.2x's ``from_pretrained`` would
   fetch hub kernels (``kernels-community/rotary``, ...) on a GPU -- what an offline user sets too. The attention
@@ -39,6 +41,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 from sloth_core.kernels import _runtime  # noqa: E402
 
 _runtime.set_poison(True)
+if not _HAS_CUDA:  # the interpreter rounds float32 -> bfloat16 as a GPU does (tests/interpreter_rounding.py)
+    from tests import interpreter_rounding  # noqa: E402
+
+    interpreter_rounding.install()
 
 
 def pytest_collection_modifyitems(config, items):

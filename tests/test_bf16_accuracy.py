@@ -2,10 +2,10 @@
 optimized bf16 model's loss, logits and LoRA gradients are no further off than the unoptimized bf16 model's,
 within a stated slack, on each tiny architecture.
 
-Slack: 1.5x HF's bf16 error on a GPU. Under Triton's interpreter (CPU) every fp32 -> bf16 cast in a kernel
-truncates instead of rounding to nearest (the GPU rounds), which alone makes a bf16 RMSNorm output ~2.6x further
-from float64 than HF's (benchmarks/results/rms_norm_bf16_cpu_20261206.txt); the CPU bound is 4x, and the GPU run
-of this file is what shows the kernels' own accuracy.
+Slack: 1.5x HF's bf16 error, on a GPU and on the CPU alike. Triton's interpreter truncates fp32 -> bf16 casts
+where the GPU rounds to nearest even, which alone made a bf16 RMSNorm output ~2.6x further from float64 than HF's
+(benchmarks/results/rms_norm_bf16_cpu_20261206.txt); the tests make it round (tests/interpreter_rounding.py), and
+only where they cannot is the CPU bound 4x.
 """
 import copy
 
@@ -14,10 +14,11 @@ import torch
 
 import sloth_core
 from sloth_core.tiny import TINY_MODEL_TYPES, tiny_model
+from tests import interpreter_rounding
 from tests.batches import token_batch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SLACK = {"cuda": 1.5, "cpu": 4.0}
+SLACK = {"cuda": 1.5, "cpu": 1.5 if interpreter_rounding.rounds() else 4.0}
 FLOOR = 1e-3
 
 
