@@ -16,11 +16,11 @@ _MARK = "_sloth_core_rounding"
 
 def _float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     """Round-to-nearest-even bfloat16 bits (uint16) of float32 ``values``; NaN stays NaN."""
-    f = np.ascontiguousarray(values, dtype=np.float32)
+    f = np.ascontiguousarray(values, dtype=np.float32)  # (at least one dimension: a scalar gets its shape back)
     bits = f.view(np.uint32).astype(np.uint64)
     out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     out[np.isnan(f)] = 0x7FC0
-    return out
+    return out.reshape(np.shape(values))
 
 
 def _interpreter():

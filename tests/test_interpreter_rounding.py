@@ -20,6 +20,7 @@ def test_bits_round_to_nearest_even_as_torch_does():
     x = _values()
     bits = torch.from_numpy(interpreter_rounding._float32_to_bfloat16_bits(x.numpy()).view("int16"))
     assert torch.equal(bits, x.to(torch.bfloat16).view(torch.int16))
+    assert interpreter_rounding._float32_to_bfloat16_bits(x.numpy()[:1].reshape(())).shape == ()  # a scalar stays one
     nan = interpreter_rounding._float32_to_bfloat16_bits(torch.tensor([float("nan")]).numpy())
     assert torch.isnan(torch.from_numpy(nan.view("int16")).view(torch.bfloat16)).all()
 
