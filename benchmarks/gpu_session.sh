@@ -34,24 +34,25 @@ python3 -c 'import torch, triton, transformers, peft; print("versions: torch", t
 TEST_PARTS=("tests/kernels tests/autotune tests/test_bf16_accuracy.py tests/test_inference.py tests/test_coexistence.py"
             "tests/architectures tests/test_checkpointing.py tests/test_checkpointing_matrix.py tests/test_attention_offload.py tests/test_qkv_offload.py tests/test_round_trips.py tests/test_guard.py tests/test_lora_dropout.py tests/test_lora_int8.py tests/test_config_fuzz.py tests/test_bad_inputs.py tests/test_threads.py"
             "tests --ignore=tests/kernels --ignore=tests/autotune --ignore=tests/architectures --ignore=tests/test_bf16_accuracy.py --ignore=tests/test_inference.py --ignore=tests/test_coexistence.py --ignore=tests/test_checkpointing.py --ignore=tests/test_checkpointing_matrix.py --ignore=tests/test_attention_offload.py --ignore=tests/test_qkv_offload.py --ignore=tests/test_round_trips.py --ignore=tests/test_guard.py --ignore=tests/test_lora_dropout.py --ignore=tests/test_lora_int8.py --ignore=tests/test_config_fuzz.py --ignore=tests/test_bad_inputs.py --ignore=tests/test_threads.py")
-step() { local name=$1 limit=$2 log=$RESULTS/$1.log; shift 2; echo "== $name"; timeout "$limit" "$@" > "$log" 2>&1
-         echo "rc=$?" >> "$log"; tail -n "${TAILN:-12}" "$log"; { echo "== $name"; cat "$log"; } >> "$OUT/session.log"; }
+# run_logged NAME LIMIT CMD...: CMD bounded by LIMIT seconds into $RESULTS/NAME.log, its exit status last;
+# report NAME: the log's failures and tail here, the whole log appended to session.log; step: one, then the other
+run_logged() { local log=$RESULTS/$1.log limit=$2; shift 2; timeout "$limit" "$@" > "$log" 2>&1
+               echo "rc=$?" >> "$log"; }
+report() { local log=$RESULTS/$1.log; echo "== $1"; grep -E "^(FAILED|ERROR) " "$log" | head -30
+           tail -n "${TAILN:-12}" "$log"; { echo "== $1"; cat "$log"; } >> "$OUT/session.log"; }
+step() { run_logged "$@"; report "$1"; }
 for stage in "${@:-tests}"; do
   case $stage in
-    # the suite in three processes of bounded time (a CUDA error ends only its part); -rA names each result as it
-    # comes (a part cut by its timeout still says which tests failed), the summary lists failures and errors
-    tests)   for i in "${!TEST_PARTS[@]}"; do  # the parts run side by side (tiny models; the CPU launches bound them)
-               log=$RESULTS/pytest_${TAG}_part$((i + 1)).log
+    # the suite in three processes of bounded time, side by side on the one GPU (tiny models: the CPU launches bound
+    # them; a CUDA error ends only its part); -v names each result as it comes (a part cut by its timeout still says
+    # which tests failed), -rfE lists failures and errors at the end
+    tests)   for i in "${!TEST_PARTS[@]}"; do
                # shellcheck disable=SC2086
-               { timeout "${TEST_PART_S:-420}" python3 -m pytest -p no:cacheprovider -rfE -o console_output_style=classic \
-                   -v ${TEST_PARTS[$i]} > "$log" 2>&1; echo "rc=$?" >> "$log"; } &
+               run_logged "pytest_${TAG}_part$((i + 1))" "${TEST_PART_S:-420}" python3 -m pytest -p no:cacheprovider \
+                 -rfE -o console_output_style=classic -v ${TEST_PARTS[$i]} &
              done
              wait
-             for i in "${!TEST_PARTS[@]}"; do
-               log=$RESULTS/pytest_${TAG}_part$((i + 1)).log
-               echo "== pytest part $((i + 1))"; grep -E "^(FAILED|ERROR) " "$log" | head -30; tail -n 3 "$log"
-               { echo "== pytest part $((i + 1))"; cat "$log"; } >> "$OUT/session.log"
-             done ;;
+             for i in "${!TEST_PARTS[@]}"; do TAILN=3 report "pytest_${TAG}_part$((i + 1))"; done ;;
     # heuristic launch configs in the benchmarks (tuning is measured by benchmarks/bench_autotune.py)
     train)   TAILN=14 step train 540 env SLOTH_CORE_AUTOTUNE=0 python3 -m sloth_core bench train --preset llama-3-8b \
                --quant none nf4 --steps 10 --out "$RESULTS" --name "train_llama-3-8b_$TAG" ${TRAIN_ARGS:-} ;;
