@@ -12,7 +12,8 @@ casts the tests cannot make round), or ``BF16_FLOOR``, whichever is larger. The 
 norm tolerance on a GPU and four under the interpreter: a single draw of these tiny configs is noisy. With the
 interpreter rounding as a GPU does (tests/interpreter_rounding.py), a Gemma3 LoRA draw's ``o_proj`` ``lora_A``
 gradient came 0.025 from float64 against HF's 0.010, while over twelve seeds of that config the median ratio of our
-error to HF's is 0.93 and single gradient tensors reach 5x either way; truncating, a Qwen3 draw's k/v ``lora_A``
+error to HF's is 0.94 and single gradient tensors reach 5x either way
+(benchmarks/diag_bf16_fuzz_draw_cpu.py); truncating, a Qwen3 draw's k/v ``lora_A``
 gradients came 0.037-0.042 against HF's 0.009 while the same draw in float32 matched HF to 6e-7. A wrong function
 lands far above the floor (a wrong gradient is off by its own size). The GPU run of this file judges bfloat16 accuracy.
 
