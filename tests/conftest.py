@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                derandomize=False, print_blob=True)
-# CI draws the same examples on every run (a landing must not hang on a fresh random draw); dev and thorough explore
+# CI draws the same examples on every run (a landing must not depend on a fresh random draw); dev, thorough explore
 settings.register_profile("ci", max_examples=6, **{**_common, "derandomize": True})
 settings.register_profile("dev", max_examples=20, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
