@@ -8,11 +8,18 @@ What ``optimize`` cannot prove equal is left to Hugging Face's forward (a skippe
 number fails. float32: the model-level parity tolerances (tests/architectures/test_parity.py). bfloat16, against a
 float64 copy of the same weights: the optimized model's logits, loss and whole gradient (all gradient tensors as one
 vector) may be at most ``BF16_SLACK`` times as far off as Hugging Face's own bfloat16, or ``BF16_FLOOR``, whichever is
-larger; each gradient tensor alone may be ``BF16_SLACK`` times HF's error or ``BF16_GROSS``. These draws are tiny (one
-layer, a few tokens) and their bf16 error ratios are noisy either way: over 32 seeds of two Gemma3 configs this file
-failed on, the whole gradient's ratio of our error to HF's ran 0.35-1.99 (median 1.00 and 1.09) and one gradient
-tensor's up to 7.83 -- CI's seed 1441: a ``q_proj`` ``lora_A`` gradient 0.132 from float64 against HF's 0.017, its
-whole gradient 1.22x HF's, the same draw in float32 passing the float32 check (benchmarks/diag_bf16_fuzz_draw_cpu.py).
+larger; each gradient tensor's error may be ``BF16_SLACK`` times HF's, ``BF16_GROSS`` of the tensor's size or
+``BF16_TINY`` of the whole gradient's size. These draws are tiny (one or two layers, a few tokens) and one tensor's
+bf16 error is noisy either way (benchmarks/diag_bf16_fuzz_draws_cpu.py, three configs this file failed on):
+
+* CI's Gemma3 draw (seed 1441): a ``q_proj`` ``lora_A`` gradient 0.132 from float64 against HF's 0.017, the whole
+  gradient 1.22x HF's, the same draw in float32 passing the float32 check;
+* a Gemma2 config with attention soft-capping 2.0 (a saturated tanh, whose bf16 derivative is coarsely quantized):
+  in 7 of its 54 draws with gradients some LoRA gradient came out as noise around a near-zero value, our error
+  more than half (up to 1,680 times) the tensor's size, HF's smaller or its gradient exactly 0 -- and those errors at
+  most 0.0044 of the whole gradient's size;
+* over the 86 draws of the three configs, the whole gradient's ratio of our error to HF's ran 0.30-2.44.
+
 So here bfloat16 catches what is wrong only in bfloat16 -- a wrong function is off by its own size (error ~1) --
 and tests/test_bf16_accuracy.py judges precision (1.5x HF's, on larger models), the GPU run above all.
 
@@ -39,6 +46,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_SLACK = max(SLACK[DEVICE], 3.0)
 BF16_FLOOR = tolerance(torch.bfloat16).rel_norm * (1 if DEVICE == "cuda" else 4)
 BF16_GROSS = 0.5
+BF16_TINY = 0.01
 
 
 def _undeclared_config(family: str, **kw):
@@ -169,17 +177,32 @@ def test_optimized_models_compute_the_unoptimized_numbers(spec, lora, bf16, batc
         if not bf16:
             assert_close(name, got[name], want[name], torch.float32, scale=8 if "grad" in name else 4)
             continue
-        _assert_bf16_near(name, got[name], want[name], exact[name], BF16_GROSS if "grad" in name else BF16_FLOOR)
+        if "grad" not in name:
+            _assert_bf16_near(name, got[name], want[name], exact[name])
     grads = sorted(n for n in want if n.startswith("grad ") and not torch.isnan(want[n]).any())  # NaN: left above
-    if bf16 and grads:  # one gradient tensor's error ratio is heavy-tailed, the draw's whole gradient's much less
-        whole = [torch.cat([d[n].double().flatten() for n in grads]) for d in (got, want, exact)]
-        _assert_bf16_near("all gradients", *whole, BF16_FLOOR)
+    if bf16 and grads:
+        _assert_bf16_gradients(got, want, exact, grads)
 
 
-def _assert_bf16_near(name, got, want, exact, floor):
+def _assert_bf16_near(name, got, want, exact):
     hf_err, our_err = rel_err(want, exact), rel_err(got, exact)
-    bound = max(BF16_SLACK * hf_err, floor)
+    bound = max(BF16_SLACK * hf_err, BF16_FLOOR)
     assert our_err <= bound, f"{name}: bf16 error {our_err:.3g} vs float64 > {bound:.3g} (HF's: {hf_err:.3g})"
+
+
+def _assert_bf16_gradients(got, want, exact, names):
+    """The whole gradient (all tensors as one vector) as logits and loss; each tensor's error at most
+    ``BF16_SLACK`` times HF's, ``BF16_GROSS`` of its own size, or ``BF16_TINY`` of the whole gradient's size."""
+    whole = [torch.cat([d[n].double().cpu().flatten() for n in names]) for d in (got, want, exact)]
+    _assert_bf16_near("all gradients", *whole)
+    whole_size = whole[2].norm().item()
+    for n in names:
+        e = exact[n].double().cpu()
+        ours, hf, size = ((got[n].double().cpu() - e).norm().item(), (want[n].double().cpu() - e).norm().item(),
+                          e.norm().item())
+        bound = max(BF16_SLACK * hf, BF16_GROSS * size, BF16_TINY * whole_size)
+        assert ours <= bound, (f"{n}: bf16 error {ours:.3g} from float64 > {bound:.3g} (HF's: {hf:.3g}; the tensor's "
+                               f"size {size:.3g}, the whole gradient's {whole_size:.3g})")
 
 
 def test_olmo_bf16_keeps_q_dtype_with_float32_rope_tables():
