@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """CPU diagnostic (no kernel runs): how many distinct compiled variants of the RMSNorm kernels a variable-length
-run asks Triton for on an H100, from the launcher's own GPU launch parameters (``rms_norm_launch._launch_config``
-with 132 SMs) and Triton's specialization of the row count (divisible by 16 or not). Each new variant is one JIT
+run asks Triton for on an H100, from the launcher's own GPU launch parameters with tuning off, as the sft bench
+ran (``rms_norm_launch._launch_config``, the heuristic, 132 SMs), and Triton's specialization of the row count
+(divisible by 16 or not). Each new variant is one JIT
 compile inside a training step. Workload: ``bench train --flow sft --workload varlen``'s lengths
 (``sft_data.varlen_lengths``), 4 sequences a step, padded (4 x the longest) or padding-free (their sum);
 Llama-3-8B's hidden size 4096, bf16; 200 steps.
