@@ -10,7 +10,6 @@ import copy
 import os
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -22,9 +21,7 @@ from tests import interpreter_rounding  # noqa: E402
 interpreter_rounding.install()
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
-import sloth_core  # noqa: E402
 import tests.test_config_fuzz as fuzz  # noqa: E402
 
 GEMMA3 = {"vocab_size": 97, "intermediate_size": 20, "max_position_embeddings": 64, "sliding_window": 5,
@@ -49,27 +46,9 @@ DRAWS = [("thorough profile", "gemma3_text",
 
 
 def _errors(family, kw, batch, tokens, seed):
-    """{gradient name: (our error, HF's error, size)} against float64 (norms), the whole gradient under "all";
-    None when the draw has no gradient (no label left)."""
-    cfg = fuzz._build(family, copy.deepcopy(kw))
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(torch.randn_like(p).mul_(0.3))
-    ref = fuzz._with_lora(base, seed)
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen)
-    labels = ids.clone()
-    labels[torch.rand(ids.shape, generator=gen) < 0.3] = -100
-    exact = fuzz._step(copy.deepcopy(ref).to(torch.float64), ids, labels)
-    ref = ref.to(torch.bfloat16)
-    model = copy.deepcopy(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sloth_core.optimize(model)
-    want, got = fuzz._step(ref, ids, labels, seed), fuzz._step(model, ids, labels, seed)
+    """{gradient name: (our error, HF's error, size)} against float64 (norms), the whole gradient under "all", for
+    the fuzz test's bf16 LoRA draw of this config; None when the draw has no gradient (no label left)."""
+    want, got, exact = fuzz._numbers((family, copy.deepcopy(kw)), True, True, batch, tokens, seed, 0.0)
     names = [n for n in want if n.startswith("grad") and exact[n].any()]
     if not names:
         return None
